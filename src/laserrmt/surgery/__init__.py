@@ -1,0 +1,45 @@
+"""Surgery: change a model as a plan says, and save or load the result.
+
+``lowrank`` holds the factorized layers and the in-place denoising, ``apply`` applies a
+:class:`~laserrmt.plan.CompressionPlan`, ``io`` saves and loads compressed folders, and
+``registry`` lets new compressed module types join saving and loading.
+"""
+
+from laserrmt.surgery.apply import AppliedChange, apply_plan, revert_changes
+from laserrmt.surgery.io import load, load_into, save_compressed, write_compressed
+from laserrmt.surgery.lowrank import (
+    LowRankConv1d,
+    LowRankConv2d,
+    LowRankLinear,
+    denoise_,
+    factor_weight,
+    factorize,
+    low_rank_weight,
+    restore_,
+    truncated_svd,
+    weight_as_matrix,
+)
+from laserrmt.surgery.registry import CompressedModule, module_class, register_module
+
+__all__ = [
+    "AppliedChange",
+    "CompressedModule",
+    "LowRankConv1d",
+    "LowRankConv2d",
+    "LowRankLinear",
+    "apply_plan",
+    "denoise_",
+    "factor_weight",
+    "factorize",
+    "load",
+    "load_into",
+    "low_rank_weight",
+    "module_class",
+    "register_module",
+    "restore_",
+    "revert_changes",
+    "save_compressed",
+    "truncated_svd",
+    "weight_as_matrix",
+    "write_compressed",
+]

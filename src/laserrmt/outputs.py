@@ -1,0 +1,62 @@
+"""Atomic output folders: a run writes into a temporary sibling and renames it into place.
+
+A run that fails or is killed leaves the existing output (and the user's input) untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from laserrmt.errors import OutputExistsError
+
+
+def check_output_dir(out: str | os.PathLike[str], overwrite: bool) -> Path:
+    """Refuse an existing output folder early, before any expensive work."""
+    path = Path(out)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(
+            f"output folder {path} exists already; choose another --out or pass --overwrite"
+        )
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"output path {path} is a file; choose a folder for --out")
+    return path
+
+
+@contextmanager
+def atomic_output_dir(out: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that replaces ``out`` only when the block completes."""
+    final = check_output_dir(out, overwrite)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write a file through a temporary sibling and a rename, so readers never see half of it."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return final

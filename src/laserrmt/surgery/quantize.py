@@ -1,0 +1,400 @@
+"""Weight-only int8 quantization: per-output-channel symmetric scales.
+
+Each row ``W_i`` of an ``m × n`` (out × in) weight is stored as ``q_i = round(W_i / s_i)`` in
+int8 with ``s_i = max_j |W_ij| / 127`` (float32), so ``|W_ij − s_i q_ij| ≤ s_i / 2``. The
+activations stay in floating point (weight-only quantization, as in LLM.int8()'s storage
+format without its outlier decomposition, Dettmers et al., NeurIPS 2022): the weights take
+one byte each in a safetensors file and in memory.
+
+The matrix product runs through ``torch._weight_int8pack_mm`` when it works for the input's
+device and dtype (on CPU, PyTorch 2.13 has it for float32, bfloat16 and float16 inputs with
+scales in the input's dtype); otherwise the weight is dequantized on the fly. The op has no
+derivative, so a forward that needs gradients with respect to the input takes the dequantized
+route too. ``extra_repr`` says which route the module's own device and dtype take.
+
+A :class:`~laserrmt.surgery.lowrank.LowRankLinear` is quantized factor by factor: its
+``B`` (k × in) and ``A`` (out × k) are two linear maps, each quantized per output channel, in
+an :class:`Int8LowRankLinear`. Convolutions are left in floating point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import cache
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from laserrmt.errors import NumericalError, TargetSelectionError
+from laserrmt.models.architectures import is_embedding_or_head
+from laserrmt.surgery.lowrank import LowRankLinear, weight_as_matrix
+from laserrmt.surgery.registry import CompressedModule, dtype_from_name, dtype_name, register_module
+
+Kernel = Literal["int8pack_mm", "dequantize"]
+
+__all__ = [
+    "Int8Linear",
+    "Int8LowRankLinear",
+    "Kernel",
+    "dequantize_weight_int8",
+    "int8pack_mm_available",
+    "quantize_model_int8",
+    "quantize_weight_int8",
+]
+
+_QMAX = 127
+
+
+def quantize_weight_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 quantization of an ``m × n`` (out × in) matrix.
+
+    Returns ``(q, scale)``: ``q`` int8 ``m × n`` in ``[-127, 127]`` and ``scale`` float32 ``m``
+    with ``scale_i = max_j |W_ij| / 127``. Rows of zeros get scale 0 and codes 0. The rounding
+    is done in float64, so ``|W − q · scale| ≤ scale / 2`` up to the float32 rounding of scale.
+
+    Raises:
+        NumericalError: the matrix holds NaN or Inf.
+        ValueError: the tensor is not 2-D.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"expected an m × n matrix, got shape {tuple(weight.shape)}")
+    w = weight.detach().to(torch.float64)
+    if not bool(torch.isfinite(w).all()):
+        raise NumericalError(
+            "the weight to quantize contains NaN or Inf; check the checkpoint or the dtype"
+        )
+    scale = (w.abs().amax(dim=1) / _QMAX).to(torch.float32)
+    # Divide by the float32 scale actually stored, so the error bound holds for what is saved.
+    divisor = torch.where(scale > 0, scale, torch.ones_like(scale)).to(torch.float64)
+    q = torch.round(w / divisor[:, None]).clamp_(-_QMAX, _QMAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_weight_int8(
+    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``q · scale`` row by row, computed in float32 and returned in ``dtype``."""
+    return (q.to(torch.float32) * scale.to(torch.float32)[:, None]).to(dtype)
+
+
+@cache
+def int8pack_mm_available(device_type: str = "cpu", dtype: torch.dtype = torch.float32) -> bool:
+    """Whether ``torch._weight_int8pack_mm`` runs, and is right, for inputs of ``dtype`` there.
+
+    Probed once per (device type, dtype) on a small odd-sized product against the dequantized
+    reference, so a build that lacks the kernel or computes it wrongly is never used.
+    """
+    op = getattr(torch, "_weight_int8pack_mm", None)
+    if op is None:
+        return False
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 40, generator=generator)
+    q = torch.randint(-_QMAX, _QMAX + 1, (24, 40), generator=generator, dtype=torch.int8)
+    scale = torch.rand(24, generator=generator) / _QMAX
+    try:
+        device = torch.device(device_type)
+        got = op(x.to(device, dtype), q.to(device), scale.to(device, dtype))
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    expected = x.to(dtype).float() @ dequantize_weight_int8(q, scale.to(dtype)).T
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    return bool(torch.allclose(got.float().cpu(), expected, rtol=tolerance, atol=tolerance))
+
+
+def _kernel_for(x: torch.Tensor) -> Kernel:
+    if torch.is_grad_enabled() and x.requires_grad:
+        return "dequantize"  # the int8 op has no derivative
+    if int8pack_mm_available(x.device.type, x.dtype):
+        return "int8pack_mm"
+    return "dequantize"
+
+
+def _int8_linear(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``x @ (q · scale)ᵀ + bias`` for ``x`` of shape ``[*, n]``."""
+    if _kernel_for(x) == "int8pack_mm":
+        # The kernel takes a 2-D input contiguous in its last dimension and scales in x's dtype.
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.stride(-1) != 1:
+            flat = flat.contiguous()
+        y = torch._weight_int8pack_mm(flat, q, scale.to(x.dtype))
+        y = y.reshape(*x.shape[:-1], q.shape[0])
+        return y if bias is None else y + bias.to(y.dtype)
+    weight = dequantize_weight_int8(q, scale, x.dtype)
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+def _module_kernel(buffer: torch.Tensor, dtype: torch.dtype) -> Kernel:
+    return "int8pack_mm" if int8pack_mm_available(buffer.device.type, dtype) else "dequantize"
+
+
+@register_module
+class Int8Linear(CompressedModule):
+    """A linear layer with int8 weights and one float32 scale per output channel.
+
+    ``y = x (q · scale)ᵀ + bias``. ``weight_int8`` and ``weight_scale`` are buffers (int8
+    weights are not trained), so the state dict holds one byte per weight. ``dtype`` is the
+    floating-point type of the original layer (and of the bias); inputs of any float dtype
+    are accepted. Built with :meth:`from_linear`; the constructor leaves the buffers
+    uninitialised (they are filled when a saved model is loaded).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self._dtype = dtype or torch.get_default_dtype()
+        self.register_buffer(
+            "weight_int8", torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+        )
+        self.register_buffer(
+            "weight_scale", torch.empty(out_features, dtype=torch.float32, device=device)
+        )
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=self._dtype, device=device))
+            if bias
+            else None
+        )
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, *, name: str | None = None) -> Int8Linear:
+        """Quantize an ``nn.Linear`` or HF ``Conv1D`` (see :func:`quantize_weight_int8`)."""
+        if not isinstance(linear, nn.Linear | Conv1D):
+            raise TargetSelectionError(
+                f"module {name or type(linear).__name__} is a {type(linear).__name__}, not a "
+                "linear layer; int8 quantization supports nn.Linear and Conv1D"
+            )
+        matrix = weight_as_matrix(linear, name)
+        q, scale = quantize_weight_int8(matrix)
+        out_features, in_features = matrix.shape
+        layer = cls(
+            in_features,
+            out_features,
+            bias=linear.bias is not None,
+            device=matrix.device,
+            dtype=matrix.dtype,
+        )
+        with torch.no_grad():
+            layer.weight_int8.copy_(q)
+            layer.weight_scale.copy_(scale)
+            if layer.bias is not None:
+                layer.bias.copy_(linear.bias)
+        layer.train(linear.training)
+        return layer
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating-point type of the original layer; follows the bias through ``.to()``."""
+        return self.bias.dtype if self.bias is not None else self._dtype
+
+    @property
+    def kernel(self) -> Kernel:
+        """The route an input of the layer's own dtype and device takes (without autograd)."""
+        return _module_kernel(self.weight_int8, self.dtype)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The out × in weight this layer applies, in its floating-point dtype."""
+        return dequantize_weight_int8(self.weight_int8, self.weight_scale, self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _int8_linear(x, self.weight_int8, self.weight_scale, self.bias)
+
+    def laserrmt_config(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "dtype": dtype_name(self.dtype),
+        }
+
+    @classmethod
+    def from_laserrmt_config(cls, cfg: Mapping[str, Any]) -> Int8Linear:
+        return cls(
+            int(cfg["in_features"]),
+            int(cfg["out_features"]),
+            bias=bool(cfg["bias"]),
+            dtype=dtype_from_name(cfg["dtype"]),
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, dtype={dtype_name(self.dtype)}, kernel={self.kernel}"
+        )
+
+
+@register_module
+class Int8LowRankLinear(CompressedModule):
+    """A factorized linear layer ``y = A (B x) + bias`` with both factors in int8.
+
+    ``B`` (k × in) and ``A`` (out × k) are each quantized per output channel: ``B`` has one
+    scale per latent channel, ``A`` one per output channel. Built with :meth:`from_low_rank`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self._dtype = dtype or torch.get_default_dtype()
+        for factor, (rows, cols) in (("A", (out_features, rank)), ("B", (rank, in_features))):
+            self.register_buffer(
+                f"{factor}_int8", torch.empty(rows, cols, dtype=torch.int8, device=device)
+            )
+            self.register_buffer(
+                f"{factor}_scale", torch.empty(rows, dtype=torch.float32, device=device)
+            )
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=self._dtype, device=device))
+            if bias
+            else None
+        )
+
+    @classmethod
+    def from_low_rank(cls, layer: LowRankLinear) -> Int8LowRankLinear:
+        """Quantize both factors of a :class:`~laserrmt.surgery.lowrank.LowRankLinear`."""
+        quantized = cls(
+            layer.in_features,
+            layer.out_features,
+            layer.rank,
+            bias=layer.bias is not None,
+            device=layer.A.device,
+            dtype=layer.A.dtype,
+        )
+        with torch.no_grad():
+            for factor in ("A", "B"):
+                q, scale = quantize_weight_int8(getattr(layer, factor))
+                getattr(quantized, f"{factor}_int8").copy_(q)
+                getattr(quantized, f"{factor}_scale").copy_(scale)
+            if quantized.bias is not None:
+                quantized.bias.copy_(layer.bias)
+        quantized.train(layer.training)
+        return quantized
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating-point type of the original layer; follows the bias through ``.to()``."""
+        return self.bias.dtype if self.bias is not None else self._dtype
+
+    @property
+    def kernel(self) -> Kernel:
+        """The route an input of the layer's own dtype and device takes (without autograd)."""
+        return _module_kernel(self.A_int8, self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        latent = _int8_linear(x, self.B_int8, self.B_scale, None)
+        return _int8_linear(latent, self.A_int8, self.A_scale, self.bias)
+
+    def to_dense(self) -> torch.Tensor:
+        """The equivalent out × in weight ``deq(A) @ deq(B)``, in the layer's dtype."""
+        a = dequantize_weight_int8(self.A_int8, self.A_scale)
+        b = dequantize_weight_int8(self.B_int8, self.B_scale)
+        return (a @ b).to(self.dtype)
+
+    def laserrmt_config(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "rank": self.rank,
+            "bias": self.bias is not None,
+            "dtype": dtype_name(self.dtype),
+        }
+
+    @classmethod
+    def from_laserrmt_config(cls, cfg: Mapping[str, Any]) -> Int8LowRankLinear:
+        return cls(
+            int(cfg["in_features"]),
+            int(cfg["out_features"]),
+            int(cfg["rank"]),
+            bias=bool(cfg["bias"]),
+            dtype=dtype_from_name(cfg["dtype"]),
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, bias={self.bias is not None}, dtype={dtype_name(self.dtype)}, "
+            f"kernel={self.kernel}"
+        )
+
+
+def _quantizable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear | Conv1D | LowRankLinear)
+
+
+def _quantize_module(name: str, module: nn.Module) -> nn.Module:
+    if isinstance(module, LowRankLinear):
+        return Int8LowRankLinear.from_low_rank(module)
+    return Int8Linear.from_linear(module, name=name)
+
+
+def quantize_model_int8(model: nn.Module, module_names: Sequence[str] | None = None) -> list[str]:
+    """Replace linear layers by int8 ones, in place; returns the names replaced, in model order.
+
+    With ``module_names=None`` every ``nn.Linear``, HF ``Conv1D`` and ``LowRankLinear`` is
+    quantized except embeddings and output heads (``lm_head``, classifiers, layers tied to an
+    input embedding; see :func:`~laserrmt.models.architectures.is_embedding_or_head`), since
+    every logit reads through a head. Naming a head quantizes it; a head tied to the input
+    embedding is then untied (the embedding stays in floating point).
+
+    Raises:
+        TargetSelectionError: a name that is not a module, or a module that is not a linear
+            layer (embeddings, convolutions and already-quantized layers are refused).
+    """
+    modules = dict(model.named_modules())
+    if module_names is None:
+        chosen = [
+            name
+            for name, module in modules.items()
+            if _quantizable(module) and not is_embedding_or_head(name, module, model)
+        ]
+    else:
+        if isinstance(module_names, str):
+            raise TargetSelectionError(
+                "module_names is one string; pass a list of full module names"
+            )
+        chosen = list(dict.fromkeys(module_names))
+        for name in chosen:
+            if name not in modules:
+                raise TargetSelectionError(
+                    f"no module named {name!r} in {type(model).__name__}; use the full dotted "
+                    "names of model.named_modules()"
+                )
+            if not _quantizable(modules[name]):
+                raise TargetSelectionError(
+                    f"module {name} is a {type(modules[name]).__name__}; int8 quantization "
+                    "supports nn.Linear, Conv1D and LowRankLinear"
+                )
+    if "" in chosen:
+        raise TargetSelectionError(
+            "the model itself is a linear layer and cannot be replaced in place; "
+            "wrap it in an nn.Sequential"
+        )
+    order = {name: i for i, name in enumerate(modules)}
+    chosen.sort(key=order.__getitem__)
+    for name in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, _quantize_module(name, modules[name]))
+    return chosen
