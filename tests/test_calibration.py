@@ -383,3 +383,26 @@ def test_bad_module_names_are_refused():
         collect_input_statistics(
             model, token_batches(n=1), ["model.embed_tokens"], blockwise=False, progress=False
         )
+
+
+class ScaledStack(nn.Module):
+    """Blocks whose inputs are not the previous block's outputs (scaled in between)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(6)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = 2 * layer(x)
+        return x
+
+
+def test_unchained_blocks_fall_back_to_a_whole_model_pass_with_a_warning():
+    model = ScaledStack().eval()
+    batches = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    names = [f"layers.{i}.0" for i in range(3)]
+    with pytest.warns(UserWarning, match="not block 0's output"):
+        stats = collect_input_statistics(model, batches, names, progress=False)
+    assert_matches_reference(stats, reference_rows(model, batches, names))

@@ -133,7 +133,7 @@ def test_existing_output_is_refused_without_overwrite(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(OutputExistsError, match="overwrite=True"):
+    with pytest.raises(OutputExistsError, match="--overwrite"):
         save_compressed(tiny_llama(), out)
     assert (out / "keep.txt").read_text() == "mine"
     save_compressed(tiny_llama(), out, overwrite=True)

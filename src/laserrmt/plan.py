@@ -127,7 +127,7 @@ class ModuleDecision:
         self.rank = _plain_int(self.rank)
         self.rank_full = _plain_int(self.rank_full)
         if isinstance(self.shape, tuple | list):
-            self.shape = tuple(_plain_int(v) for v in self.shape)  # type: ignore[assignment]
+            self.shape = tuple(_plain_int(v) for v in self.shape)
         if not isinstance(self.module, str) or not self.module:
             raise PlanError(f"module name {self.module!r} is not a non-empty string")
         try:
@@ -197,13 +197,13 @@ class ModuleDecision:
         if not isinstance(shape, list | tuple):
             raise PlanError(f"module {module}: shape must be a list [m, n], got {shape!r}")
         shape_t = tuple(shape)
-        rank_full = data.get("rank_full")
+        rank_full: Any = data.get("rank_full")
         if rank_full is None and len(shape_t) == 2 and all(_is_int(v) for v in shape_t):
             rank_full = min(shape_t)
         return cls(
             module=module,
-            shape=shape_t,  # type: ignore[arg-type]  # validated in __post_init__
-            rank_full=rank_full,  # type: ignore[arg-type]
+            shape=shape_t,  # validated in __post_init__
+            rank_full=rank_full,
             rank=data["rank"],
             mode=data["mode"],
             reason=str(data.get("reason", "")),

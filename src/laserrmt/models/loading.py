@@ -138,6 +138,12 @@ def _load_folder(
 ) -> LoadedModel:
     config = _read_config(folder)
     _check_remote_code(config, str(folder), trust_remote_code)
+    if (folder / "laserrmt.json").is_file():
+        # A folder laserrmt wrote: its compressed layers are not the architecture's own.
+        from laserrmt.surgery.io import load
+
+        model, tokenizer = load(folder, dtype=dtype)
+        return LoadedModel(model, tokenizer, f"{folder} (compressed by laserrmt)", folder, "folder")
     weights = [folder / name for name in _WEIGHT_FILES if (folder / name).is_file()]
     if not weights:
         found = sorted(p.name for p in folder.iterdir())[:6]

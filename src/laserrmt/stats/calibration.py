@@ -162,7 +162,7 @@ def _check_supported(name: str, module: nn.Module, where: Where) -> None:
             f"{name}: {type(module).__name__} is not supported for calibration; "
             "select nn.Linear, Conv1D, nn.Conv1d or nn.Conv2d modules"
         )
-    if where == "input" and _is_conv(module) and module.groups != 1:  # type: ignore[union-attr]
+    if where == "input" and _is_conv(module) and module.groups != 1:
         raise TargetSelectionError(
             f"{name}: grouped convolutions (groups={module.groups}) have no single input "
             "Gram matrix; leave this module out of the targets"

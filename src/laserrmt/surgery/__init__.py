@@ -19,11 +19,14 @@ from laserrmt.surgery.lowrank import (
     truncated_svd,
     weight_as_matrix,
 )
+from laserrmt.surgery.quantize import Int8Linear, Int8LowRankLinear, quantize_model_int8
 from laserrmt.surgery.registry import CompressedModule, module_class, register_module
 
 __all__ = [
     "AppliedChange",
     "CompressedModule",
+    "Int8Linear",
+    "Int8LowRankLinear",
     "LowRankConv1d",
     "LowRankConv2d",
     "LowRankLinear",
@@ -35,6 +38,7 @@ __all__ = [
     "load_into",
     "low_rank_weight",
     "module_class",
+    "quantize_model_int8",
     "register_module",
     "restore_",
     "revert_changes",

@@ -25,9 +25,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,7 +34,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from laserrmt.errors import ModelLoadError, OutputExistsError
+from laserrmt.errors import ModelLoadError
+from laserrmt.outputs import atomic_output_dir
 from laserrmt.plan import CompressionPlan
 from laserrmt.surgery.registry import (
     CompressedModule,
@@ -76,25 +74,10 @@ def save_compressed(
     Raises:
         OutputExistsError: ``out_dir`` exists and ``overwrite`` is false, or it is a file.
     """
-    out = Path(out_dir)
-    if out.exists() or out.is_symlink():
-        if not out.is_dir():
-            raise OutputExistsError(f"output {out} exists and is not a folder; choose another path")
-        if not overwrite:
-            raise OutputExistsError(
-                f"output folder {out} exists already; pass overwrite=True (--overwrite) "
-                "or choose another folder"
-            )
     metadata = _metadata(model, _compressed_module_entries(model), plan, settings)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         _write_folder(model, tmp, tokenizer, metadata)
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
 def write_compressed(
@@ -330,22 +313,6 @@ def _write_weights(model: nn.Module, file: Path) -> None:
         seen[identity] = key
         stored[key] = tensor.detach().to("cpu").contiguous()
     save_file(stored, str(file), metadata={"format": "pt", **aliases})
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    # POSIX cannot rename a folder over a non-empty one: move the old one aside first and put it
-    # back if the second rename fails, so out_dir is never left missing or half-written.
-    backup = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(out, backup)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(backup, out)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 def _json_default(value: object) -> Any:

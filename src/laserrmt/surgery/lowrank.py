@@ -64,6 +64,17 @@ def _check_supported(module: nn.Module, name: str | None = None) -> None:
     )
 
 
+def _weight_of(module: nn.Module) -> torch.Tensor:
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)  # every supported layer has a tensor weight
+    return weight
+
+
+def _bias_of(module: nn.Module) -> torch.Tensor | None:
+    bias = getattr(module, "bias", None)
+    return bias if isinstance(bias, torch.Tensor) else None
+
+
 def weight_as_matrix(module: nn.Module, name: str | None = None) -> torch.Tensor:
     """The module's weight as an out × in matrix (a view where the layout allows, no copy).
 
@@ -71,7 +82,7 @@ def weight_as_matrix(module: nn.Module, name: str | None = None) -> torch.Tensor
         TargetSelectionError: the module is not a supported layer.
     """
     _check_supported(module, name)
-    weight = module.weight
+    weight = _weight_of(module)
     if isinstance(module, nn.Conv1d | nn.Conv2d):
         return weight.reshape(weight.shape[0], -1)
     if isinstance(module, nn.Linear):
@@ -81,7 +92,7 @@ def weight_as_matrix(module: nn.Module, name: str | None = None) -> torch.Tensor
 
 def _write_matrix_(module: nn.Module, matrix: torch.Tensor) -> None:
     """Copy an out × in matrix into the module's weight, in the module's own layout."""
-    weight = module.weight
+    weight = _weight_of(module)
     with torch.no_grad():
         if isinstance(module, nn.Conv1d | nn.Conv2d):
             weight.copy_(matrix.reshape(weight.shape))
@@ -246,13 +257,14 @@ class LowRankLinear(CompressedModule):
     ) -> None:
         super().__init__()
         _check_rank(rank, (out_features, in_features), type(self).__name__)
-        factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
         self.rank = int(rank)
-        self.A = nn.Parameter(torch.empty(out_features, rank, **factory))
-        self.B = nn.Parameter(torch.empty(rank, in_features, **factory))
-        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.A = nn.Parameter(torch.empty(out_features, self.rank, device=device, dtype=dtype))
+        self.B = nn.Parameter(torch.empty(self.rank, in_features, device=device, dtype=dtype))
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        )
 
     @classmethod
     def from_linear(
@@ -279,18 +291,18 @@ class LowRankLinear(CompressedModule):
             in_features,
             out_features,
             rank,
-            bias=linear.bias is not None,
+            bias=_bias_of(linear) is not None,
             device=matrix.device,
             dtype=matrix.dtype,
         )
+        bias = _bias_of(linear)
         with torch.no_grad():
             layer.A.copy_(a)
             layer.B.copy_(b)
-            if layer.bias is not None:
-                layer.bias.copy_(linear.bias)
+            if layer.bias is not None and bias is not None:
+                layer.bias.copy_(bias)
         layer.train(linear.training)
-        layer.A.requires_grad_(linear.weight.requires_grad)
-        layer.B.requires_grad_(linear.weight.requires_grad)
+        layer.requires_grad_(_weight_of(linear).requires_grad)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -362,19 +374,18 @@ class _LowRankConvNd(CompressedModule):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.rank = int(rank)
+        # Any: torch types kernel/stride as fixed-length tuples per dimensionality.
+        geometry: dict[str, Any] = {
+            "kernel_size": kernel,
+            "stride": stride,
+            "padding": padding,
+            "dilation": dilation,
+            "padding_mode": padding_mode,
+        }
         self.reduce = self._conv(
-            in_channels,
-            rank,
-            kernel,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            bias=False,
-            padding_mode=padding_mode,
-            device=device,
-            dtype=dtype,
+            in_channels, self.rank, bias=False, device=device, dtype=dtype, **geometry
         )
-        self.expand = self._conv(rank, out_channels, 1, bias=bias, device=device, dtype=dtype)
+        self.expand = self._conv(self.rank, out_channels, 1, bias=bias, device=device, dtype=dtype)
 
     @property
     def A(self) -> torch.Tensor:
@@ -415,7 +426,7 @@ class _LowRankConvNd(CompressedModule):
             stride=conv.stride,
             padding=conv.padding,
             dilation=conv.dilation,
-            bias=conv.bias is not None,
+            bias=_bias_of(conv) is not None,
             padding_mode=conv.padding_mode,
             device=matrix.device,
             dtype=matrix.dtype,
@@ -423,10 +434,11 @@ class _LowRankConvNd(CompressedModule):
         with torch.no_grad():
             layer.reduce.weight.copy_(b.reshape(layer.reduce.weight.shape))
             layer.expand.weight.copy_(a.reshape(layer.expand.weight.shape))
-            if conv.bias is not None:
-                layer.expand.bias.copy_(conv.bias)
+            bias = _bias_of(conv)
+            if layer.expand.bias is not None and bias is not None:
+                layer.expand.bias.copy_(bias)
         layer.train(conv.training)
-        layer.requires_grad_(conv.weight.requires_grad)
+        layer.requires_grad_(_weight_of(conv).requires_grad)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -550,7 +562,7 @@ def denoise_(
     """
     matrix = weight_as_matrix(module, name)
     reduced = low_rank_weight(matrix, rank, svd=svd, name=name or type(module).__name__)
-    original = module.weight.detach().clone()
+    original = _weight_of(module).detach().clone()
     _write_matrix_(module, reduced)
     return original
 

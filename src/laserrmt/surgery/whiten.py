@@ -469,7 +469,7 @@ def whitened_svd(
 
 
 def activation_aware_factors(
-    weight: torch.Tensor,
+    weight: torch.Tensor | np.ndarray,
     rank: int,
     *,
     whiten: WhitenMethod | str,

@@ -1,0 +1,116 @@
+"""The command line: outputs, and one clear line with a non-zero exit for every user error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from laserrmt.cli import main
+from tests.test_analyze import plant_low_rank
+from tests.tiny_models import save_tiny, tiny_llama, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    save_tiny(plant_low_rank(tiny_llama(tie_word_embeddings=False)), folder, tiny_tokenizer())
+    return folder
+
+
+def run(capsys, *argv):
+    code = main(["--quiet", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("laserrmt: error:")]
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert "Traceback" not in err
+
+
+def test_analyze_writes_the_report(capsys, tiny_folder, tmp_path):
+    code, out, _ = run(capsys, "analyze", tiny_folder, "--out", tmp_path / "a")
+    assert code == 0
+    assert "14 matrices" in out and "report:" in out
+    assert (tmp_path / "a" / "report.html").exists()
+    records = json.loads((tmp_path / "a" / "spectra.json").read_text())
+    assert {r["rank_kept"] for r in records} == {3}
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragments"),
+    [
+        (["analyze", "{missing}", "--out", "{out}"], ["no such file or folder"]),
+        (["analyze", "{folder}", "--out", "{out}", "--threshold", "magic"], ["unknown threshold", "mp"]),
+        (["analyze", "{folder}", "--out", "{out}", "--threshold", "fixed"], ["--fraction"]),
+        (["analyze", "{folder}", "--out", "{out}", "--targets", "nothing_like_this"], ["nothing_like_this"]),
+        (["compress", "{folder}", "--out", "{out}", "--mode", "shrink"], ["unknown mode"]),
+        (["compress", "{folder}", "--out", "{out}", "--target-params", "1.5"], ["--target-params"]),
+        (["compress", "{folder}", "--out", "{out}", "--plan", "{missing}"], []),
+    ],
+)
+def test_user_errors_are_one_line(capsys, tiny_folder, tmp_path, argv, fragments):
+    values = {"missing": tmp_path / "missing", "out": tmp_path / "out", "folder": tiny_folder}
+    code, _, err = run(capsys, *[a.format(**values) for a in argv])
+    assert_one_line_error(code, err, *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_refused(capsys, tiny_folder, tmp_path):
+    (tmp_path / "out").mkdir()
+    code, _, err = run(capsys, "analyze", tiny_folder, "--out", tmp_path / "out")
+    assert_one_line_error(code, err, "--overwrite")
+
+
+def test_nan_weights_name_the_module(capsys, tmp_path):
+    model = tiny_llama()
+    with torch.no_grad():
+        model.get_submodule("model.layers.0.self_attn.v_proj").weight[1, 2] = float("inf")
+    folder = save_tiny(model, tmp_path / "broken", tiny_tokenizer())
+    code, _, err = run(capsys, "analyze", folder, "--out", tmp_path / "out")
+    assert_one_line_error(code, err, "model.layers.0.self_attn.v_proj")
+    # The other matrices were analysed and the report written all the same.
+    records = json.loads((tmp_path / "out" / "spectra.json").read_text())
+    assert len(records) == 13
+
+
+def test_compress_saves_a_smaller_model_that_loads_back(capsys, tiny_folder, tmp_path):
+    import laserrmt
+
+    out = tmp_path / "c"
+    code, stdout, err = run(
+        capsys, "compress", tiny_folder, "--out", out, "--eval-windows", "2", "--latency-repeats", "1"
+    )
+    assert code == 0, err
+    assert "perplexity" in stdout
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["after"]["params_total"] < evaluation["before"]["params_total"]
+    assert evaluation["after"]["size_bytes"] < evaluation["before"]["size_bytes"]
+    meta = json.loads((out / "laserrmt.json").read_text())
+    assert meta["plan"]["method"] == "laser-oneshot"
+    model, tokenizer = laserrmt.load(out)
+    ids = torch.tensor([tokenizer.encode("the spectrum of a weight matrix")])
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all()
+    html = (out / "report.html").read_text()
+    assert "Before and after" in html and "Per-module decisions" in html
+
+
+def test_evaluate_writes_json(capsys, tiny_folder, tmp_path):
+    code, stdout, err = run(
+        capsys, "evaluate", tiny_folder, "--eval-windows", "2", "--latency-repeats", "1",
+        "--json", tmp_path / "e.json",
+    )
+    assert code == 0, err
+    data = json.loads((tmp_path / "e.json").read_text())
+    for key in ("perplexity", "eval_tokens", "params_total", "params_targets", "size_bytes",
+                "prefill_ms", "decode_tokens_per_s"):
+        assert key in data
+    assert data["eval_tokens"] == 2 * 511
