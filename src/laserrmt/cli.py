@@ -132,7 +132,36 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_target_arguments(compress)
     _add_threshold_arguments(compress)
-    compress.add_argument("--method", default="laser", help="laser (weight-spectrum ranks)")
+    compress.add_argument(
+        "--method",
+        default="laser",
+        help="laser (weight-spectrum ranks, RMT thresholds) or budget (activation-aware low rank "
+        "under --target-params) (default laser)",
+    )
+    compress.add_argument(
+        "--whiten",
+        default="svdllm",
+        help="budget: the space ranks are chosen in: svdllm (whitened by the input Gram), asvd "
+        "(input-channel scaling), fisher (FWSVD row weighting) or none (default svdllm)",
+    )
+    compress.add_argument(
+        "--allocation",
+        default="global",
+        help="budget: global (ranks allocated across matrices) or uniform (one ratio everywhere, "
+        "the SVD-LLM/ASVD recipe) (default global)",
+    )
+    compress.add_argument(
+        "--importance",
+        default="none",
+        help="budget: layer-importance weight: none, fisher, entropy or attention (default none)",
+    )
+    compress.add_argument(
+        "--heal-steps", type=int, default=0, help="fine-tune the factors N steps towards the original model"
+    )
+    compress.add_argument("--heal-lr", type=float, default=1e-4, help="healing learning rate")
+    compress.add_argument(
+        "--quantize", default=None, help="int8: per-channel symmetric int8 weights for every linear layer"
+    )
     compress.add_argument(
         "--mode",
         default="factorize",
@@ -165,7 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="the original laserRMT recipe (IQR rule, 15 lowest-SNR, denoise, strict improvement)",
     )
     compress.add_argument(
-        "--calibration-windows", type=int, default=4, help="512-token calibration windows (default 4)"
+        "--calibration-windows",
+        type=int,
+        default=None,
+        help="512-token calibration windows (default 4 for the loop, 16 for budget)",
     )
     _add_evaluation_arguments(compress)
     compress.add_argument("--no-eval", action="store_true", help="skip evaluation before and after")
@@ -273,6 +305,12 @@ def run_compress(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_changes=args.max_changes,
         target_params=args.target_params,
+        whiten=args.whiten,
+        allocation=args.allocation,
+        importance=args.importance,
+        heal_steps=args.heal_steps,
+        heal_lr=args.heal_lr,
+        quantize=args.quantize,
     )
     if args.reproduce_laserrmt:
         settings = CompressSettings.reproduce_laserrmt_preset(**common)

@@ -6,6 +6,7 @@ is written to ``laserrmt.json`` so that a run can be repeated exactly.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from laserrmt.analyze import analyze_model
-from laserrmt.errors import InvalidOptionError
+from laserrmt.errors import InvalidOptionError, NumericalError
 from laserrmt.methods.laser import (
     LASERRMT_CANDIDATES,
     SELECTIONS,
@@ -21,11 +22,16 @@ from laserrmt.methods.laser import (
     laser_loop,
     oneshot_plan,
 )
+from laserrmt.methods.budget import budget_plan
+from laserrmt.methods.heal import heal
 from laserrmt.methods.objectives import make_objective
+from laserrmt.models.targets import find_targets, select_targets
 from laserrmt.plan import CompressionPlan
 from laserrmt.surgery.apply import apply_plan
+from laserrmt.surgery.quantize import quantize_model_int8
 
-METHODS = ("laser",)
+METHODS = ("laser", "budget")
+QUANTIZATIONS = ("int8",)
 
 
 @dataclass
@@ -45,10 +51,24 @@ class CompressSettings:
     max_candidates: int | None = None
     targets: list[str] | None = None
     include_heads: bool = False
-    calibration_windows: int = 4
+    calibration_windows: int | None = None
     window: int = 512
     seed: int = 0
     reproduce_laserrmt: bool = False
+    whiten: str = "svdllm"
+    allocation: str = "global"
+    importance: str = "none"
+    heal_steps: int = 0
+    heal_lr: float = 1e-4
+    quantize: str | None = None
+
+    @property
+    def n_calibration_windows(self) -> int:
+        """The loop re-measures after every change, so it gets fewer windows by default than the
+        one calibration pass of the budget method (16, as in the SVD-LLM baseline)."""
+        if self.calibration_windows is not None:
+            return self.calibration_windows
+        return 16 if self.method == "budget" else 4
 
     @classmethod
     def reproduce_laserrmt_preset(cls, **overrides: Any) -> CompressSettings:
@@ -82,8 +102,14 @@ class CompressSettings:
             raise InvalidOptionError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.select not in SELECTIONS:
             raise InvalidOptionError(f"unknown selection {self.select!r}; choose one of {', '.join(SELECTIONS)}")
-        if self.calibration_windows < 1:
+        if self.n_calibration_windows < 1:
             raise InvalidOptionError("--calibration-windows must be at least 1")
+        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
+            raise InvalidOptionError(
+                f"unknown --quantize {self.quantize!r}; choose one of {', '.join(QUANTIZATIONS)}"
+            )
+        if self.heal_steps < 0:
+            raise InvalidOptionError("--heal-steps must be ≥ 0")
 
 
 @dataclass
@@ -96,6 +122,7 @@ class CompressionResult:
     objective_reference: float | None = None
     analysis_records: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    healing: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -108,6 +135,7 @@ class CompressionResult:
             },
             "objective_reference": self.objective_reference,
             "loop": [s.to_dict() for s in self.steps],
+            "healing": self.healing,
             "timings": self.timings,
         }
 
@@ -129,14 +157,41 @@ def compress(
     """
     settings = replace(settings or CompressSettings(), **overrides)
     settings.validate()
-    timings: dict[str, float] = {}
-    if plan is not None:
-        start = time.perf_counter()
-        apply_plan(model, plan, progress=progress)
-        timings["surgery"] = time.perf_counter() - start
-        return model, CompressionResult(plan, settings, timings=timings)
-
+    result = CompressionResult(CompressionPlan({}), settings)
+    # Healing distils from the model as it was: keep a frozen copy before any surgery.
+    teacher = copy.deepcopy(model).eval() if settings.heal_steps else None
     start = time.perf_counter()
+    if plan is not None:
+        result.plan = plan
+        apply_plan(model, plan, progress=progress)
+    elif settings.method == "budget":
+        _compress_budget(model, tokenizer, settings, result, progress)
+    else:
+        _compress_laser(model, tokenizer, settings, result, progress)
+    result.timings["decision_and_surgery"] = time.perf_counter() - start
+    if settings.heal_steps:
+        start = time.perf_counter()
+        result.healing = heal(
+            model,
+            teacher,  # type: ignore[arg-type]  # set whenever heal_steps > 0
+            _calibration_windows(tokenizer, settings),
+            steps=settings.heal_steps,
+            lr=settings.heal_lr,
+            seed=settings.seed,
+            progress=progress,
+        )
+        del teacher
+        result.timings["healing"] = time.perf_counter() - start
+    if settings.quantize == "int8":
+        start = time.perf_counter()
+        quantize_model_int8(model)
+        result.timings["quantization"] = time.perf_counter() - start
+    return model, result
+
+
+def _compress_laser(
+    model: nn.Module, tokenizer: Any, settings: CompressSettings, result: CompressionResult, progress: bool
+) -> None:
     analysis = analyze_model(
         model,
         targets=settings.targets,
@@ -148,14 +203,11 @@ def compress(
     )
     if analysis.failures:
         names = ", ".join(f.module for f in analysis.failures)
-        raise InvalidOptionError(
+        raise NumericalError(
             f"cannot compress: {len(analysis.failures)} matrices have unusable weights ({names}: "
             f"{analysis.failures[0].reason}); leave them out with --targets"
         )
-    timings["analysis"] = time.perf_counter() - start
-    result = CompressionResult(CompressionPlan({}), settings, analysis_records=analysis.records)
-
-    start = time.perf_counter()
+    result.analysis_records = analysis.records
     if settings.select == "oneshot":
         result.plan = oneshot_plan(
             analysis,
@@ -165,31 +217,45 @@ def compress(
             settings=settings.to_dict(),
         )
         apply_plan(model, result.plan, svd_cache=analysis.svd_cache(), progress=progress)
-    else:
-        windows = _calibration_windows(tokenizer, settings)
-        objective = make_objective(
-            settings.objective, windows, settings.tolerance, strict=settings.reproduce_laserrmt
-        )
-        outcome = laser_loop(
-            model,
-            analysis,
-            objective,
-            mode=settings.mode,
-            score=settings.score,
-            target_params=settings.target_params,
-            max_changes=settings.max_changes,
-            max_candidates=settings.max_candidates,
-            settings=settings.to_dict(),
-            progress=progress,
-        )
-        result.plan, result.steps, result.objective_reference = (
-            outcome.plan,
-            outcome.steps,
-            outcome.reference,
-        )
-    timings["decision_and_surgery"] = time.perf_counter() - start
-    result.timings = timings
-    return model, result
+        return
+    objective = make_objective(
+        settings.objective,
+        _calibration_windows(tokenizer, settings),
+        settings.tolerance,
+        strict=settings.reproduce_laserrmt,
+    )
+    outcome = laser_loop(
+        model,
+        analysis,
+        objective,
+        mode=settings.mode,
+        score=settings.score,
+        target_params=settings.target_params,
+        max_changes=settings.max_changes,
+        max_candidates=settings.max_candidates,
+        settings=settings.to_dict(),
+        progress=progress,
+    )
+    result.plan, result.steps, result.objective_reference = outcome.plan, outcome.steps, outcome.reference
+
+
+def _compress_budget(
+    model: nn.Module, tokenizer: Any, settings: CompressSettings, result: CompressionResult, progress: bool
+) -> None:
+    targets = select_targets(find_targets(model, include_heads=settings.include_heads), settings.targets)
+    outcome = budget_plan(
+        model,
+        targets,
+        _calibration_windows(tokenizer, settings),
+        target_params=settings.target_params,  # type: ignore[arg-type]  # checked inside
+        whiten=settings.whiten,
+        allocation=settings.allocation,
+        importance=settings.importance,
+        settings=settings.to_dict(),
+        progress=progress,
+    )
+    apply_plan(model, outcome.plan, svd_cache=outcome.svd_cache, progress=progress)
+    result.plan = outcome.plan
 
 
 def _calibration_windows(tokenizer: Any, settings: CompressSettings) -> Any:
@@ -201,5 +267,5 @@ def _calibration_windows(tokenizer: Any, settings: CompressSettings) -> Any:
             "pass tokenizer= (the CLI loads it with the model)"
         )
     return calibration_windows(
-        tokenizer, n_windows=settings.calibration_windows, window=settings.window, seed=settings.seed
+        tokenizer, n_windows=settings.n_calibration_windows, window=settings.window, seed=settings.seed
     )
