@@ -69,7 +69,9 @@ def test_causal_lm_labels_are_shifted_and_padding_ignored() -> None:
     model = tiny_llama()
     ids = torch.tensor([[5, 6, 7, 8]])
     mask = torch.tensor([[1, 1, 1, 0]])
-    logits, labels = batch_logits_and_labels(model, {"input_ids": ids, "attention_mask": mask}, "causal-lm")
+    logits, labels = batch_logits_and_labels(
+        model, {"input_ids": ids, "attention_mask": mask}, "causal-lm"
+    )
     assert logits.shape[:2] == (1, 3)
     assert labels.tolist() == [[6, 7, -100]]
 
@@ -91,7 +93,9 @@ def test_distill_reduces_the_loss_and_leaves_the_student_in_eval() -> None:
             return sum(float(distillation_loss(student(x), teacher(x), y)) for x, y in batches)
 
     before = total()
-    log = distill(student, teacher, batches, steps=60, lr=1e-2, task="classification", progress=False)
+    log = distill(
+        student, teacher, batches, steps=60, lr=1e-2, task="classification", progress=False
+    )
     assert len(log.losses) == 60 and log.steps == 60
     assert total() < 0.5 * before
     assert not student.training
@@ -122,6 +126,15 @@ def test_distill_is_deterministic_given_the_seed() -> None:
     runs = []
     for _ in range(2):
         student = _mlp(1)
-        distill(student, teacher, batches, steps=5, lr=1e-2, task="classification", seed=3, progress=False)
+        distill(
+            student,
+            teacher,
+            batches,
+            steps=5,
+            lr=1e-2,
+            task="classification",
+            seed=3,
+            progress=False,
+        )
         runs.append(student[2].weight.detach().clone())
     assert torch.equal(runs[0], runs[1])

@@ -194,7 +194,7 @@ def batch_logits_and_labels(
     inputs = model_inputs(batch, task)
     if task == "classification":
         if isinstance(batch, Mapping):
-            labels = batch["labels"] if "labels" in batch else None
+            labels = batch.get("labels")
             output = model(**{k: _to(v, device) for k, v in inputs.items()})  # type: ignore[union-attr]
         else:
             labels = batch[1]
@@ -286,7 +286,9 @@ def distill(
     if not listed:
         raise InvalidOptionError("no training batches; pass at least one batch")
     params = _trainable_parameters(student, trainable)
-    log = TrainLog(lr=float(lr), steps=int(steps), trainable_parameters=sum(p.numel() for p in params))
+    log = TrainLog(
+        lr=float(lr), steps=int(steps), trainable_parameters=sum(p.numel() for p in params)
+    )
 
     flags = {id(p): p.requires_grad for p in student.parameters()}
     teacher_flags = [(m, m.training) for m in teacher.modules()]

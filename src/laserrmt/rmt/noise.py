@@ -24,7 +24,7 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from laserrmt.errors import InvalidOptionError
-from laserrmt.rmt._checks import check_shape, check_spectrum, check_values
+from laserrmt.rmt._checks import check_spectrum, check_values
 from laserrmt.rmt.marchenko_pastur import mp_cdf, mp_median, mp_quantile
 
 __all__ = [

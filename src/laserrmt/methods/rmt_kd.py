@@ -1,0 +1,418 @@
+"""RMT-KD: shrink widths to the activation directions above the noise bulk, layer by layer.
+
+The schedule of arXiv 2509.15724 (method.md §6), as a composition of shared parts:
+
+1. for each site, shallow to deep: stream the second moment of its hidden representation over
+   the calibration batches (:func:`laserrmt.surgery.width.collect_site_statistics`);
+2. ``k`` = the number of directions above the Marchenko–Pastur edge
+   (:func:`laserrmt.surgery.width.activation_rank`, τ-quantile start, ``mp_fit`` or
+   ``veraart`` noise estimate);
+3. cut the site to ``k`` (:func:`laserrmt.surgery.width.cut_width`);
+4. self-distil for a few steps from the model as it was before this cut
+   (:func:`laserrmt.distill.distill`);
+5. validate; the stop rules:
+
+   * ``k / d < floor``: the spectrum says almost everything at this site is noise, which for a
+     trained layer means the fit is not trustworthy (or the site is nearly dead): the site is
+     **skipped**, never cut that far;
+   * the validation metric falls more than ``tolerance`` below the *uncut* model's: the cut is
+     **reverted** (comparing with the baseline, not the previous cut, keeps the total loss
+     within the tolerance);
+   * the parameter count is at or under ``target_params``: the schedule **stops**.
+
+Checkpoints: after every site the model (``save_compressed``) and a JSON state (next site,
+records, settings, seeds) are written to ``checkpoint_dir``; ``resume=True`` continues from
+the last finished site. Every random choice of site ``i`` (batch order, dropout) is drawn from
+``seed`` and ``i`` alone, so a resumed run computes exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from laserrmt.distill import TASKS, Task, distill, model_inputs
+from laserrmt.errors import InvalidOptionError
+from laserrmt.surgery.width import (
+    WidthSite,
+    activation_rank,
+    collect_site_statistics,
+    count_parameters,
+    cut_width,
+    find_width_sites,
+)
+
+__all__ = ["RMTKDResult", "SiteRecord", "rmt_kd"]
+
+STATE_FILE = "rmt_kd_state.json"
+_STATE_VERSION = 1
+ESTIMATORS = ("mp_fit", "veraart")
+
+
+@dataclass
+class SiteRecord:
+    """What happened at one site.
+
+    ``status`` is ``"kept"`` (cut and kept), ``"reverted"`` (cut, metric fell too far, undone),
+    ``"skipped-floor"`` (k/d under the floor), ``"full"`` (all directions are signal: nothing to
+    cut) or ``"skipped-target"`` (the parameter target was met before this site).
+    """
+
+    index: int
+    site: str
+    kind: str
+    d: int
+    k: int
+    sigma: float
+    edge: float
+    parameters_before: int
+    parameters_after: int
+    metric_before: float
+    metric_after: float
+    status: str
+    wall_s: float
+    seed: int
+    loss_first: float | None = None
+    loss_last: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RMTKDResult:
+    """The compressed model and the per-site records of the run."""
+
+    model: nn.Module
+    records: list[SiteRecord]
+    baseline_metric: float
+    final_metric: float
+    parameters_before: int
+    parameters_after: int
+    settings: dict[str, Any]
+    wall_s: float
+    finished: bool = True
+    sites: list[WidthSite] = field(default_factory=list)
+
+    @property
+    def parameter_reduction(self) -> float:
+        """Fraction of the parameters removed."""
+        return 1.0 - self.parameters_after / self.parameters_before
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "records": [r.to_dict() for r in self.records],
+            "baseline_metric": self.baseline_metric,
+            "final_metric": self.final_metric,
+            "parameters_before": self.parameters_before,
+            "parameters_after": self.parameters_after,
+            "parameter_reduction": self.parameter_reduction,
+            "settings": self.settings,
+            "wall_s": self.wall_s,
+            "finished": self.finished,
+        }
+
+
+def _check_options(
+    task: str, tau: float, estimator: str, floor: float, tolerance: float, steps: int, lr: float
+) -> None:
+    if task not in TASKS:
+        raise InvalidOptionError(f"task={task!r}; use one of {', '.join(TASKS)}")
+    if not 0.0 < tau < 1.0:
+        raise InvalidOptionError(f"tau={tau}; the MP-fit quantile lies in (0, 1) (RMT-KD: 0.4-0.6)")
+    if estimator not in ESTIMATORS:
+        raise InvalidOptionError(f"estimator={estimator!r}; use one of {', '.join(ESTIMATORS)}")
+    if not 0.0 <= floor < 1.0:
+        raise InvalidOptionError(f"floor={floor}; the k/d floor lies in [0, 1)")
+    if tolerance < 0:
+        raise InvalidOptionError(f"tolerance={tolerance}; use a non-negative metric drop")
+    if steps < 0 or lr <= 0:
+        raise InvalidOptionError(f"steps_per_cut={steps}, lr={lr}; use steps ≥ 0 and lr > 0")
+
+
+def _resolve_sites(model: nn.Module, sites: Sequence[WidthSite | str] | None) -> list[WidthSite]:
+    found = find_width_sites(model)
+    if sites is None:
+        if not found:
+            raise InvalidOptionError(
+                f"no width sites found in {type(model).__name__}; pass sites= (WidthSite objects)"
+            )
+        return found
+    by_name = {s.name: s for s in found}
+    resolved = []
+    for site in sites:
+        if isinstance(site, WidthSite):
+            resolved.append(site)
+        elif site == "residual_stream":
+            resolved.extend(find_width_sites(model, ["residual"]))
+        elif site in by_name:
+            resolved.append(by_name[site])
+        else:
+            raise InvalidOptionError(
+                f"no width site named {site!r}; known sites: {', '.join(by_name) or 'none'}"
+            )
+    return resolved
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _save_checkpoint(
+    folder: Path, model: nn.Module, state: dict[str, Any], settings: dict[str, Any]
+) -> None:
+    from laserrmt.surgery.io import save_compressed
+
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"model-{state['next_site']:03d}"
+    # A new folder per step, then the state that names it: a kill between the two leaves the
+    # previous state pointing at the previous, complete model.
+    save_compressed(model, folder / name, settings={"rmt_kd": settings}, overwrite=True)
+    previous = state.get("model_folder")
+    state["model_folder"] = name
+    _write_json_atomic(folder / STATE_FILE, state)
+    if previous and previous != name:
+        shutil.rmtree(folder / previous, ignore_errors=True)
+
+
+def _load_checkpoint(folder: Path, original: nn.Module, state: dict[str, Any]) -> nn.Module:
+    from laserrmt.surgery.io import load, load_into
+
+    path = folder / str(state["model_folder"])
+    residual_cut = any(r["kind"] == "residual" and r["status"] == "kept" for r in state["records"])
+    if residual_cut:
+        # The residual cut changed the config's hidden_size: rebuild from the saved config.
+        model, _ = load(path)
+        return model
+    return load_into(copy.deepcopy(original), path).eval()
+
+
+def rmt_kd(
+    model: nn.Module,
+    calibration_batches: Iterable[Any],
+    train_batches: Iterable[Any],
+    validate: Callable[[nn.Module], float],
+    *,
+    task: Task,
+    sites: Sequence[WidthSite | str] | None = None,
+    tau: float = 0.5,
+    estimator: str = "mp_fit",
+    floor: float = 0.05,
+    tolerance: float = 0.01,
+    target_params: int | None = None,
+    steps_per_cut: int = 50,
+    lr: float = 1e-4,
+    alpha: float = 0.7,
+    temperature: float = 1.0,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    max_cuts: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> RMTKDResult:
+    """Compress ``model`` with RMT-KD; the input model is not modified.
+
+    Args:
+        model: a CNN (channel sites) or a transformer (MLP sites; the residual stream of a
+            Llama-style model when asked for with ``sites=["residual_stream", ...]``).
+        calibration_batches: batches in the ``task``'s form (labels are ignored) whose hidden
+            representations give the spectra (RMT-KD: ~10 % of the training data).
+        train_batches: batches for the distillation fine-tune after each cut.
+        validate: the validation metric of a model, **higher is better** (accuracy; pass the
+            negative perplexity for a language model).
+        task: ``"classification"`` or ``"causal-lm"`` (see :mod:`laserrmt.distill`).
+        sites: the sites in order (``WidthSite`` objects or names from
+            :func:`~laserrmt.surgery.width.find_width_sites`); all found sites by default,
+            shallow to deep.
+        tau: quantile the MP fit starts from (the compression knob: larger keeps fewer).
+        estimator: ``"mp_fit"`` or ``"veraart"``.
+        floor: skip a site whose ``k / d`` is under this.
+        tolerance: revert a cut whose metric is more than this below the uncut model's.
+        target_params: stop once the parameter count is at or under this.
+        steps_per_cut, lr, alpha, temperature: the distillation fine-tune after each cut.
+        checkpoint_dir: write a checkpoint after every site; ``resume=True`` continues there.
+        max_cuts: handle at most this many sites in this call (then return, unfinished): for
+            time-sliced runs; the checkpoint lets a later call resume.
+        seed: the seed of every random choice (site ``i`` uses ``seed + i``).
+        progress: show progress bars.
+
+    Raises:
+        InvalidOptionError: bad options, an unknown site, ``resume`` without a checkpoint
+            folder, or a checkpoint made with other settings.
+    """
+    _check_options(task, tau, estimator, floor, tolerance, steps_per_cut, lr)
+    start = time.perf_counter()
+    calibration = [model_inputs(b, task) for b in calibration_batches]
+    train = list(train_batches)
+    if not calibration or (steps_per_cut > 0 and not train):
+        raise InvalidOptionError("pass at least one calibration batch and one training batch")
+    original = model
+    site_list = _resolve_sites(model, sites)
+    settings = {
+        "task": task,
+        "sites": [s.name for s in site_list],
+        "tau": tau,
+        "estimator": estimator,
+        "floor": floor,
+        "tolerance": tolerance,
+        "target_params": target_params,
+        "steps_per_cut": steps_per_cut,
+        "lr": lr,
+        "alpha": alpha,
+        "temperature": temperature,
+        "seed": seed,
+    }
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    parameters_before = count_parameters(original)
+
+    state: dict[str, Any] | None = None
+    if resume:
+        if folder is None:
+            raise InvalidOptionError("resume=True needs checkpoint_dir, the folder to resume from")
+        state_file = folder / STATE_FILE
+        if state_file.is_file():
+            state = json.loads(state_file.read_text(encoding="utf-8"))
+            if state.get("version") != _STATE_VERSION or state.get("settings") != settings:
+                raise InvalidOptionError(
+                    f"the checkpoint in {folder} was made with other settings; resume with the "
+                    "same options, or start afresh in an empty folder"
+                )
+    if state is not None:
+        work = _load_checkpoint(folder, original, state)  # type: ignore[arg-type]
+        records = [SiteRecord(**r) for r in state["records"]]
+        baseline = float(state["baseline_metric"])
+        first = int(state["next_site"])
+        elapsed_before = float(state.get("wall_s", 0.0))
+    else:
+        work = copy.deepcopy(original).eval()
+        records = []
+        baseline = float(validate(work))
+        first = 0
+        elapsed_before = 0.0
+        state = {"version": _STATE_VERSION, "settings": settings, "baseline_metric": baseline}
+
+    current_metric = records[-1].metric_after if records else baseline
+    handled = 0
+    finished = True
+    for index in range(first, len(site_list)):
+        if max_cuts is not None and handled >= max_cuts:
+            finished = False
+            break
+        site = site_list[index]
+        site_seed = seed + index
+        t0 = time.perf_counter()
+        params_now = count_parameters(work)
+        if target_params is not None and params_now <= target_params:
+            records.append(
+                SiteRecord(
+                    index,
+                    site.name,
+                    site.kind,
+                    site.width,
+                    site.width,
+                    float("nan"),
+                    float("nan"),
+                    params_now,
+                    params_now,
+                    current_metric,
+                    current_metric,
+                    "skipped-target",
+                    0.0,
+                    site_seed,
+                )
+            )
+            handled += 1
+            continue
+        stats = collect_site_statistics(work, calibration, [site], progress=False)[site.name]
+        choice = activation_rank(stats.second_moment, stats.n_samples, tau=tau, estimator=estimator)
+        d, k = stats.width, int(choice.rank)
+        record = SiteRecord(
+            index,
+            site.name,
+            site.kind,
+            d,
+            k,
+            float(choice.sigma),
+            float(choice.edge),
+            params_now,
+            params_now,
+            current_metric,
+            current_metric,
+            "",
+            0.0,
+            site_seed,
+        )
+        if k >= d:
+            record.status = "full"
+        elif k < 1 or k / d < floor:
+            record.status = "skipped-floor"
+        else:
+            teacher = work
+            work = copy.deepcopy(teacher)
+            cut_width(work, site, stats, k)
+            if steps_per_cut > 0:
+                log = distill(
+                    work,
+                    teacher,
+                    train,
+                    steps=steps_per_cut,
+                    lr=lr,
+                    alpha=alpha,
+                    temperature=temperature,
+                    task=task,
+                    progress=progress,
+                    seed=site_seed,
+                )
+                record.loss_first, record.loss_last = log.losses[0], log.losses[-1]
+            metric = float(validate(work))
+            record.metric_after = metric
+            if metric < baseline - tolerance:
+                record.status = "reverted"
+                work = teacher
+            else:
+                record.status = "kept"
+                record.parameters_after = count_parameters(work)
+                current_metric = metric
+            del teacher
+        record.wall_s = time.perf_counter() - t0
+        records.append(record)
+        handled += 1
+        if progress:
+            print(
+                f"rmt-kd {site.name}: d={d} k={k} {record.status} params "
+                f"{record.parameters_before}→{record.parameters_after} metric "
+                f"{record.metric_before:.4f}→{record.metric_after:.4f}",
+                flush=True,
+            )
+        if folder is not None:
+            state["next_site"] = index + 1
+            state["records"] = [r.to_dict() for r in records]
+            state["wall_s"] = elapsed_before + time.perf_counter() - start
+            _save_checkpoint(folder, work, state, settings)
+
+    final_metric = records[-1].metric_after if records else baseline
+    if records and records[-1].status == "reverted":
+        final_metric = current_metric
+    return RMTKDResult(
+        model=work,
+        records=records,
+        baseline_metric=baseline,
+        final_metric=final_metric,
+        parameters_before=parameters_before,
+        parameters_after=count_parameters(work),
+        settings=settings,
+        wall_s=elapsed_before + time.perf_counter() - start,
+        finished=finished,
+        sites=site_list,
+    )

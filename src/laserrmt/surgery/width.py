@@ -1,0 +1,953 @@
+"""Width reduction: make layers narrower where their activations carry only a few directions.
+
+RMT-KD (arXiv 2509.15724) measures the spectrum of a hidden representation on calibration data,
+keeps the ``k`` directions above the Marchenko–Pastur bulk and shrinks the layer to ``k``. This
+module does the cutting; the decision (``k``) comes from :func:`activation_rank`, which asks
+:func:`laserrmt.rmt.thresholds.choose_rank` (the one implementation of the MP rule).
+
+Two kinds of site
+-----------------
+**Across a nonlinearity** (the channels of a convolution followed by BatchNorm/ReLU/pooling,
+the intermediate width of an MLP: ``act(W_in x)`` or ``act(W_gate x) ⊙ W_up x``). A rotation
+``U_kᵀ`` of the hidden units cannot be moved into the producing layer, because ``act(U_kᵀ W x)
+≠ U_kᵀ act(W x)``. Inserting the projection after the nonlinearity and folding it into the
+consumer (``W_out U_k``) is exact, but it removes nothing: the producer still computes all
+``d`` units, and the projection is just a low-rank factorization of the consumer. So the cut
+here keeps ``k`` *units* (channels, neurons) instead of ``k`` directions, which is what removes
+parameters on both sides (``(d − k)`` rows of every producer, ``(d − k)`` columns of the
+consumer):
+
+1. ``k`` is the number of eigen-directions of the consumer-input second moment
+   ``C = E[h hᵀ]`` above the MP edge.
+2. The ``k`` units that best span those directions are chosen by a column-pivoted QR of
+   ``Λ_k^{1/2} U_kᵀ`` (a subset-selection rule for the signal subspace; Golub & Van Loan §5.4.6,
+   as in DEIM/CUR): a unit whose signal part is already explained by chosen units is skipped.
+3. The dropped units are replaced by their least-squares reconstruction from the kept ones,
+   ``h ≈ R h_S`` with ``R = C_{:,S} C_{S,S}⁻¹`` (the linear regression of every unit on the kept
+   units), and ``R`` is folded into the consumer: ``W_out' = W_out R``. Selecting units
+   commutes with every unit-wise operation (activation, gate product, BatchNorm, ReLU, max
+   pooling), so the kept units are computed exactly; only the dropped ones are estimated.
+
+With all units kept ``R = I`` and the model is unchanged; when the activations lie in a
+``k``-dimensional subspace the kept ``k`` units span it and the reconstruction is exact. The
+second moment is *uncentred* on purpose: an intercept would be folded into the consumer's bias,
+which is wrong at the zero-padded borders of a convolution.
+
+**The residual stream** of a Llama-style (pre-RMSNorm) transformer, the SliceGPT route
+(Ashkboos et al., ICLR 2024, "computational invariance"): every RMSNorm scale is folded into
+the linear layers that read the normalised stream, after which RMSNorm commutes with any
+orthogonal ``Q`` (``‖Qᵀx‖ = ‖x‖``). One rotation ``Q`` (the eigenvectors of the residual
+activations' second moment pooled over all block boundaries) is applied to the embedding, to
+every layer that reads the stream (from the input side) and every layer that writes to it (from
+the output side), and to the head; then the minor directions are deleted. Here the stream is
+linear, so this is a true projection onto the top directions. See :func:`slice_residual_stream`.
+
+Saving
+------
+Every layer whose shape changes is replaced by a registered subclass of its own type
+(:class:`ResizedLinear`, :class:`ResizedConv2d`, :class:`ResizedBatchNorm2d`) so that
+:func:`laserrmt.surgery.io.save_compressed` records its shape and ``load`` / ``load_into``
+rebuild it; the residual-stream route changes the model's config instead (``hidden_size``),
+because every layer of the stream changes with it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import scipy.linalg
+import torch
+from torch import nn
+
+from laserrmt.errors import (
+    InvalidOptionError,
+    NumericalError,
+    PlanError,
+    TargetSelectionError,
+)
+from laserrmt.models.architectures import block_index, module_role
+from laserrmt.surgery.registry import CompressedModule, dtype_from_name, dtype_name, register_module
+
+SiteKind = Literal["channels", "mlp", "residual"]
+
+__all__ = [
+    "ResizedBatchNorm2d",
+    "ResizedConv2d",
+    "ResizedLinear",
+    "SiteStatistics",
+    "WidthCut",
+    "WidthSite",
+    "activation_rank",
+    "collect_site_statistics",
+    "count_parameters",
+    "cut_width",
+    "find_width_sites",
+    "reconstruction_matrix",
+    "rotate_residual_stream",
+    "select_units",
+    "slice_residual_stream",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered layers of a new width
+
+
+@register_module
+class ResizedLinear(nn.Linear, CompressedModule):
+    """An ``nn.Linear`` whose width was changed by surgery (registered so it can be reloaded)."""
+
+    def laserrmt_config(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "dtype": dtype_name(self.weight.dtype),
+        }
+
+    @classmethod
+    def from_laserrmt_config(cls, cfg: Mapping[str, Any]) -> ResizedLinear:
+        return cls(
+            int(cfg["in_features"]),
+            int(cfg["out_features"]),
+            bias=bool(cfg["bias"]),
+            dtype=dtype_from_name(cfg["dtype"]),
+        )
+
+
+@register_module
+class ResizedConv2d(nn.Conv2d, CompressedModule):
+    """An ``nn.Conv2d`` with fewer input and/or output channels than the original."""
+
+    def laserrmt_config(self) -> dict[str, Any]:
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": list(self.kernel_size),
+            "stride": list(self.stride),
+            "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+            "dilation": list(self.dilation),
+            "groups": self.groups,
+            "bias": self.bias is not None,
+            "padding_mode": self.padding_mode,
+            "dtype": dtype_name(self.weight.dtype),
+        }
+
+    @classmethod
+    def from_laserrmt_config(cls, cfg: Mapping[str, Any]) -> ResizedConv2d:
+        padding = cfg["padding"]
+        return cls(
+            int(cfg["in_channels"]),
+            int(cfg["out_channels"]),
+            tuple(cfg["kernel_size"]),
+            stride=tuple(cfg["stride"]),
+            padding=padding if isinstance(padding, str) else tuple(padding),
+            dilation=tuple(cfg["dilation"]),
+            groups=int(cfg["groups"]),
+            bias=bool(cfg["bias"]),
+            padding_mode=str(cfg["padding_mode"]),
+            dtype=dtype_from_name(cfg["dtype"]),
+        )
+
+
+@register_module
+class ResizedBatchNorm2d(nn.BatchNorm2d, CompressedModule):
+    """An ``nn.BatchNorm2d`` over the channels a width cut kept."""
+
+    def laserrmt_config(self) -> dict[str, Any]:
+        return {
+            "num_features": self.num_features,
+            "eps": self.eps,
+            "momentum": self.momentum,
+            "affine": self.affine,
+            "track_running_stats": self.track_running_stats,
+            "dtype": dtype_name(
+                self.weight.dtype if self.weight is not None else self.running_mean.dtype  # type: ignore[union-attr]
+            ),
+        }
+
+    @classmethod
+    def from_laserrmt_config(cls, cfg: Mapping[str, Any]) -> ResizedBatchNorm2d:
+        return cls(
+            int(cfg["num_features"]),
+            eps=float(cfg["eps"]),
+            momentum=cfg["momentum"],
+            affine=bool(cfg["affine"]),
+            track_running_stats=bool(cfg["track_running_stats"]),
+            dtype=dtype_from_name(cfg["dtype"]),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Sites
+
+
+@dataclass(frozen=True)
+class WidthSite:
+    """A hidden width that can be cut: who produces the units, who else is unit-wise, who reads.
+
+    ``producers`` compute the units (their output rows are selected: a convolution; the gate and
+    up projections; BERT's ``intermediate.dense``); ``followers`` act unit by unit and are cut
+    along (BatchNorm2d); ``consumer`` reads the units (its input columns absorb the
+    reconstruction). For ``kind="residual"`` the other fields are empty and the whole stream is
+    the site.
+    """
+
+    name: str
+    kind: SiteKind
+    width: int
+    producers: tuple[str, ...] = ()
+    followers: tuple[str, ...] = ()
+    consumer: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> WidthSite:
+        return cls(
+            name=str(data["name"]),
+            kind=data["kind"],
+            width=int(data["width"]),
+            producers=tuple(data.get("producers", ())),
+            followers=tuple(data.get("followers", ())),
+            consumer=str(data.get("consumer", "")),
+        )
+
+
+# ARCH: which modules form a transformer MLP (by role) and how a plain CNN chains its layers.
+# The roles come from laserrmt.models.architectures; the chain rule below ("the next Conv2d or
+# Linear in registration order consumes a convolution's channels") is architecture knowledge
+# that belongs there (lead: move `_mlp_sites` / `_channel_sites` into models/architectures.py).
+def _mlp_sites(model: nn.Module) -> list[WidthSite]:
+    by_block: dict[tuple[str, int], dict[str, str]] = {}
+    for name, module in model.named_modules():
+        role = module_role(name)
+        index = block_index(name)
+        if role is None or index is None or not role.startswith("mlp."):
+            continue
+        if not isinstance(module, nn.Linear):
+            continue
+        match = re.search(rf"(?:^|\.){index}(?:\.|$)", name)
+        assert match is not None  # block_index found this very component
+        prefix = name[: match.start() + 1 + len(str(index))].lstrip(".")
+        by_block.setdefault((prefix, index), {})[role] = name
+    sites = []
+    for (prefix, _index), roles in by_block.items():
+        if {"mlp.gate", "mlp.up", "mlp.down"} <= roles.keys():
+            producers = (roles["mlp.gate"], roles["mlp.up"])
+            consumer = roles["mlp.down"]
+        elif {"mlp.fc_in", "mlp.fc_out"} <= roles.keys():
+            producers = (roles["mlp.fc_in"],)
+            consumer = roles["mlp.fc_out"]
+        else:
+            continue
+        width = model.get_submodule(consumer).in_features  # type: ignore[union-attr]
+        sites.append(
+            WidthSite(
+                name=f"{prefix}.mlp",
+                kind="mlp",
+                width=int(width),
+                producers=producers,
+                consumer=consumer,
+            )
+        )
+    return sites
+
+
+def _channel_sites(model: nn.Module) -> list[WidthSite]:
+    # Heads are included: a classifier can be the consumer of the last convolution.
+    layers = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d | nn.Linear | nn.BatchNorm2d)
+    ]
+    sites = []
+    for i, (name, module) in enumerate(layers):
+        if not isinstance(module, nn.Conv2d) or module.groups != 1:
+            continue
+        channels = module.out_channels
+        followers: list[str] = []
+        j = i + 1
+        while j < len(layers) and isinstance(layers[j][1], nn.BatchNorm2d):
+            if layers[j][1].num_features != channels:  # type: ignore[union-attr]
+                break
+            followers.append(layers[j][0])
+            j += 1
+        if j >= len(layers):
+            continue
+        consumer_name, consumer = layers[j]
+        fits = (
+            isinstance(consumer, nn.Conv2d)
+            and consumer.groups == 1
+            and consumer.in_channels == channels
+        ) or (isinstance(consumer, nn.Linear) and consumer.in_features % channels == 0)
+        if fits:
+            sites.append(
+                WidthSite(
+                    name=name,
+                    kind="channels",
+                    width=channels,
+                    producers=(name,),
+                    followers=tuple(followers),
+                    consumer=consumer_name,
+                )
+            )
+    return sites
+
+
+def find_width_sites(model: nn.Module, kinds: Sequence[SiteKind] | None = None) -> list[WidthSite]:
+    """Every width the model offers, shallow to deep.
+
+    ``"mlp"``: the intermediate width of each transformer block's MLP (roles from
+    :mod:`laserrmt.models.architectures`). ``"channels"``: the output channels of each
+    ``Conv2d`` (groups = 1) whose next layer in registration order (after optional BatchNorm2d
+    layers) is a ``Conv2d`` reading exactly those channels or a ``Linear`` reading them
+    flattened. That rule holds for plain chains (``nn.Sequential`` CNNs such as LeNet/VGG),
+    **not** for networks with skip connections (ResNet), where a convolution's output has
+    several readers; name the sites yourself there. ``"residual"``: the residual stream of a
+    Llama-style model (see :func:`slice_residual_stream`); only listed when asked for.
+    """
+    kinds = tuple(kinds) if kinds is not None else ("mlp", "channels")
+    unknown = set(kinds) - {"mlp", "channels", "residual"}
+    if unknown:
+        raise InvalidOptionError(
+            f"unknown site kinds {sorted(unknown)}; use 'mlp', 'channels' or 'residual'"
+        )
+    sites: list[WidthSite] = []
+    if "residual" in kinds:
+        layout = _residual_layout(model)
+        sites.append(WidthSite(name="residual_stream", kind="residual", width=layout.width))
+    if "mlp" in kinds:
+        sites.extend(_mlp_sites(model))
+    if "channels" in kinds and not any(s.kind == "mlp" for s in sites):
+        sites.extend(_channel_sites(model))
+    return sites
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics of a site
+
+
+@dataclass
+class SiteStatistics:
+    """The uncentred second moment ``C = Σ h hᵀ / n`` of a site's units, float64."""
+
+    site: str
+    second_moment: torch.Tensor = field(repr=False)
+    n_samples: int
+
+    @property
+    def width(self) -> int:
+        return int(self.second_moment.shape[0])
+
+
+def _unit_rows(site: WidthSite, consumer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Rows of unit values, one per sample: tokens, or spatial positions of an image."""
+    d = site.width
+    if isinstance(consumer, nn.Conv2d) or x.dim() == 4:
+        return x.movedim(1, -1).reshape(-1, d)
+    if site.kind == "channels" and isinstance(consumer, nn.Linear):
+        # A flattened [b, C·H·W] input: the channel is the slowest index after the batch.
+        flat = x.reshape(x.shape[0], d, -1)
+        return flat.movedim(1, -1).reshape(-1, d)
+    return x.reshape(-1, d)
+
+
+def collect_site_statistics(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor | Mapping[str, Any]],
+    sites: Sequence[WidthSite],
+    *,
+    progress: bool = True,
+) -> dict[str, SiteStatistics]:
+    """Stream the second moment of each site's units over calibration batches (float64).
+
+    MLP sites use :func:`laserrmt.stats.calibration.collect_activation_statistics` on the input
+    of the down projection (block by block on transformer models). Channel sites hook the input
+    of the consumer with a private pre-hook, because the shared helper reports a convolution's
+    input as unfolded patches and here the features must be the *channels* (spatial positions
+    are samples, RMT-KD step 1). The residual site pools the stream over every block boundary.
+    Batches are model inputs (tensors passed positionally, or keyword dicts).
+    """
+    listed = list(batches)
+    if not listed:
+        raise InvalidOptionError("no calibration batches; pass at least one batch")
+    out: dict[str, SiteStatistics] = {}
+    mlp = [s for s in sites if s.kind == "mlp"]
+    if mlp:
+        from laserrmt.stats.calibration import collect_activation_statistics
+
+        stats = collect_activation_statistics(
+            model, listed, [s.consumer for s in mlp], where="input", progress=progress
+        )
+        for site in mlp:
+            st = stats[site.consumer]
+            out[site.name] = SiteStatistics(site.name, st.second_moment(), st.n_samples)
+    channel = [s for s in sites if s.kind == "channels"]
+    if channel:
+        out.update(_channel_statistics(model, listed, channel))
+    for site in sites:
+        if site.kind == "residual":
+            out[site.name] = _residual_statistics(model, listed, site)
+    for site in sites:
+        st = out[site.name]
+        if not bool(torch.isfinite(st.second_moment).all()):
+            raise NumericalError(
+                f"site {site.name}: its activation statistics contain NaN or Inf; run the model "
+                "in float32 on finite inputs"
+            )
+    return out
+
+
+def _run(model: nn.Module, batch: torch.Tensor | Mapping[str, Any]) -> None:
+    from laserrmt.stats.calibration import _call_model  # the helper's batch convention
+
+    _call_model(model, batch)
+
+
+def _channel_statistics(
+    model: nn.Module, batches: list[Any], sites: Sequence[WidthSite]
+) -> dict[str, SiteStatistics]:
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    handles = []
+
+    def hook(site: WidthSite, module: nn.Module, args: tuple[Any, ...]) -> None:
+        rows = _unit_rows(site, module, args[0].detach()).to(torch.float64)
+        gram = rows.T @ rows
+        sums[site.name] = sums[site.name] + gram if site.name in sums else gram
+        counts[site.name] = counts.get(site.name, 0) + int(rows.shape[0])
+
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        for site in sites:
+            consumer = model.get_submodule(site.consumer)
+            handles.append(consumer.register_forward_pre_hook(lambda m, a, s=site: hook(s, m, a)))
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                _run(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in flags:
+            module.training = training
+    missing = [s.name for s in sites if s.name not in sums]
+    if missing:
+        raise TargetSelectionError(
+            f"sites {missing} were never reached in the forward pass; name sites whose "
+            "consumer runs"
+        )
+    return {
+        s.name: SiteStatistics(s.name, sums[s.name] / counts[s.name], counts[s.name]) for s in sites
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The decision: how many directions, which units
+
+
+def activation_rank(
+    second_moment: torch.Tensor | np.ndarray,
+    n_samples: int,
+    *,
+    tau: float = 0.5,
+    estimator: str = "mp_fit",
+) -> Any:
+    """The number of directions of ``C = X Xᵀ / n`` above the Marchenko–Pastur bulk.
+
+    The singular values of the ``d × n`` activation matrix are ``sqrt(n · λ)``, so this is
+    :func:`laserrmt.rmt.thresholds.choose_rank` with the MP rule on shape ``(d, n)``; ``tau``
+    is the quantile the bulk fit starts from (RMT-KD's compression knob) and ``estimator`` the
+    noise estimator (``"mp_fit"`` or ``"veraart"``). Returns its ``RankChoice``.
+    """
+    from laserrmt.rmt.thresholds import choose_rank
+
+    c = (
+        second_moment.detach().cpu().numpy()
+        if isinstance(second_moment, torch.Tensor)
+        else second_moment
+    )
+    c = np.asarray(c, dtype=np.float64)
+    if c.ndim != 2 or c.shape[0] != c.shape[1]:
+        raise InvalidOptionError(f"a second moment must be square; got shape {c.shape}")
+    if not np.isfinite(c).all():
+        raise NumericalError("the activation second moment contains NaN or Inf")
+    eigenvalues = np.linalg.eigvalsh((c + c.T) / 2)[::-1]
+    # Rounding makes the smallest eigenvalues of a PSD matrix slightly negative.
+    eigenvalues = np.clip(eigenvalues, 0.0, None)
+    d, n = c.shape[0], int(n_samples)
+    # With fewer samples than features only n eigenvalues can be non-zero: X has min(d, n)
+    # singular values.
+    return choose_rank(
+        np.sqrt(n * eigenvalues[: min(d, n)]), (d, n), "mp", estimator=estimator, quantile=tau
+    )
+
+
+def select_units(second_moment: torch.Tensor, k: int) -> list[int]:
+    """The ``k`` units that best span the top-``k`` eigen-directions of ``second_moment``.
+
+    Column-pivoted QR of ``Λ_k^{1/2} U_kᵀ`` (k × d): the pivot order picks, step by step, the
+    unit with the largest signal component not yet explained by the units already picked.
+    Returned sorted (the order of the units in the layer is kept).
+    """
+    d = int(second_moment.shape[0])
+    if not 1 <= k <= d:
+        raise PlanError(f"cannot keep {k} of {d} units; keep between 1 and {d}")
+    if k == d:
+        return list(range(d))
+    c = second_moment.detach().cpu().to(torch.float64).numpy()
+    values, vectors = np.linalg.eigh((c + c.T) / 2)
+    top = np.argsort(values)[::-1][:k]
+    signal = np.sqrt(np.clip(values[top], 0.0, None))[:, None] * vectors[:, top].T
+    _, _, pivots = scipy.linalg.qr(signal, mode="economic", pivoting=True)
+    return sorted(int(i) for i in pivots[:k])
+
+
+def reconstruction_matrix(second_moment: torch.Tensor, kept: Sequence[int]) -> torch.Tensor:
+    """``R = C_{:,S} C_{S,S}⁺`` (d × k, float64): the least-squares estimate ``h ≈ R h_S``.
+
+    The pseudo-inverse drops eigenvalues under ``1e-12`` of the largest, so units that are
+    (numerically) dead or exact copies do not blow up the weights. With every unit kept ``R`` is
+    the identity, exactly.
+    """
+    d = int(second_moment.shape[0])
+    kept = list(kept)
+    if len(kept) == d and kept == list(range(d)):
+        return torch.eye(d, dtype=torch.float64)
+    c = second_moment.detach().cpu().to(torch.float64)
+    c = (c + c.T) / 2
+    sub = c[kept][:, kept]
+    values, vectors = torch.linalg.eigh(sub)
+    floor = 1e-12 * float(values.abs().max()) if values.numel() else 0.0
+    inverse_values = torch.where(values > floor, 1.0 / values.clamp_min(floor or 1e-300), 0.0)
+    pinv = (vectors * inverse_values) @ vectors.T
+    r = c[:, kept] @ pinv
+    # The kept units reconstruct themselves: make that exact rather than nearly so.
+    r[kept] = torch.eye(len(kept), dtype=torch.float64)
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# The cut
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters of ``model`` (tied tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+@dataclass
+class WidthCut:
+    """What :func:`cut_width` did to one site."""
+
+    site: str
+    kind: SiteKind
+    width_before: int
+    width_after: int
+    kept: list[int]
+    parameters_before: int
+    parameters_after: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, attr)
+    # The replacement behaves as the layer it replaces: same mode (BatchNorm!), same freezing.
+    module.train(old.training)
+    frozen = not any(p.requires_grad for p in old.parameters())
+    if frozen:
+        module.requires_grad_(False)
+    setattr(parent, attr, module)
+
+
+def _select_rows_linear(linear: nn.Linear, rows: torch.Tensor) -> ResizedLinear:
+    new = ResizedLinear(
+        linear.in_features,
+        len(rows),
+        bias=linear.bias is not None,
+        device=linear.weight.device,
+        dtype=linear.weight.dtype,
+    )
+    with torch.no_grad():
+        new.weight.copy_(linear.weight[rows])
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias[rows])
+    return new
+
+
+def _select_rows_conv(conv: nn.Conv2d, rows: torch.Tensor) -> ResizedConv2d:
+    new = ResizedConv2d(
+        conv.in_channels,
+        len(rows),
+        conv.kernel_size,  # type: ignore[arg-type]
+        stride=conv.stride,  # type: ignore[arg-type]
+        padding=conv.padding,  # type: ignore[arg-type]
+        dilation=conv.dilation,  # type: ignore[arg-type]
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
+    with torch.no_grad():
+        new.weight.copy_(conv.weight[rows])
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias[rows])
+    return new
+
+
+def _select_batchnorm(bn: nn.BatchNorm2d, rows: torch.Tensor) -> ResizedBatchNorm2d:
+    reference = bn.weight if bn.weight is not None else bn.running_mean
+    new = ResizedBatchNorm2d(
+        len(rows),
+        eps=bn.eps,
+        momentum=bn.momentum,
+        affine=bn.affine,
+        track_running_stats=bn.track_running_stats,
+        device=reference.device,  # type: ignore[union-attr]
+        dtype=reference.dtype,  # type: ignore[union-attr]
+    )
+    with torch.no_grad():
+        if bn.affine:
+            new.weight.copy_(bn.weight[rows])  # type: ignore[index]
+            new.bias.copy_(bn.bias[rows])  # type: ignore[index]
+        if bn.track_running_stats:
+            new.running_mean.copy_(bn.running_mean[rows])  # type: ignore[index,union-attr]
+            new.running_var.copy_(bn.running_var[rows])  # type: ignore[index,union-attr]
+            new.num_batches_tracked.copy_(bn.num_batches_tracked)  # type: ignore[union-attr]
+    return new
+
+
+def _fold_into_consumer(consumer: nn.Module, r: torch.Tensor, width: int) -> nn.Module:
+    """The consumer reading ``k`` units: its input columns multiplied by ``R`` (d × k)."""
+    k = r.shape[1]
+    if isinstance(consumer, nn.Conv2d):
+        w = consumer.weight.detach().to(torch.float64)
+        folded = torch.einsum("oc...,ck->ok...", w, r.to(w.device))
+        new: nn.Module = ResizedConv2d(
+            k,
+            consumer.out_channels,
+            consumer.kernel_size,  # type: ignore[arg-type]
+            stride=consumer.stride,  # type: ignore[arg-type]
+            padding=consumer.padding,  # type: ignore[arg-type]
+            dilation=consumer.dilation,  # type: ignore[arg-type]
+            groups=1,
+            bias=consumer.bias is not None,
+            padding_mode=consumer.padding_mode,
+            device=consumer.weight.device,
+            dtype=consumer.weight.dtype,
+        )
+    elif isinstance(consumer, nn.Linear):
+        w = consumer.weight.detach().to(torch.float64)
+        positions = consumer.in_features // width
+        # Flattened channels (CNN → Linear) are [C, positions] in C order; tokens have 1 position.
+        folded = torch.einsum(
+            "ocs,ck->oks", w.reshape(w.shape[0], width, positions), r.to(w.device)
+        )
+        folded = folded.reshape(w.shape[0], k * positions)
+        new = ResizedLinear(
+            k * positions,
+            consumer.out_features,
+            bias=consumer.bias is not None,
+            device=consumer.weight.device,
+            dtype=consumer.weight.dtype,
+        )
+    else:
+        raise TargetSelectionError(
+            f"a {type(consumer).__name__} cannot absorb a width cut; the consumer of a site "
+            "must be nn.Linear or nn.Conv2d"
+        )
+    with torch.no_grad():
+        new.weight.copy_(folded.to(consumer.weight.dtype))  # type: ignore[operator]
+        if consumer.bias is not None:
+            new.bias.copy_(consumer.bias)  # type: ignore[union-attr,operator]
+    return new
+
+
+def cut_width(
+    model: nn.Module,
+    site: WidthSite,
+    statistics: SiteStatistics,
+    k: int,
+    *,
+    kept: Sequence[int] | None = None,
+) -> WidthCut:
+    """Cut ``site`` to ``k`` units (or ``k`` residual directions) in place; returns the record.
+
+    Unit sites keep the units :func:`select_units` picks (or ``kept``) and fold the
+    reconstruction :func:`reconstruction_matrix` of the dropped ones into the consumer; the
+    residual site projects onto the top-``k`` eigen-directions (:func:`slice_residual_stream`).
+    ``k = width`` leaves the function the model computes unchanged.
+
+    Raises:
+        PlanError: ``k`` outside ``1..width`` or statistics of another width.
+    """
+    if statistics.width != site.width:
+        raise PlanError(
+            f"site {site.name} is {site.width} wide but its statistics are {statistics.width} "
+            "wide; collect the statistics on the model as it is now"
+        )
+    if not 1 <= k <= site.width:
+        raise PlanError(f"site {site.name}: cannot keep {k} of {site.width}; keep 1..{site.width}")
+    before = count_parameters(model)
+    if site.kind == "residual":
+        slice_residual_stream(model, statistics.second_moment, k)
+        return WidthCut(
+            site.name, site.kind, site.width, k, list(range(k)), before, count_parameters(model)
+        )
+
+    units = list(kept) if kept is not None else select_units(statistics.second_moment, k)
+    if len(units) != k or len(set(units)) != k or not all(0 <= u < site.width for u in units):
+        raise PlanError(
+            f"site {site.name}: kept units must be {k} distinct indices below {site.width}"
+        )
+    units = sorted(units)
+    r = reconstruction_matrix(statistics.second_moment, units)
+    consumer = model.get_submodule(site.consumer)
+    _set_submodule(model, site.consumer, _fold_into_consumer(consumer, r, site.width))
+    for name in site.producers:
+        module = model.get_submodule(name)
+        rows = torch.tensor(units, dtype=torch.long, device=next(module.parameters()).device)
+        if isinstance(module, nn.Conv2d):
+            _set_submodule(model, name, _select_rows_conv(module, rows))
+        elif isinstance(module, nn.Linear):
+            _set_submodule(model, name, _select_rows_linear(module, rows))
+        else:
+            raise TargetSelectionError(
+                f"{name} is a {type(module).__name__}; a site's producers must be nn.Linear or "
+                "nn.Conv2d"
+            )
+    for name in site.followers:
+        module = model.get_submodule(name)
+        if not isinstance(module, nn.BatchNorm2d):
+            raise TargetSelectionError(f"{name} is a {type(module).__name__}, not a BatchNorm2d")
+        rows = torch.tensor(units, dtype=torch.long, device=module.running_mean.device)  # type: ignore[union-attr]
+        _set_submodule(model, name, _select_batchnorm(module, rows))
+    return WidthCut(site.name, site.kind, site.width, k, units, before, count_parameters(model))
+
+
+def residual_site(model: nn.Module) -> WidthSite:
+    """The residual stream of a Llama-style model as one site."""
+    return WidthSite(name="residual_stream", kind="residual", width=_residual_layout(model).width)
+
+
+# ---------------------------------------------------------------------------------------------
+# The residual stream (SliceGPT)
+
+
+@dataclass
+class _ResidualLayout:
+    """The layers of a pre-RMSNorm decoder that touch the residual stream."""
+
+    width: int
+    embedding: nn.Embedding
+    head: nn.Linear | None
+    final_norm: nn.Module
+    # (norm, readers of its output) pairs: input_layernorm → q/k/v, post_attention_layernorm → MLP in.
+    norms: list[tuple[nn.Module, list[nn.Linear]]]
+    writers: list[nn.Linear]  # o_proj, down_proj: write into the stream
+    blocks: nn.ModuleList
+    config: Any
+
+
+# ARCH: the Llama family's residual-stream layout (embed_tokens, layers[i].input_layernorm →
+# self_attn.q/k/v_proj, self_attn.o_proj, post_attention_layernorm → mlp.gate/up_proj,
+# mlp.down_proj, norm, lm_head). Lead: move into models/architectures.py as an adapter.
+def _residual_layout(model: nn.Module) -> _ResidualLayout:
+    config = getattr(model, "config", None)
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    supported = {"llama", "mistral", "qwen2"}
+    model_type = getattr(config, "model_type", None)
+    if model_type not in supported or layers is None:
+        raise TargetSelectionError(
+            f"residual-stream slicing supports pre-RMSNorm decoders ({', '.join(sorted(supported))});"
+            f" {type(model).__name__} (model_type {model_type!r}) is not one: cut its MLP width instead"
+        )
+    norms: list[tuple[nn.Module, list[nn.Linear]]] = []
+    writers: list[nn.Linear] = []
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        norms.append((layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]))
+        norms.append((layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]))
+        writers += [attn.o_proj, mlp.down_proj]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return _ResidualLayout(
+        width=int(inner.embed_tokens.embedding_dim),
+        embedding=inner.embed_tokens,
+        head=head,
+        final_norm=inner.norm,
+        norms=norms,
+        writers=writers,
+        blocks=layers,
+        config=config,
+    )
+
+
+def _residual_statistics(model: nn.Module, batches: list[Any], site: WidthSite) -> SiteStatistics:
+    """The second moment of the residual stream pooled over the embedding and every block output."""
+    layout = _residual_layout(model)
+    total = torch.zeros(site.width, site.width, dtype=torch.float64)
+    count = 0
+
+    def accumulate(x: torch.Tensor) -> None:
+        nonlocal total, count
+        rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float64).cpu()
+        total += rows.T @ rows
+        count += rows.shape[0]
+
+    handles = [layout.embedding.register_forward_hook(lambda m, a, out: accumulate(out))]
+    for block in layout.blocks:
+        handles.append(
+            block.register_forward_hook(
+                lambda m, a, out: accumulate(out[0] if isinstance(out, tuple) else out)
+            )
+        )
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                _run(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in flags:
+            module.training = training
+    return SiteStatistics(site.name, total / max(count, 1), count)
+
+
+def _norm_weight(norm: nn.Module) -> torch.Tensor:
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise TargetSelectionError(f"{type(norm).__name__} has no scale to fold; not an RMSNorm")
+    return weight.detach().to(torch.float64)
+
+
+def rotate_residual_stream(model: nn.Module, q: torch.Tensor) -> None:
+    """Fold every RMSNorm scale into its readers, then rotate the residual stream by ``Q``.
+
+    ``Q`` is a ``d × d`` orthogonal matrix (float64); afterwards the stream carries ``Qᵀ x``
+    where the original carried ``x``, every norm scale is 1, and the head is untied from the
+    embedding when they were tied (folding the final norm's scale into the head makes them
+    differ). The function the model computes is unchanged (SliceGPT, Theorem 1).
+    """
+    layout = _residual_layout(model)
+    d = layout.width
+    q = q.to(torch.float64)
+    if q.shape != (d, d) or not torch.allclose(
+        q.T @ q, torch.eye(d, dtype=torch.float64), atol=1e-8
+    ):
+        raise InvalidOptionError(f"Q must be an orthogonal {d} × {d} matrix")
+
+    def fold_norm(norm: nn.Module, readers: Sequence[nn.Linear]) -> None:
+        scale = _norm_weight(norm)
+        for linear in readers:
+            w = linear.weight.detach().to(torch.float64)
+            # reader(diag(s) n(x)) = (W diag(s)) n(x); in the rotated stream n(Qᵀx) = Qᵀ n(x).
+            linear.weight.data = ((w * scale) @ q).to(linear.weight.dtype)
+        with torch.no_grad():
+            norm.weight.fill_(1.0)  # type: ignore[union-attr,operator]
+
+    for norm, readers in layout.norms:
+        fold_norm(norm, readers)
+    for linear in layout.writers:
+        w = linear.weight.detach().to(torch.float64)
+        linear.weight.data = (q.T @ w).to(linear.weight.dtype)
+        if linear.bias is not None:
+            linear.bias.data = (q.T @ linear.bias.detach().to(torch.float64)).to(linear.bias.dtype)
+    embedding = layout.embedding.weight.detach().to(torch.float64)
+    head = layout.head
+    if head is None:
+        raise TargetSelectionError(f"{type(model).__name__} has no output head to rotate")
+    tied = head.weight is layout.embedding.weight
+    head_weight = head.weight.detach().to(torch.float64)
+    layout.embedding.weight = nn.Parameter((embedding @ q).to(layout.embedding.weight.dtype))
+    final_scale = _norm_weight(layout.final_norm)
+    head.weight = nn.Parameter(((head_weight * final_scale) @ q).to(head.weight.dtype))
+    with torch.no_grad():
+        layout.final_norm.weight.fill_(1.0)  # type: ignore[union-attr,operator]
+    if tied and getattr(layout.config, "tie_word_embeddings", False):
+        layout.config.tie_word_embeddings = False
+        if hasattr(layout.config, "get_text_config"):
+            layout.config.get_text_config().tie_word_embeddings = False
+
+
+def slice_residual_stream(model: nn.Module, second_moment: torch.Tensor, k: int) -> None:
+    """SliceGPT with one rotation: rotate onto the eigenvectors of ``second_moment``, keep ``k``.
+
+    After :func:`rotate_residual_stream` with ``Q`` = eigenvectors (descending), the stream's
+    coordinates are its principal components; deleting the last ``d − k`` keeps the
+    ``k``-dimensional subspace that carries most of the stream's energy. Every layer that reads
+    the stream loses ``d − k`` input columns, every writer ``d − k`` output rows, the embedding
+    and head ``d − k`` columns, the norms ``d − k`` entries. The model's config gets
+    ``hidden_size = k`` (``head_dim`` pinned), so the saved folder reloads with
+    :func:`laserrmt.surgery.io.load`.
+
+    RMSNorm divides by ``sqrt(mean(x²) + ε)`` over the width; over ``k`` of ``d`` coordinates the
+    mean is ``d/k`` times too large for the same ``‖x‖``, so the norms get the constant scale
+    ``sqrt(d/k)`` and ``ε`` becomes ``ε·d/k``: then a stream that lies in the kept subspace is
+    normalised exactly as before.
+    """
+    layout = _residual_layout(model)
+    d = layout.width
+    if not 1 <= k <= d:
+        raise PlanError(f"cannot keep {k} of {d} residual directions; keep 1..{d}")
+    c = second_moment.detach().cpu().to(torch.float64)
+    _, vectors = torch.linalg.eigh((c + c.T) / 2)
+    q = vectors.flip(-1)  # descending
+    rotate_residual_stream(model, q)
+    if k == d:
+        return
+    keep = slice(0, k)
+
+    def shrink_in(linear: nn.Linear) -> None:
+        linear.weight = nn.Parameter(linear.weight.detach()[:, keep].clone())
+        linear.in_features = k
+
+    def shrink_out(linear: nn.Linear) -> None:
+        linear.weight = nn.Parameter(linear.weight.detach()[keep].clone())
+        if linear.bias is not None:
+            linear.bias = nn.Parameter(linear.bias.detach()[keep].clone())
+        linear.out_features = k
+
+    for _norm, readers in layout.norms:
+        for linear in readers:
+            shrink_in(linear)
+    for linear in layout.writers:
+        shrink_out(linear)
+    layout.embedding.weight = nn.Parameter(layout.embedding.weight.detach()[:, keep].clone())
+    layout.embedding.embedding_dim = k
+    assert layout.head is not None
+    shrink_in(layout.head)
+    scale = math.sqrt(d / k)
+    all_norms = [n for n, _ in layout.norms] + [layout.final_norm]
+    for norm in all_norms:
+        weight = norm.weight  # type: ignore[union-attr]
+        norm.weight = nn.Parameter(
+            torch.full((k,), scale, dtype=weight.dtype, device=weight.device)
+        )  # type: ignore[union-attr]
+        eps_name = "variance_epsilon" if hasattr(norm, "variance_epsilon") else "eps"
+        setattr(norm, eps_name, getattr(norm, eps_name) * d / k)
+    config = layout.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    config.head_dim = int(head_dim)
+    config.hidden_size = k
+    config.rms_norm_eps = float(config.rms_norm_eps) * d / k

@@ -1,0 +1,128 @@
+"""The RMT-KD schedule on a tiny CNN: cuts, stop rules, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from laserrmt.errors import InvalidOptionError
+from laserrmt.methods.rmt_kd import STATE_FILE, rmt_kd
+from laserrmt.surgery.width import count_parameters
+from tiny_models import tiny_cnn
+
+
+def _data() -> tuple[list, list]:
+    gen = torch.Generator().manual_seed(0)
+    labeller = tiny_cnn(seed=5)
+    batches = []
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.randn(16, 1, 8, 8, generator=gen)
+            batches.append((x, labeller(x).argmax(-1)))
+    return batches[:2], batches[2:]
+
+
+def _accuracy(batches: list):
+    def validate(model: torch.nn.Module) -> float:
+        with torch.no_grad():
+            hits = sum(int((model(x).argmax(-1) == y).sum()) for x, y in batches)
+        return hits / sum(len(y) for _, y in batches)
+
+    return validate
+
+
+OPTIONS = {
+    "task": "classification",
+    "steps_per_cut": 4,
+    "lr": 1e-3,
+    "tolerance": 1.0,
+    "progress": False,
+}
+
+
+def test_cuts_shrink_the_model_and_leave_the_input_alone() -> None:
+    model = tiny_cnn()
+    before = count_parameters(model)
+    calib, train = _data()
+    result = rmt_kd(model, calib, train, _accuracy(train), **OPTIONS)
+    assert count_parameters(model) == before
+    assert [r.site for r in result.records] == ["features.0", "features.2"]
+    kept = [r for r in result.records if r.status == "kept"]
+    assert kept, result.records
+    for r in kept:
+        assert r.k < r.d and r.parameters_after < r.parameters_before
+    assert result.parameters_after == count_parameters(result.model) < before
+    assert result.model(calib[0][0]).shape == (16, 10)
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path) -> None:
+    calib, train = _data()
+    validate = _accuracy(train)
+    whole = rmt_kd(tiny_cnn(), calib, train, validate, checkpoint_dir=tmp_path / "a", **OPTIONS)
+    first = rmt_kd(
+        tiny_cnn(), calib, train, validate, checkpoint_dir=tmp_path / "b", max_cuts=1, **OPTIONS
+    )
+    assert not first.finished and len(first.records) == 1
+    state = json.loads((tmp_path / "b" / STATE_FILE).read_text())
+    assert state["next_site"] == 1
+    resumed = rmt_kd(
+        tiny_cnn(), calib, train, validate, checkpoint_dir=tmp_path / "b", resume=True, **OPTIONS
+    )
+    assert resumed.finished
+    strip = lambda rs: [{k: v for k, v in r.to_dict().items() if k != "wall_s"} for r in rs]  # noqa: E731
+    assert strip(resumed.records) == strip(whole.records)
+    x = calib[0][0]
+    assert torch.equal(resumed.model(x), whole.model(x))
+    # Only the newest model folder is kept beside the state.
+    assert sorted(p.name for p in (tmp_path / "b").iterdir() if p.is_dir()) == ["model-002"]
+
+
+def test_resume_with_other_settings_is_refused(tmp_path) -> None:
+    calib, train = _data()
+    rmt_kd(
+        tiny_cnn(), calib, train, _accuracy(train), checkpoint_dir=tmp_path, max_cuts=1, **OPTIONS
+    )
+    with pytest.raises(InvalidOptionError):
+        rmt_kd(
+            tiny_cnn(),
+            calib,
+            train,
+            _accuracy(train),
+            checkpoint_dir=tmp_path,
+            resume=True,
+            **{**OPTIONS, "tau": 0.4},
+        )
+
+
+def test_floor_skips_and_target_stops() -> None:
+    calib, train = _data()
+    floored = rmt_kd(tiny_cnn(), calib, train, _accuracy(train), floor=0.95, **OPTIONS)
+    assert {r.status for r in floored.records} <= {"skipped-floor", "full"}
+    assert floored.parameters_after == floored.parameters_before
+    target = rmt_kd(tiny_cnn(), calib, train, _accuracy(train), target_params=10**9, **OPTIONS)
+    assert [r.status for r in target.records] == ["skipped-target", "skipped-target"]
+
+
+def test_a_cut_that_costs_too_much_is_reverted() -> None:
+    calib, train = _data()
+    # A metric that every cut lowers: the parameter count itself.
+    result = rmt_kd(
+        tiny_cnn(),
+        calib,
+        train,
+        lambda m: float(count_parameters(m)),
+        **{**OPTIONS, "tolerance": 0.0},
+    )
+    cut = [r for r in result.records if r.status not in ("full", "skipped-floor")]
+    assert cut and all(r.status == "reverted" for r in cut)
+    assert result.parameters_after == result.parameters_before
+
+
+def test_bad_options_raise() -> None:
+    calib, train = _data()
+    with pytest.raises(InvalidOptionError):
+        rmt_kd(tiny_cnn(), calib, train, _accuracy(train), **{**OPTIONS, "estimator": "iqr"})
+    with pytest.raises(InvalidOptionError):
+        rmt_kd(tiny_cnn(), calib, train, _accuracy(train), resume=True, **OPTIONS)

@@ -1,0 +1,274 @@
+"""Rank rules: Gavish–Donoho constants, planted-rank recovery, invariances, laserRMT, errors (§3)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from laserrmt.errors import InvalidOptionError, NumericalError
+from laserrmt.rmt import (
+    THRESHOLD_METHODS,
+    RankChoice,
+    choose_rank,
+    gavish_donoho_lambda,
+    gavish_donoho_omega,
+    gavish_donoho_threshold,
+    marchenko_pastur_edge,
+    sigma_median_matching,
+    tracy_widom_edge,
+)
+
+
+def planted_matrix(
+    shape: tuple[int, int], rank: int, sigma: float, seed: int, strength: float = 4.0
+) -> np.ndarray:
+    """U diag(θ) Vᵀ + σZ with spikes θ at 4-8x the BBP point σ(Np)^{1/4}."""
+    rng = np.random.default_rng(seed)
+    m, n = shape
+    w = sigma * rng.standard_normal(shape)
+    if rank:
+        u = np.linalg.qr(rng.standard_normal((m, rank)))[0]
+        v = np.linalg.qr(rng.standard_normal((n, rank)))[0]
+        theta = sigma * (m * n) ** 0.25 * np.linspace(strength, 2 * strength, rank)
+        w += (u * theta) @ v.T
+    return w
+
+
+def svdvals(w: np.ndarray) -> np.ndarray:
+    return np.linalg.svd(w, compute_uv=False)
+
+
+# --- Gavish–Donoho constants -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("beta", "omega"), [(1.0, 2.858), (0.5, 2.171), (0.286, 1.887), (0.25, 1.837)]
+)
+def test_gavish_donoho_omega_check_values(beta: float, omega: float) -> None:
+    assert gavish_donoho_omega(beta) == pytest.approx(omega, abs=2e-3)
+
+
+def test_gavish_donoho_lambda_and_polynomial_approximation() -> None:
+    assert gavish_donoho_lambda(1.0) == pytest.approx(4 / math.sqrt(3), rel=1e-12)
+    for beta in np.linspace(0.05, 1.0, 20):
+        approx = 0.56 * beta**3 - 0.95 * beta**2 + 1.82 * beta + 1.43
+        assert gavish_donoho_omega(beta) == pytest.approx(approx, abs=0.02)
+
+
+def test_gavish_donoho_uses_the_larger_dimension() -> None:
+    s = np.linspace(1.0, 10.0, 100)
+    tau = gavish_donoho_threshold(s, (100, 400), sigma=0.5)
+    assert tau == pytest.approx(gavish_donoho_lambda(0.25) * math.sqrt(400) * 0.5)
+    assert gavish_donoho_threshold(s, (400, 100), sigma=0.5) == tau
+    assert gavish_donoho_threshold(s, (100, 400)) == pytest.approx(
+        gavish_donoho_omega(0.25) * np.median(s)
+    )
+
+
+# --- planted rank recovery ---------------------------------------------------------------------
+
+PLANTED_SHAPES = [(200, 200), (400, 200), (200, 400), (800, 200), (200, 800)]
+
+
+@pytest.fixture(scope="module")
+def planted_spectra() -> dict[tuple[int, int], np.ndarray]:
+    return {
+        shape: svdvals(planted_matrix(shape, rank=10, sigma=0.05, seed=11))
+        for shape in PLANTED_SHAPES
+    }
+
+
+@pytest.mark.parametrize("shape", PLANTED_SHAPES)
+@pytest.mark.parametrize("method", ["mp", "tw", "gd"])
+def test_exact_rank_recovery_on_planted_matrix(
+    planted_spectra: dict[tuple[int, int], np.ndarray], shape: tuple[int, int], method: str
+) -> None:
+    choice = choose_rank(planted_spectra[shape], shape, method)
+    assert choice.rank == 10
+    assert choice.sigma == pytest.approx(0.05, rel=0.05)
+
+
+@pytest.mark.parametrize("shape", PLANTED_SHAPES)
+def test_gd_with_known_sigma_recovers_rank(
+    planted_spectra: dict[tuple[int, int], np.ndarray], shape: tuple[int, int]
+) -> None:
+    choice = choose_rank(planted_spectra[shape], shape, "gd", sigma=0.05)
+    assert choice.rank == 10
+    assert choice.sigma == 0.05
+    assert choice.options == {"sigma": "given"}
+
+
+@pytest.mark.parametrize("estimator", ["median", "mp_fit", "veraart"])
+def test_every_estimator_recovers_rank_on_a_large_matrix(estimator: str) -> None:
+    s = svdvals(planted_matrix((1200, 600), rank=10, sigma=1.0, seed=2))
+    for method in ("mp", "tw", "gd"):
+        assert choose_rank(s, (1200, 600), method, estimator=estimator).rank == 10
+
+
+def test_edges_are_the_documented_formulas(
+    planted_spectra: dict[tuple[int, int], np.ndarray],
+) -> None:
+    shape = (800, 200)
+    s = planted_spectra[shape]
+    sigma = sigma_median_matching(s, shape)
+    mp = choose_rank(s, shape, "mp")
+    assert mp.edge == pytest.approx(marchenko_pastur_edge(shape, sigma))
+    assert mp.rank == int(np.sum(s > mp.edge))
+    tw = choose_rank(s, shape, "tw", alpha=0.01)
+    assert tw.edge == pytest.approx(tracy_widom_edge(shape, sigma, alpha=0.01))
+    assert tw.options["alpha"] == 0.01
+    gd = choose_rank(s, shape, "gd")
+    assert gd.edge == pytest.approx(gavish_donoho_omega(0.25) * np.median(s))
+    assert gd.sigma == pytest.approx(sigma)
+    # Gavish–Donoho is MSE-optimal, hence stricter than the noise edge.
+    assert gd.edge > tw.edge > mp.edge
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.2])
+def test_tw_edge_false_positive_rate_is_alpha(alpha: float) -> None:
+    # On pure noise of known σ the TW edge is crossed by the top value with probability α.
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((400, 120, 60))
+    spectra = np.sqrt(np.linalg.eigvalsh(np.swapaxes(x, 1, 2) @ x))
+    kept = [choose_rank(s, (120, 60), "tw", sigma=1.0, alpha=alpha).rank for s in spectra]
+    assert np.mean(np.asarray(kept) > 0) == pytest.approx(alpha, abs=0.04)
+    # Gavish–Donoho sits well above the bulk: no false positives.
+    assert all(choose_rank(s, (120, 60), "gd", sigma=1.0).rank == 0 for s in spectra[:50])
+
+
+# --- laserRMT reproduction ---------------------------------------------------------------------
+
+
+def test_laserrmt_rule_over_keeps_on_pure_square_noise() -> None:
+    rng = np.random.default_rng(0)
+    s = svdvals(rng.standard_normal((1024, 1024)))
+    choice = choose_rank(s, (1024, 1024), "laserrmt")
+    # method.md: 242 of 1024; the noise edge keeps none.
+    assert 215 <= choice.rank <= 270
+    assert choice.options["reproduction"] is True
+    assert choice.edge == pytest.approx(choice.sigma * 2.0)
+    assert choose_rank(s, (1024, 1024), "mp").rank <= 1
+
+
+def test_laserrmt_rule_keeps_everything_on_wide_noise() -> None:
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((1024, 4096))
+    s = np.sqrt(np.linalg.eigvalsh(w @ w.T))
+    assert choose_rank(s, (1024, 4096), "laserrmt").rank == 1024
+    assert choose_rank(s, (1024, 4096), "mp").rank <= 1
+
+
+# --- fixed fraction ----------------------------------------------------------------------------
+
+
+def test_fixed_fraction() -> None:
+    s = np.arange(200, 0, -1, dtype=float)
+    choice = choose_rank(s, (200, 300), "fixed", fraction=0.25)
+    assert choice.rank == 50
+    assert choice.edge == s[49]
+    assert choice.options["fraction"] == 0.25
+    assert choose_rank(s, (200, 300), "fixed", fraction=1.0).rank == 200
+    # At least one direction is kept, and halves round up.
+    assert choose_rank(s, (200, 300), "fixed", fraction=1e-4).rank == 1
+    assert choose_rank(s[:10], (10, 30), "fixed", fraction=0.25).rank == 3
+
+
+# --- input handling ----------------------------------------------------------------------------
+
+
+def test_unsorted_input_is_sorted(planted_spectra: dict[tuple[int, int], np.ndarray]) -> None:
+    s = planted_spectra[(400, 200)]
+    shuffled = np.random.default_rng(0).permutation(s)
+    for method in ("mp", "tw", "gd", "laserrmt"):
+        assert choose_rank(shuffled, (400, 200), method) == choose_rank(s, (400, 200), method)
+    assert choose_rank(shuffled, (400, 200), "fixed", fraction=0.1).edge == np.sort(s)[::-1][19]
+
+
+def test_tiny_spectrum_validates_every_method() -> None:
+    # analyze validates options on a 2x2 spectrum before the expensive part.
+    for method in THRESHOLD_METHODS:
+        options = {"fraction": 0.5} if method == "fixed" else {}
+        assert isinstance(choose_rank(np.array([2.0, 1.0]), (2, 2), method, **options), RankChoice)
+    assert choose_rank(np.array([2.0, 1.0]), (2, 2), "mp", estimator="mp_fit").sigma > 0
+
+
+def test_rank_choice_is_frozen_and_json_ready() -> None:
+    choice = choose_rank(np.array([5.0, 1.0, 0.5]), (3, 7), "tw", estimator="mp_fit", quantile=0.4)
+    data = json.loads(json.dumps(choice.to_dict()))
+    assert data["method"] == "tw" and data["rank"] == choice.rank
+    assert data["options"]["estimator"] == "mp_fit" and data["options"]["quantile"] == 0.4
+    with pytest.raises(AttributeError):
+        choice.rank = 3  # type: ignore[misc]
+
+
+S = np.array([3.0, 2.0, 1.0])
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda: choose_rank(S, (3, 5), "svd"), InvalidOptionError, "mp, tw, gd, laserrmt, fixed"),
+        (lambda: choose_rank(S, (3, 5), "fixed"), InvalidOptionError, "needs fraction"),
+        (lambda: choose_rank(S, (3, 5), "fixed", fraction=0.0), InvalidOptionError, "fraction"),
+        (lambda: choose_rank(S, (3, 5), "fixed", fraction=1.5), InvalidOptionError, "fraction"),
+        (lambda: choose_rank(S, (3, 5), "mp", fraction=0.5), InvalidOptionError, "fixed"),
+        (lambda: choose_rank(S, (3, 5), "mp", estimator="mad"), InvalidOptionError, "veraart"),
+        (lambda: choose_rank(S, (3, 5), "tw", alpha=0.0), InvalidOptionError, "alpha"),
+        (lambda: choose_rank(S, (3, 5), "mp", quantile=1.2), InvalidOptionError, "quantile"),
+        (lambda: choose_rank(S, (3, 5), "mp", bins=20), InvalidOptionError, "mp_fit"),
+        (lambda: choose_rank(S, (3, 5), "laserrmt", sigma=1.0), InvalidOptionError, "sigma"),
+        (lambda: choose_rank(S, (3, 5), "mp", sigma=-1.0), InvalidOptionError, "sigma"),
+        (lambda: choose_rank(S, (4, 5), "mp"), InvalidOptionError, "min\\(m, n\\) = 4"),
+        (lambda: choose_rank(S, (3,), "mp"), InvalidOptionError, "shape"),
+        (lambda: choose_rank(S[:, None], (3, 5), "mp"), InvalidOptionError, "1-D"),
+        (lambda: choose_rank([3.0, np.nan, 1.0], (3, 5)), NumericalError, "NaN/Inf"),
+        (lambda: choose_rank([np.inf, 2.0, 1.0], (3, 5)), NumericalError, "NaN/Inf"),
+        (lambda: choose_rank([3.0, -2.0, 1.0], (3, 5)), NumericalError, "negative"),
+    ],
+)
+def test_bad_input_raises_one_line_errors(call, error: type, message: str) -> None:
+    with pytest.raises(error, match=message) as info:
+        call()
+    assert "\n" not in str(info.value)
+
+
+# --- invariances (property tests) --------------------------------------------------------------
+
+SMALL_SHAPES = [(40, 40), (60, 30), (30, 90), (120, 30)]
+METHOD_CASES = [
+    ("mp", {"estimator": "median"}),
+    ("mp", {"estimator": "mp_fit"}),
+    ("mp", {"estimator": "veraart"}),
+    ("tw", {}),
+    ("gd", {}),
+    ("gd", {"estimator": "veraart"}),
+    ("laserrmt", {}),
+    ("fixed", {"fraction": 0.3}),
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    shape=st.sampled_from(SMALL_SHAPES),
+    rank=st.integers(0, 6),
+    scale=st.floats(1e-3, 1e3),
+    case=st.sampled_from(METHOD_CASES),
+)
+def test_rank_is_invariant_to_scaling_and_transposition(
+    seed: int, shape: tuple[int, int], rank: int, scale: float, case: tuple[str, dict]
+) -> None:
+    method, options = case
+    w = planted_matrix(shape, rank, sigma=1.0, seed=seed, strength=1.5)
+    base = choose_rank(svdvals(w), shape, method, **options)
+    scaled = choose_rank(svdvals(scale * w), shape, method, **options)
+    transposed = choose_rank(svdvals(w.T), shape[::-1], method, **options)
+    assert scaled.rank == base.rank
+    assert transposed.rank == base.rank
+    assert scaled.sigma == pytest.approx(scale * base.sigma, rel=1e-6)
+    assert transposed.edge == pytest.approx(base.edge, rel=1e-9)

@@ -1,0 +1,230 @@
+"""Width-reducing surgery: exact when nothing is cut, exact on planted subspaces, truly smaller."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from laserrmt.errors import PlanError, TargetSelectionError
+from laserrmt.surgery.io import load, load_into, save_compressed
+from laserrmt.surgery.width import (
+    ResizedConv2d,
+    ResizedLinear,
+    activation_rank,
+    collect_site_statistics,
+    count_parameters,
+    cut_width,
+    find_width_sites,
+    reconstruction_matrix,
+    rotate_residual_stream,
+    select_units,
+)
+from tiny_models import tiny_bert, tiny_cnn, tiny_llama
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+class BNCNN(nn.Module):
+    """conv → BN → ReLU → conv → BN → ReLU → pool → flatten → linear: both consumer kinds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 12, 3, padding=1),
+            nn.BatchNorm2d(12),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(12 * 4 * 4, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _bn_cnn() -> BNCNN:
+    torch.manual_seed(0)
+    model = BNCNN()
+    with torch.no_grad():  # non-trivial running statistics, as after training
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+IMAGES = [torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+
+def test_channel_sites_follow_the_chain() -> None:
+    sites = find_width_sites(_bn_cnn())
+    assert [(s.name, s.followers, s.consumer, s.width) for s in sites] == [
+        ("features.0", ("features.1",), "features.3", 8),
+        ("features.3", ("features.4",), "head.1", 12),
+    ]
+
+
+@pytest.mark.parametrize("build", [_bn_cnn, tiny_cnn])
+def test_keeping_every_channel_reproduces_the_outputs(build) -> None:
+    model = build()
+    reference = model(IMAGES[0])
+    sites = find_width_sites(model)
+    stats = collect_site_statistics(model, IMAGES, sites, progress=False)
+    for site in sites:
+        cut_width(model, site, stats[site.name], site.width)
+    assert _rel(model(IMAGES[0]), reference) <= 1e-5
+    assert isinstance(model.get_submodule(sites[0].producers[0]), ResizedConv2d)
+
+
+def test_channel_cut_removes_the_parameters_it_should() -> None:
+    model = _bn_cnn()
+    sites = find_width_sites(model)
+    stats = collect_site_statistics(model, IMAGES, sites, progress=False)
+    before = count_parameters(model)
+    cut = cut_width(model, sites[1], stats[sites[1].name], 5)
+    # Conv 8→12 loses 7 filters (8·9 + 1 each), BN 2 per channel, Linear 7·16 inputs per output.
+    removed = 7 * (8 * 9 + 1) + 7 * 2 + 10 * 7 * 16
+    assert cut.parameters_before == before
+    assert before - cut.parameters_after == removed == before - count_parameters(model)
+    assert model(IMAGES[0]).shape == (8, 10)
+
+
+def test_a_planted_channel_subspace_is_reconstructed_exactly() -> None:
+    """conv1's 12 channels are combinations of 3 filters: keeping 3 channels loses nothing."""
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(1, 12, 3, padding=1, bias=False), nn.Conv2d(12, 4, 3, padding=1)
+    )
+    with torch.no_grad():
+        base = torch.randn(3, 1, 3, 3)
+        mixing = torch.randn(12, 3)
+        model[0].weight.copy_(torch.einsum("cr,rihw->cihw", mixing, base))
+    model.eval()
+    reference = model(IMAGES[0])
+    site = find_width_sites(model)[0]
+    stats = collect_site_statistics(model, IMAGES, [site], progress=False)
+    kept = select_units(stats.__getitem__(site.name).second_moment, 3)
+    cut_width(model, site, stats[site.name], 3, kept=kept)
+    assert model[0].out_channels == 3 and model[1].in_channels == 3
+    assert _rel(model(IMAGES[0]), reference) <= 1e-5
+
+
+def test_the_mp_rule_finds_a_planted_activation_dimension() -> None:
+    rng = np.random.default_rng(0)
+    d, n, r = 64, 4000, 5
+    signal = rng.standard_normal((d, r)) @ (rng.standard_normal((r, n)) * 3.0)
+    x = signal + 0.5 * rng.standard_normal((d, n))
+    second_moment = torch.from_numpy(x @ x.T / n)
+    for estimator in ("mp_fit", "veraart"):
+        assert activation_rank(second_moment, n, estimator=estimator).rank == r
+
+
+def test_reconstruction_is_identity_when_everything_is_kept() -> None:
+    c = torch.randn(6, 6, dtype=torch.float64)
+    c = c @ c.T
+    assert torch.equal(reconstruction_matrix(c, range(6)), torch.eye(6, dtype=torch.float64))
+    r = reconstruction_matrix(c, [1, 4])
+    assert torch.allclose(r[[1, 4]], torch.eye(2, dtype=torch.float64))
+
+
+def test_bad_widths_are_refused() -> None:
+    model = tiny_cnn()
+    site = find_width_sites(model)[0]
+    stats = collect_site_statistics(model, IMAGES, [site], progress=False)
+    with pytest.raises(PlanError):
+        cut_width(model, site, stats[site.name], 0)
+    with pytest.raises(PlanError):
+        cut_width(model, site, stats[site.name], 2, kept=[0, 0])
+
+
+TOKENS = [
+    torch.randint(0, 264, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(3)
+]
+
+
+@pytest.mark.parametrize(
+    ("build", "per_unit"), [(tiny_llama, 3 * 64), (lambda: tiny_bert(num_labels=3), 2 * 32 + 1)]
+)
+def test_mlp_width_exact_when_kept_and_smaller_when_cut(build, per_unit: int) -> None:
+    model = build()
+    reference = model(TOKENS[0]).logits
+    sites = find_width_sites(model)
+    assert len(sites) == 2 and all(s.kind == "mlp" for s in sites)
+    stats = collect_site_statistics(model, TOKENS, sites, progress=False)
+    full = copy.deepcopy(model)
+    for site in sites:
+        cut_width(full, site, stats[site.name], site.width)
+    assert _rel(full(TOKENS[0]).logits, reference) <= 1e-5
+    site = sites[0]
+    cut = cut_width(model, site, stats[site.name], site.width - 10)
+    assert cut.parameters_before - cut.parameters_after == 10 * per_unit
+    assert isinstance(model.get_submodule(site.consumer), ResizedLinear)
+    assert model(TOKENS[0]).logits.shape == reference.shape
+
+
+def test_residual_rotation_alone_leaves_outputs_unchanged() -> None:
+    model = tiny_llama()
+    reference = model(TOKENS[0]).logits
+    q, _ = torch.linalg.qr(torch.randn(64, 64, dtype=torch.float64))
+    rotate_residual_stream(model, q)
+    assert _rel(model(TOKENS[0]).logits, reference) <= 1e-5
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+
+
+def test_residual_slicing_shrinks_the_stream_and_reloads(tmp_path) -> None:
+    model = tiny_llama(tie_word_embeddings=False)
+    reference = model(TOKENS[0]).logits
+    sites = find_width_sites(model, ["residual"])
+    stats = collect_site_statistics(model, TOKENS, sites, progress=False)
+    full = copy.deepcopy(model)
+    cut_width(full, sites[0], stats["residual_stream"], 64)
+    assert _rel(full(TOKENS[0]).logits, reference) <= 1e-5
+    before = count_parameters(model)
+    cut = cut_width(model, sites[0], stats["residual_stream"], 48)
+    assert model.config.hidden_size == 48
+    # Every matrix touching the stream loses 16 columns or rows; norms lose 16 entries each.
+    per_block = 16 * (64 + 32 + 32) + 16 * 64 + 16 * (128 + 128) + 16 * 128 + 2 * 16
+    assert before - cut.parameters_after == 2 * per_block + 2 * 264 * 16 + 16
+    out = model(TOKENS[0]).logits
+    save_compressed(model, tmp_path / "sliced")
+    loaded, _ = load(tmp_path / "sliced")
+    assert torch.allclose(loaded(TOKENS[0]).logits, out, atol=1e-6, rtol=0)
+
+
+def test_residual_slicing_refuses_unsupported_families() -> None:
+    with pytest.raises(TargetSelectionError):
+        find_width_sites(tiny_bert(), ["residual"])
+
+
+def test_a_width_reduced_cnn_saves_and_loads_back_identically(tmp_path) -> None:
+    model = _bn_cnn()
+    sites = find_width_sites(model)
+    stats = collect_site_statistics(model, IMAGES, sites, progress=False)
+    cut_width(model, sites[0], stats[sites[0].name], 5)
+    cut_width(model, sites[1], stats[sites[1].name], 7)
+    expected = model(IMAGES[1])
+    save_compressed(model, tmp_path / "cnn")
+    loaded = load_into(BNCNN(), tmp_path / "cnn").eval()
+    assert torch.equal(loaded(IMAGES[1]), expected)
+    assert count_parameters(loaded) == count_parameters(model)
+
+
+def test_a_width_reduced_transformer_saves_and_loads_back_identically(tmp_path) -> None:
+    model = tiny_llama()
+    sites = find_width_sites(model)
+    stats = collect_site_statistics(model, TOKENS, sites, progress=False)
+    cut_width(model, sites[1], stats[sites[1].name], 40)
+    expected = model(TOKENS[1]).logits
+    save_compressed(model, tmp_path / "llama")
+    loaded, _ = load(tmp_path / "llama")
+    assert torch.equal(loaded(TOKENS[1]).logits, expected)
