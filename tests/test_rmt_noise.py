@@ -31,7 +31,13 @@ def planted_spectrum(
         v = np.linalg.qr(rng.standard_normal((n, rank)))[0]
         theta = sigma * (m * n) ** 0.25 * np.linspace(strength, 2 * strength, rank)
         w += (u * theta) @ v.T
-    return np.linalg.svd(w, compute_uv=False)
+    return singular_values(w)
+
+
+def singular_values(w: np.ndarray) -> np.ndarray:
+    """Singular values via the smaller Gram matrix (faster than an SVD; accurate for the bulk)."""
+    gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+    return np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0.0, None))[::-1]
 
 
 SHAPE = (1200, 600)

@@ -61,6 +61,7 @@ class AnalysisResult:
         kept = sum(r["rank_kept"] for r in self.records)
         full = sum(r["rank_full"] for r in self.records)
         snrs = [r["snr"] for r in self.records if math.isfinite(r["snr"])]
+        alphas = [r["alpha"] for r in self.records if r["alpha"] is not None]
         return {
             "matrices": len(self.records),
             "failed": len(self.failures),
@@ -68,9 +69,7 @@ class AnalysisResult:
             "threshold": self.threshold,
             "rank_kept_fraction": kept / full if full else float("nan"),
             "median_snr": float(np.median(snrs)) if snrs else float("nan"),
-            "median_alpha": float(np.median([r["alpha"] for r in self.records]))
-            if self.records
-            else float("nan"),
+            "median_alpha": float(np.median(alphas)) if alphas else float("nan"),
         }
 
     def svd_cache(self) -> dict[str, tuple[Any, Any, Any]]:

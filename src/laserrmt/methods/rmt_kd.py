@@ -62,6 +62,9 @@ ESTIMATORS = ("mp_fit", "veraart")
 class SiteRecord:
     """What happened at one site.
 
+    ``k`` is the width the site was cut to; ``k_rmt`` the number of directions above the MP
+    edge (they differ only where the architecture rounds the width, see ``residual_width``).
+
     ``status`` is ``"kept"`` (cut and kept), ``"reverted"`` (cut, metric fell too far, undone),
     ``"skipped-floor"`` (k/d under the floor), ``"full"`` (all directions are signal: nothing to
     cut) or ``"skipped-target"`` (the parameter target was met before this site).
@@ -81,6 +84,7 @@ class SiteRecord:
     status: str
     wall_s: float
     seed: int
+    k_rmt: int | None = None
     loss_first: float | None = None
     loss_last: float | None = None
 
@@ -352,6 +356,7 @@ def rmt_kd(
             "",
             0.0,
             site_seed,
+            k_rmt=k,
         )
         if k >= d:
             record.status = "full"
@@ -360,7 +365,9 @@ def rmt_kd(
         else:
             teacher = work
             work = copy.deepcopy(teacher)
-            cut_width(work, site, stats, k)
+            cut = cut_width(work, site, stats, k)
+            # The residual width is rounded up to a multiple of the head count.
+            record.k = cut.width_after
             if steps_per_cut > 0:
                 log = distill(
                     work,

@@ -88,6 +88,8 @@ __all__ = [
     "cut_width",
     "find_width_sites",
     "reconstruction_matrix",
+    "residual_site",
+    "residual_width",
     "rotate_residual_stream",
     "select_units",
     "slice_residual_stream",
@@ -708,6 +710,7 @@ def cut_width(
         raise PlanError(f"site {site.name}: cannot keep {k} of {site.width}; keep 1..{site.width}")
     before = count_parameters(model)
     if site.kind == "residual":
+        k = residual_width(model, k)
         slice_residual_stream(model, statistics.second_moment, k)
         return WidthCut(
             site.name, site.kind, site.width, k, list(range(k)), before, count_parameters(model)
@@ -741,6 +744,18 @@ def cut_width(
         rows = torch.tensor(units, dtype=torch.long, device=module.running_mean.device)  # type: ignore[union-attr]
         _set_submodule(model, name, _select_batchnorm(module, rows))
     return WidthCut(site.name, site.kind, site.width, k, units, before, count_parameters(model))
+
+
+def residual_width(model: nn.Module, k: int) -> int:
+    """``k`` rounded up to a width the model's config accepts (a multiple of the head count).
+
+    transformers validates ``hidden_size % num_attention_heads == 0`` when a config is saved,
+    even though ``head_dim`` is pinned; rounding up keeps a few more directions, never fewer.
+    """
+    config = getattr(model, "config", None)
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    d = _residual_layout(model).width
+    return min(d, -(-k // heads) * heads)
 
 
 def residual_site(model: nn.Module) -> WidthSite:
