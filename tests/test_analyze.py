@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from laserrmt.analyze import analyze_model, write_analysis
+from laserrmt.analyze import add_whitened_ranks, analyze_model, write_analysis
 from laserrmt.errors import OutputExistsError
 from laserrmt.models.targets import find_targets, set_weight_matrix, weight_matrix
 from tests.tiny_models import tiny_gpt2, tiny_llama
@@ -112,3 +112,17 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
     write_analysis(result, out, model_source="tiny", overwrite=True)
     assert (out / "report.html").exists() and not (out / "keep.txt").exists()
+
+
+def test_whitened_ranks_follow_the_calibration_inputs():
+    """With inputs confined to a 5-dimensional subspace, W·S has at most 5 directions: the
+    whitened rank sees what the weight alone cannot."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 40))
+    basis = torch.randn(5, 48)
+    calibration = (torch.randn(4, 200, 5) @ basis) + 1e-4 * torch.randn(4, 200, 48)
+    result = analyze_model(model, progress=False)
+    assert result.records[0]["rank_kept"] == 0  # a random init is pure noise to the MP rule
+    add_whitened_ranks(result, model, calibration, whiten="svdllm", progress=False)
+    assert result.records[0]["whitened_rank_kept"] == 5
+    assert result.summary()["whitened_rank_kept_fraction"] == 5 / 40

@@ -12,14 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from laserrmt.models.targets import Target, find_targets, select_targets
+from laserrmt.models.targets import Target, find_targets, select_targets, weight_matrix
 from laserrmt.outputs import atomic_output_dir
 from laserrmt.report.html import Report, Table
 from laserrmt.report.plots import plot_block_role_heatmap, plot_spectral_density
 from laserrmt.rmt import choose_rank, spectrum_diagnostics
+from laserrmt.stats.calibration import collect_input_statistics
 from laserrmt.stats.weights import SpectrumFailure, WeightSpectrum, weight_spectra
+from laserrmt.surgery.whiten import weighted_spectrum
 
 # The columns of spectra.csv, in order; spectra.json holds the same records.
 COLUMNS = (
@@ -54,6 +58,7 @@ class AnalysisResult:
     threshold_options: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
     spectra: dict[str, WeightSpectrum] = field(default_factory=dict, repr=False)
+    whiten: str | None = None
 
     def summary(self) -> dict[str, Any]:
         """Totals a person reads first."""
@@ -70,7 +75,11 @@ class AnalysisResult:
             "rank_kept_fraction": kept / full if full else float("nan"),
             "median_snr": float(np.median(snrs)) if snrs else float("nan"),
             "median_alpha": float(np.median(alphas)) if alphas else float("nan"),
-        }
+        } | (
+            {"whitened_rank_kept_fraction": sum(r["whitened_rank_kept"] for r in self.records) / full}
+            if self.whiten and full
+            else {}
+        )
 
     def svd_cache(self) -> dict[str, tuple[Any, Any, Any]]:
         """Module name → (U, S, Vh) for the spectra computed with vectors, for surgery to reuse."""
@@ -124,6 +133,40 @@ def analyze_model(
     ]
     timings["statistics"] = time.perf_counter() - start
     return AnalysisResult(records, failures, threshold, options, timings, spectra)
+
+
+def add_whitened_ranks(
+    result: AnalysisResult,
+    model: nn.Module,
+    calibration: torch.Tensor,
+    *,
+    whiten: str = "svdllm",
+    progress: bool = True,
+) -> None:
+    """Add ``whitened_rank_kept``: the directions of the activation-weighted matrix (W·S for
+    ``svdllm``) that the same threshold keeps — the rank the calibration data says is free."""
+    names = [r["module"] for r in result.records]
+    start = time.perf_counter()
+    stats = collect_input_statistics(
+        model, list(calibration.split(1)), names, fisher=whiten == "fisher", progress=progress
+    )
+    result.timings["calibration"] = time.perf_counter() - start
+    start = time.perf_counter()
+    for record in tqdm(result.records, desc=f"{whiten} spectra", unit="matrix", disable=not progress):
+        name, st = record["module"], stats[record["module"]]
+        values = weighted_spectrum(
+            weight_matrix(model.get_submodule(name)),
+            whiten=whiten,
+            gram=st.gram,
+            n_samples=st.n_samples,
+            fisher=st.fisher,
+            module=name,
+        )
+        shape = (record["shape"][0], record["shape"][1])
+        choice = choose_rank(values, shape, result.threshold, **result.threshold_options)
+        record["whitened_rank_kept"] = choice.rank
+    result.whiten = whiten
+    result.timings["whitened_spectra"] = time.perf_counter() - start
 
 
 def spectrum_record(
@@ -232,7 +275,12 @@ def analysis_report(
         ("rank kept (all matrices)", f"{summary['rank_kept_fraction']:.1%}"),
         ("median SNR", summary["median_snr"]),
         ("median power-law α", summary["median_alpha"]),
-    ] + [(f"time: {stage}", f"{seconds:.1f} s") for stage, seconds in result.timings.items()]
+    ]
+    if result.whiten:
+        report.summary.append(
+            (f"rank kept in the {result.whiten}-weighted space", f"{summary['whitened_rank_kept_fraction']:.1%}")
+        )
+    report.summary += [(f"time: {stage}", f"{seconds:.1f} s") for stage, seconds in result.timings.items()]
     report.notes.append(
         "SNR = Σ s above the edge / Σ s at or below it (edge of the chosen threshold). "
         "Eigenvalues are s²/N with N the larger dimension. Weights that went through "
@@ -247,6 +295,8 @@ def analysis_report(
             )
         )
     columns = [c for c in COLUMNS if c not in ("kind", "threshold")]
+    if result.whiten:
+        columns.insert(columns.index("rank_kept") + 1, "whitened_rank_kept")
     report.tables.append(
         Table(
             "Per-matrix spectra",

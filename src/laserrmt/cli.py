@@ -120,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATTERN",
         help="draw the spectra of these matrices (default: the 3 lowest- and 3 highest-SNR)",
     )
+    analyze.add_argument(
+        "--whiten",
+        default="none",
+        help="also count the directions kept in an activation-weighted space (svdllm, asvd, "
+        "fisher), from calibration text (default none)",
+    )
+    analyze.add_argument(
+        "--calibration-windows", type=int, default=16, help="with --whiten: 512-token windows (default 16)"
+    )
     analyze.set_defaults(run=run_analyze)
 
     compress = commands.add_parser(
@@ -222,7 +231,11 @@ def run_analyze(args: argparse.Namespace) -> int:
     from laserrmt.outputs import check_output_dir
     from laserrmt.report.html import markdown_table
 
+    from laserrmt.surgery.whiten import WHITEN_METHODS
+
     options = _threshold_options(args)
+    if args.whiten not in WHITEN_METHODS:
+        raise InvalidOptionError(f"unknown --whiten {args.whiten!r}; choose one of {', '.join(WHITEN_METHODS)}")
     check_output_dir(args.out, args.overwrite)
     start = time.perf_counter()
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
@@ -235,6 +248,14 @@ def run_analyze(args: argparse.Namespace) -> int:
         include_heads=args.include_heads,
         progress=not args.quiet,
     )
+    if args.whiten != "none":
+        from laserrmt.analyze import add_whitened_ranks
+        from laserrmt.data.text import calibration_windows
+
+        if loaded.tokenizer is None:
+            raise InvalidOptionError("--whiten needs calibration text, and this model has no tokenizer")
+        windows = calibration_windows(loaded.tokenizer, n_windows=args.calibration_windows)
+        add_whitened_ranks(result, loaded.model, windows, whiten=args.whiten, progress=not args.quiet)
     result.timings = {"load": load_s, **result.timings}
     out = write_analysis(
         result, args.out, model_source=loaded.source, plot_modules=args.plot, overwrite=args.overwrite
