@@ -23,14 +23,25 @@ from laserrmt.report.html import markdown_table
 def configurations(quick: bool) -> list[tuple[str, CompressSettings]]:
     loop_candidates = 12 if quick else 40
     return [
-        ("laserRMT reproduction (IQR rule, 15 lowest SNR, denoise, strict)",
-         CompressSettings.reproduce_laserrmt_preset(calibration_windows=4)),
+        (
+            "laserRMT reproduction (IQR rule, 15 lowest SNR, denoise, strict)",
+            CompressSettings.reproduce_laserrmt_preset(calibration_windows=4),
+        ),
         ("one-shot MP, factorize", CompressSettings(threshold="mp", mode="factorize")),
         ("one-shot MP, denoise", CompressSettings(threshold="mp", mode="denoise")),
         ("one-shot Gavish–Donoho, factorize", CompressSettings(threshold="gd", mode="factorize")),
-        (f"loop MP, factorize, KL ≤ 0.02, {loop_candidates} lowest-SNR candidates",
-         CompressSettings(threshold="mp", mode="factorize", select="loop", objective="kl",
-                          tolerance=0.02, max_candidates=loop_candidates, calibration_windows=4)),
+        (
+            f"loop MP, factorize, KL ≤ 0.02, {loop_candidates} lowest-SNR candidates",
+            CompressSettings(
+                threshold="mp",
+                mode="factorize",
+                select="loop",
+                objective="kl",
+                tolerance=0.02,
+                max_candidates=loop_candidates,
+                calibration_windows=4,
+            ),
+        ),
     ]
 
 
@@ -54,7 +65,7 @@ def main() -> None:
     for label, settings in configurations(args.quick):
         copy = load_model(folder)
         start = time.perf_counter()
-        model, result = compress(copy.model, copy.tokenizer, settings=settings)
+        model, _ = compress(copy.model, copy.tokenizer, settings=settings)
         seconds = time.perf_counter() - start
         ppl = perplexity(model, windows).perplexity
         params = count_parameters(model, targets)["params_targets"]
@@ -62,17 +73,30 @@ def main() -> None:
         # Side by side: dense then compressed, same repeats, medians.
         lat_dense = measure_latency(dense.model, repeats=args.repeats)
         lat_comp = measure_latency(model, repeats=args.repeats)
-        rows.append([
-            label, ppl, removed, f"{removed / dense_params:.1%}", seconds,
-            lat_dense.prefill_ms / lat_comp.prefill_ms,
-            lat_comp.decode_tokens_per_s / lat_dense.decode_tokens_per_s,
-        ])
+        rows.append(
+            [
+                label,
+                ppl,
+                removed,
+                f"{removed / dense_params:.1%}",
+                seconds,
+                lat_dense.prefill_ms / lat_comp.prefill_ms,
+                lat_comp.decode_tokens_per_s / lat_dense.decode_tokens_per_s,
+            ]
+        )
         print(rows[-1], flush=True)
         del model, copy
 
     table = markdown_table(
-        ("configuration", "eval perplexity", "target params removed", "removed %",
-         "compression s", "prefill speed-up", "decode speed-up"),
+        (
+            "configuration",
+            "eval perplexity",
+            "target params removed",
+            "removed %",
+            "compression s",
+            "prefill speed-up",
+            "decode speed-up",
+        ),
         rows,
     )
     protocol = (
@@ -83,7 +107,9 @@ def main() -> None:
         f"compressed time (prefill 128 tokens; decode 32 tokens, batch 1), medians of "
         f"{args.repeats} runs after a warm-up, dense and compressed measured back to back."
     )
-    path = write_result("laser", "LaserRMT on SmolLM2-135M", [("Protocol", protocol), ("Results", table)])
+    path = write_result(
+        "laser", "LaserRMT on SmolLM2-135M", [("Protocol", protocol), ("Results", table)]
+    )
     print(table)
     print(f"written: {path}")
 

@@ -17,7 +17,9 @@ from tests.tiny_models import tiny_gpt2, tiny_llama
 PLANTED_RANK = 3
 
 
-def plant_low_rank(model: torch.nn.Module, rank: int = PLANTED_RANK, sigma: float = 0.02, seed: int = 0):
+def plant_low_rank(
+    model: torch.nn.Module, rank: int = PLANTED_RANK, sigma: float = 0.02, seed: int = 0
+):
     """Replace every target by U diag(θ) Vᵀ + σZ with spikes far above the BBP point."""
     gen = torch.Generator().manual_seed(seed)
     for target in find_targets(model):
@@ -26,7 +28,9 @@ def plant_low_rank(model: torch.nn.Module, rank: int = PLANTED_RANK, sigma: floa
         v, _ = torch.linalg.qr(torch.randn(n, rank, generator=gen, dtype=torch.float64))
         edge = sigma * (math.sqrt(max(m, n)) + math.sqrt(min(m, n)))
         theta = torch.tensor([6.0, 4.5, 3.0][:rank], dtype=torch.float64) * edge
-        w = u @ torch.diag(theta) @ v.T + sigma * torch.randn(m, n, generator=gen, dtype=torch.float64)
+        w = u @ torch.diag(theta) @ v.T + sigma * torch.randn(
+            m, n, generator=gen, dtype=torch.float64
+        )
         with torch.no_grad():
             set_weight_matrix(model.get_submodule(target.name), w.float())
     return model
@@ -41,7 +45,9 @@ def test_planted_ranks_are_found(build, threshold):
     assert {r["rank_kept"] for r in result.records} == {PLANTED_RANK}
     for r in result.records:
         assert r["n_spikes"] == PLANTED_RANK
-        assert r["sigma"] == pytest.approx(0.02, rel=0.2)  # small matrices: median matching is biased by the spikes
+        assert r["sigma"] == pytest.approx(
+            0.02, rel=0.2
+        )  # small matrices: median matching is biased by the spikes
         assert 0.3 < r["snr"] < 2  # three strong spikes against a bulk of ~60 noise values
 
 
@@ -64,7 +70,9 @@ def test_targets_restrict_the_analysis():
 
 def test_vectors_kept_reproduce_the_weight():
     model = tiny_llama()
-    result = analyze_model(model, targets=["model.layers.0.self_attn.q_proj"], keep_vectors=True, progress=False)
+    result = analyze_model(
+        model, targets=["model.layers.0.self_attn.q_proj"], keep_vectors=True, progress=False
+    )
     u, s, vh = result.svd_cache()["model.layers.0.self_attn.q_proj"]
     w = weight_matrix(model.get_submodule("model.layers.0.self_attn.q_proj")).double()
     assert torch.allclose(u @ torch.diag(s) @ vh, w, atol=1e-10)
@@ -88,8 +96,20 @@ def test_outputs_are_written_and_consistent(tmp_path):
     with open(out / "spectra.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["module"] for r in records] == [r["module"] for r in rows]
-    required = {"module", "shape", "rank_full", "rank_kept", "threshold", "sigma", "edge", "snr",
-                "spectral_entropy", "stable_rank", "alpha", "n_spikes"}
+    required = {
+        "module",
+        "shape",
+        "rank_full",
+        "rank_kept",
+        "threshold",
+        "sigma",
+        "edge",
+        "snr",
+        "spectral_entropy",
+        "stable_rank",
+        "alpha",
+        "n_spikes",
+    }
     assert required <= set(records[0])
     assert all(int(r["rank_kept"]) == PLANTED_RANK for r in rows)
     pngs = sorted(p.name for p in out.glob("*.png"))

@@ -47,9 +47,15 @@ def test_analyze_writes_the_report(capsys, tiny_folder, tmp_path):
     ("argv", "fragments"),
     [
         (["analyze", "{missing}", "--out", "{out}"], ["no such file or folder"]),
-        (["analyze", "{folder}", "--out", "{out}", "--threshold", "magic"], ["unknown threshold", "mp"]),
+        (
+            ["analyze", "{folder}", "--out", "{out}", "--threshold", "magic"],
+            ["unknown threshold", "mp"],
+        ),
         (["analyze", "{folder}", "--out", "{out}", "--threshold", "fixed"], ["--fraction"]),
-        (["analyze", "{folder}", "--out", "{out}", "--targets", "nothing_like_this"], ["nothing_like_this"]),
+        (
+            ["analyze", "{folder}", "--out", "{out}", "--targets", "nothing_like_this"],
+            ["nothing_like_this"],
+        ),
         (["compress", "{folder}", "--out", "{out}", "--mode", "shrink"], ["unknown mode"]),
         (["compress", "{folder}", "--out", "{out}", "--target-params", "1.5"], ["--target-params"]),
         (["compress", "{folder}", "--out", "{out}", "--plan", "{missing}"], []),
@@ -85,7 +91,15 @@ def test_compress_saves_a_smaller_model_that_loads_back(capsys, tiny_folder, tmp
 
     out = tmp_path / "c"
     code, stdout, err = run(
-        capsys, "compress", tiny_folder, "--out", out, "--eval-windows", "2", "--latency-repeats", "1"
+        capsys,
+        "compress",
+        tiny_folder,
+        "--out",
+        out,
+        "--eval-windows",
+        "2",
+        "--latency-repeats",
+        "1",
     )
     assert code == 0, err
     assert "perplexity" in stdout
@@ -104,13 +118,27 @@ def test_compress_saves_a_smaller_model_that_loads_back(capsys, tiny_folder, tmp
 
 
 def test_evaluate_writes_json(capsys, tiny_folder, tmp_path):
-    code, stdout, err = run(
-        capsys, "evaluate", tiny_folder, "--eval-windows", "2", "--latency-repeats", "1",
-        "--json", tmp_path / "e.json",
+    code, _, err = run(
+        capsys,
+        "evaluate",
+        tiny_folder,
+        "--eval-windows",
+        "2",
+        "--latency-repeats",
+        "1",
+        "--json",
+        tmp_path / "e.json",
     )
     assert code == 0, err
     data = json.loads((tmp_path / "e.json").read_text())
-    for key in ("perplexity", "eval_tokens", "params_total", "params_targets", "size_bytes",
-                "prefill_ms", "decode_tokens_per_s"):
+    for key in (
+        "perplexity",
+        "eval_tokens",
+        "params_total",
+        "params_targets",
+        "size_bytes",
+        "prefill_ms",
+        "decode_tokens_per_s",
+    ):
         assert key in data
     assert data["eval_tokens"] == 2 * 511

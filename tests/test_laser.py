@@ -39,7 +39,9 @@ def test_oneshot_factorizes_every_planted_matrix_at_its_rank():
     assert {d.rank for d in plan} == {PLANTED_RANK}
     assert {d.mode for d in plan} == {"factorize"}
     total = sum(t.params for t in find_targets(model))
-    assert plan.params_removed() == total - sum(PLANTED_RANK * sum(t.shape) for t in find_targets(model))
+    assert plan.params_removed() == total - sum(
+        PLANTED_RANK * sum(t.shape) for t in find_targets(model)
+    )
 
 
 def test_oneshot_stops_at_the_parameter_target():
@@ -103,8 +105,15 @@ def test_loop_measures_params_in_the_model(windows):
     names = [t.name for t in find_targets(model)]
     before = count_parameters(model, names)["params_targets"]
     model, result = compress(
-        model, tiny_tokenizer(), select="loop", objective="perplexity", tolerance=10.0,
-        target_params=0.5, calibration_windows=2, window=64, progress=False,
+        model,
+        tiny_tokenizer(),
+        select="loop",
+        objective="perplexity",
+        tolerance=10.0,
+        target_params=0.5,
+        calibration_windows=2,
+        window=64,
+        progress=False,
     )
     after = count_parameters(model, names)["params_targets"]
     assert before - after == result.plan.params_removed()
@@ -114,7 +123,11 @@ def test_loop_measures_params_in_the_model(windows):
 def test_reproduce_laserrmt_preset():
     settings = CompressSettings.reproduce_laserrmt_preset()
     assert (settings.threshold, settings.mode, settings.select, settings.max_candidates) == (
-        "laserrmt", "denoise", "loop", 15)
+        "laserrmt",
+        "denoise",
+        "loop",
+        15,
+    )
     assert settings.tolerance == 0.0 and settings.reproduce_laserrmt
 
 

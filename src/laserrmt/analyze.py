@@ -76,7 +76,10 @@ class AnalysisResult:
             "median_snr": float(np.median(snrs)) if snrs else float("nan"),
             "median_alpha": float(np.median(alphas)) if alphas else float("nan"),
         } | (
-            {"whitened_rank_kept_fraction": sum(r["whitened_rank_kept"] for r in self.records) / full}
+            {
+                "whitened_rank_kept_fraction": sum(r["whitened_rank_kept"] for r in self.records)
+                / full
+            }
             if self.whiten and full
             else {}
         )
@@ -152,7 +155,9 @@ def add_whitened_ranks(
     )
     result.timings["calibration"] = time.perf_counter() - start
     start = time.perf_counter()
-    for record in tqdm(result.records, desc=f"{whiten} spectra", unit="matrix", disable=not progress):
+    for record in tqdm(
+        result.records, desc=f"{whiten} spectra", unit="matrix", disable=not progress
+    ):
         name, st = record["module"], stats[record["module"]]
         values = weighted_spectrum(
             weight_matrix(model.get_submodule(name)),
@@ -204,10 +209,14 @@ def write_tables(result: AnalysisResult, folder: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(ordered[0]) if ordered else COLUMNS)
         writer.writeheader()
         for row in ordered:
-            writer.writerow({k: ("x".join(map(str, v)) if k == "shape" else v) for k, v in row.items()})
+            writer.writerow(
+                {k: ("x".join(map(str, v)) if k == "shape" else v) for k, v in row.items()}
+            )
 
 
-def choose_plot_modules(result: AnalysisResult, requested: Sequence[str] | None, n: int = 3) -> list[str]:
+def choose_plot_modules(
+    result: AnalysisResult, requested: Sequence[str] | None, n: int = 3
+) -> list[str]:
     """The modules whose spectra are drawn: those asked for, else the n lowest- and highest-SNR."""
     names = [r["module"] for r in result.records]
     if requested:
@@ -252,8 +261,12 @@ def write_analysis(
             ("snr", "SNR (signal / noise singular-value mass)", "viridis"),
             ("kept_fraction", f"fraction of rank kept ({result.threshold})", "magma"),
         ):
-            records = [r | {"kept_fraction": r["rank_kept"] / r["rank_full"]} for r in result.records]
-            heat = plot_block_role_heatmap(records, value, tmp / f"heatmap_{value}.png", title=title)
+            records = [
+                r | {"kept_fraction": r["rank_kept"] / r["rank_full"]} for r in result.records
+            ]
+            heat = plot_block_role_heatmap(
+                records, value, tmp / f"heatmap_{value}.png", title=title, cmap=cmap
+            )
             if heat is not None:
                 figures.append((title, heat))
         report = analysis_report(result, model_source, figures)
@@ -278,9 +291,14 @@ def analysis_report(
     ]
     if result.whiten:
         report.summary.append(
-            (f"rank kept in the {result.whiten}-weighted space", f"{summary['whitened_rank_kept_fraction']:.1%}")
+            (
+                f"rank kept in the {result.whiten}-weighted space",
+                f"{summary['whitened_rank_kept_fraction']:.1%}",
+            )
         )
-    report.summary += [(f"time: {stage}", f"{seconds:.1f} s") for stage, seconds in result.timings.items()]
+    report.summary += [
+        (f"time: {stage}", f"{seconds:.1f} s") for stage, seconds in result.timings.items()
+    ]
     report.notes.append(
         "SNR = Σ s above the edge / Σ s at or below it (edge of the chosen threshold). "
         "Eigenvalues are s²/N with N the larger dimension. Weights that went through "

@@ -39,7 +39,9 @@ def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
         "except embeddings and output heads",
     )
     parser.add_argument(
-        "--include-heads", action="store_true", help="also consider output heads (lm_head, classifier)"
+        "--include-heads",
+        action="store_true",
+        help="also consider output heads (lm_head, classifier)",
     )
 
 
@@ -58,9 +60,14 @@ def _add_threshold_arguments(parser: argparse.ArgumentParser) -> None:
         help="noise-level estimator for mp/tw: median (Gavish–Donoho median matching), "
         "mp_fit (MP density fit), veraart (MP-PCA) (default median)",
     )
-    parser.add_argument("--alpha", type=float, default=0.05, help="tw: significance level (default 0.05)")
     parser.add_argument(
-        "--fraction", type=float, default=None, help="fixed: fraction of the rank to keep, in (0, 1]"
+        "--alpha", type=float, default=0.05, help="tw: significance level (default 0.05)"
+    )
+    parser.add_argument(
+        "--fraction",
+        type=float,
+        default=None,
+        help="fixed: fraction of the rank to keep, in (0, 1]",
     )
 
 
@@ -78,7 +85,9 @@ def _threshold_options(args: argparse.Namespace) -> dict[str, Any]:
         options["alpha"] = args.alpha
     if args.threshold == "fixed":
         if args.fraction is None:
-            raise InvalidOptionError("--threshold fixed needs --fraction F (the share of the rank to keep, e.g. 0.2)")
+            raise InvalidOptionError(
+                "--threshold fixed needs --fraction F (the share of the rank to keep, e.g. 0.2)"
+            )
         options["fraction"] = args.fraction
     return options
 
@@ -90,8 +99,12 @@ def _add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
         default=32,
         help="512-token windows of the evaluation split (pinned protocol: 32)",
     )
-    parser.add_argument("--text-file", default=None, help="measure perplexity on this text file instead")
-    parser.add_argument("--latency-repeats", type=int, default=5, help="timed runs per latency (median)")
+    parser.add_argument(
+        "--text-file", default=None, help="measure perplexity on this text file instead"
+    )
+    parser.add_argument(
+        "--latency-repeats", type=int, default=5, help="timed runs per latency (median)"
+    )
     parser.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
 
 
@@ -127,7 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
         "fisher), from calibration text (default none)",
     )
     analyze.add_argument(
-        "--calibration-windows", type=int, default=16, help="with --whiten: 512-token windows (default 16)"
+        "--calibration-windows",
+        type=int,
+        default=16,
+        help="with --whiten: 512-token windows (default 16)",
     )
     analyze.set_defaults(run=run_analyze)
 
@@ -165,11 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="budget: layer-importance weight: none, fisher, entropy or attention (default none)",
     )
     compress.add_argument(
-        "--heal-steps", type=int, default=0, help="fine-tune the factors N steps towards the original model"
+        "--heal-steps",
+        type=int,
+        default=0,
+        help="fine-tune the factors N steps towards the original model",
     )
     compress.add_argument("--heal-lr", type=float, default=1e-4, help="healing learning rate")
     compress.add_argument(
-        "--quantize", default=None, help="int8: per-channel symmetric int8 weights for every linear layer"
+        "--quantize",
+        default=None,
+        help="int8: per-channel symmetric int8 weights for every linear layer",
     )
     compress.add_argument(
         "--mode",
@@ -183,8 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="oneshot (every matrix at its threshold rank) or loop (one candidate at a time, kept "
         "only if the calibration objective stays within --tolerance) (default oneshot)",
     )
-    compress.add_argument("--score", default="snr", help="loop order: snr, spectral_entropy or stable_rank")
-    compress.add_argument("--objective", default="perplexity", help="loop objective: perplexity or kl")
+    compress.add_argument(
+        "--score", default="snr", help="loop order: snr, spectral_entropy or stable_rank"
+    )
+    compress.add_argument(
+        "--objective", default="perplexity", help="loop objective: perplexity or kl"
+    )
     compress.add_argument(
         "--tolerance",
         type=float,
@@ -194,9 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument(
         "--target-params", type=float, default=None, help="fraction of target parameters to remove"
     )
-    compress.add_argument("--max-changes", type=int, default=None, help="loop: stop after N kept changes")
-    compress.add_argument("--max-candidates", type=int, default=None, help="loop: try at most N candidates")
-    compress.add_argument("--plan", default=None, help="apply a saved plan JSON instead of deciding")
+    compress.add_argument(
+        "--max-changes", type=int, default=None, help="loop: stop after N kept changes"
+    )
+    compress.add_argument(
+        "--max-candidates", type=int, default=None, help="loop: try at most N candidates"
+    )
+    compress.add_argument(
+        "--plan", default=None, help="apply a saved plan JSON instead of deciding"
+    )
     compress.add_argument(
         "--reproduce-laserrmt",
         action="store_true",
@@ -230,12 +261,13 @@ def run_analyze(args: argparse.Namespace) -> int:
     from laserrmt.models.loading import load_model
     from laserrmt.outputs import check_output_dir
     from laserrmt.report.html import markdown_table
-
     from laserrmt.surgery.whiten import WHITEN_METHODS
 
     options = _threshold_options(args)
     if args.whiten not in WHITEN_METHODS:
-        raise InvalidOptionError(f"unknown --whiten {args.whiten!r}; choose one of {', '.join(WHITEN_METHODS)}")
+        raise InvalidOptionError(
+            f"unknown --whiten {args.whiten!r}; choose one of {', '.join(WHITEN_METHODS)}"
+        )
     check_output_dir(args.out, args.overwrite)
     start = time.perf_counter()
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
@@ -253,12 +285,20 @@ def run_analyze(args: argparse.Namespace) -> int:
         from laserrmt.data.text import calibration_windows
 
         if loaded.tokenizer is None:
-            raise InvalidOptionError("--whiten needs calibration text, and this model has no tokenizer")
+            raise InvalidOptionError(
+                "--whiten needs calibration text, and this model has no tokenizer"
+            )
         windows = calibration_windows(loaded.tokenizer, n_windows=args.calibration_windows)
-        add_whitened_ranks(result, loaded.model, windows, whiten=args.whiten, progress=not args.quiet)
+        add_whitened_ranks(
+            result, loaded.model, windows, whiten=args.whiten, progress=not args.quiet
+        )
     result.timings = {"load": load_s, **result.timings}
     out = write_analysis(
-        result, args.out, model_source=loaded.source, plot_modules=args.plot, overwrite=args.overwrite
+        result,
+        args.out,
+        model_source=loaded.source,
+        plot_modules=args.plot,
+        overwrite=args.overwrite,
     )
     summary = result.summary()
     print(f"model: {loaded.source}")
@@ -274,8 +314,14 @@ def run_analyze(args: argparse.Namespace) -> int:
         markdown_table(
             ("module", "shape", "rank kept", "SNR", "entropy", "alpha"),
             [
-                (r["module"], r["shape"], f"{r['rank_kept']}/{r['rank_full']}", r["snr"],
-                 r["spectral_entropy"], r["alpha"])
+                (
+                    r["module"],
+                    r["shape"],
+                    f"{r['rank_kept']}/{r['rank_full']}",
+                    r["snr"],
+                    r["spectral_entropy"],
+                    r["alpha"],
+                )
                 for r in lowest
             ],
         )
@@ -290,7 +336,9 @@ def run_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(model: Any, tokenizer: Any, args: argparse.Namespace, **kwargs: Any) -> dict[str, Any]:
+def _evaluate(
+    model: Any, tokenizer: Any, args: argparse.Namespace, **kwargs: Any
+) -> dict[str, Any]:
     from laserrmt.evaluate import evaluate_model
 
     return evaluate_model(
@@ -364,12 +412,19 @@ def run_compress(args: argparse.Namespace) -> int:
         loaded.model, loaded.tokenizer, settings=settings, plan=plan, progress=not args.quiet
     )
     with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
-        write_compressed(model, tmp, tokenizer=loaded.tokenizer, plan=result.plan,
-                         settings={"compress": result.to_dict(), "source": loaded.source})
+        write_compressed(
+            model,
+            tmp,
+            tokenizer=loaded.tokenizer,
+            plan=result.plan,
+            settings={"compress": result.to_dict(), "source": loaded.source},
+        )
         after = None
         if not args.no_eval:
             print("evaluating the compressed model…", file=sys.stderr)
-            after = _evaluate(model, loaded.tokenizer, args, target_names=target_names, saved_path=tmp)
+            after = _evaluate(
+                model, loaded.tokenizer, args, target_names=target_names, saved_path=tmp
+            )
             (tmp / "evaluation.json").write_text(
                 json.dumps({"before": before, "after": after}, indent=2) + "\n"
             )
@@ -406,7 +461,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
     result = _evaluate(loaded.model, loaded.tokenizer, args, saved_path=loaded.path)
     print(f"model: {loaded.source}")
-    print(markdown_table(("metric", "value"), [(k, v) for k, v in result.items() if not isinstance(v, dict | list)]))
+    print(
+        markdown_table(
+            ("metric", "value"),
+            [(k, v) for k, v in result.items() if not isinstance(v, dict | list)],
+        )
+    )
     if args.json:
         write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
         print(f"written: {args.json}")

@@ -15,6 +15,8 @@ from torch import nn
 
 from laserrmt.analyze import analyze_model
 from laserrmt.errors import InvalidOptionError, NumericalError
+from laserrmt.methods.budget import budget_plan
+from laserrmt.methods.heal import heal
 from laserrmt.methods.laser import (
     LASERRMT_CANDIDATES,
     SELECTIONS,
@@ -22,8 +24,6 @@ from laserrmt.methods.laser import (
     laser_loop,
     oneshot_plan,
 )
-from laserrmt.methods.budget import budget_plan
-from laserrmt.methods.heal import heal
 from laserrmt.methods.objectives import make_objective
 from laserrmt.models.targets import find_targets, select_targets
 from laserrmt.plan import CompressionPlan
@@ -94,14 +94,20 @@ class CompressSettings:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise InvalidOptionError(f"unknown compression settings {unknown}; known: {sorted(known)}")
+            raise InvalidOptionError(
+                f"unknown compression settings {unknown}; known: {sorted(known)}"
+            )
         return cls(**data)
 
     def validate(self) -> None:
         if self.method not in METHODS:
-            raise InvalidOptionError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+            raise InvalidOptionError(
+                f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}"
+            )
         if self.select not in SELECTIONS:
-            raise InvalidOptionError(f"unknown selection {self.select!r}; choose one of {', '.join(SELECTIONS)}")
+            raise InvalidOptionError(
+                f"unknown selection {self.select!r}; choose one of {', '.join(SELECTIONS)}"
+            )
         if self.n_calibration_windows < 1:
             raise InvalidOptionError("--calibration-windows must be at least 1")
         if self.quantize is not None and self.quantize not in QUANTIZATIONS:
@@ -190,7 +196,11 @@ def compress(
 
 
 def _compress_laser(
-    model: nn.Module, tokenizer: Any, settings: CompressSettings, result: CompressionResult, progress: bool
+    model: nn.Module,
+    tokenizer: Any,
+    settings: CompressSettings,
+    result: CompressionResult,
+    progress: bool,
 ) -> None:
     analysis = analyze_model(
         model,
@@ -236,13 +246,23 @@ def _compress_laser(
         settings=settings.to_dict(),
         progress=progress,
     )
-    result.plan, result.steps, result.objective_reference = outcome.plan, outcome.steps, outcome.reference
+    result.plan, result.steps, result.objective_reference = (
+        outcome.plan,
+        outcome.steps,
+        outcome.reference,
+    )
 
 
 def _compress_budget(
-    model: nn.Module, tokenizer: Any, settings: CompressSettings, result: CompressionResult, progress: bool
+    model: nn.Module,
+    tokenizer: Any,
+    settings: CompressSettings,
+    result: CompressionResult,
+    progress: bool,
 ) -> None:
-    targets = select_targets(find_targets(model, include_heads=settings.include_heads), settings.targets)
+    targets = select_targets(
+        find_targets(model, include_heads=settings.include_heads), settings.targets
+    )
     outcome = budget_plan(
         model,
         targets,
@@ -267,5 +287,8 @@ def _calibration_windows(tokenizer: Any, settings: CompressSettings) -> Any:
             "pass tokenizer= (the CLI loads it with the model)"
         )
     return calibration_windows(
-        tokenizer, n_windows=settings.n_calibration_windows, window=settings.window, seed=settings.seed
+        tokenizer,
+        n_windows=settings.n_calibration_windows,
+        window=settings.window,
+        seed=settings.seed,
     )

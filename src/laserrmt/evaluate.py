@@ -46,7 +46,9 @@ def perplexity(
         tokens += ids.shape[1] - 1
     nll = total / tokens
     if not math.isfinite(nll):
-        raise NumericalError(f"perplexity is not finite (mean NLL {nll}): the model's logits hold NaN or Inf")
+        raise NumericalError(
+            f"perplexity is not finite (mean NLL {nll}): the model's logits hold NaN or Inf"
+        )
     return PerplexityResult(math.exp(nll), nll, tokens)
 
 
@@ -71,7 +73,9 @@ def count_parameters(model: nn.Module, target_names: Iterable[str] | None = None
     targets = 0
     if target_names is not None:
         modules = [model.get_submodule(n) for n in target_names]
-        targets = sum(t.numel() for t in _unique_tensors(x for m in modules for x in _weight_tensors(m)))
+        targets = sum(
+            t.numel() for t in _unique_tensors(x for m in modules for x in _weight_tensors(m))
+        )
     return {"params_total": total, "params_targets": targets}
 
 
@@ -85,7 +89,9 @@ def size_on_disk(path: str | os.PathLike[str]) -> int:
     p = Path(path)
     if p.is_file():
         return p.stat().st_size
-    return sum(f.stat().st_size for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf"))
+    return sum(
+        f.stat().st_size for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf")
+    )
 
 
 def peak_memory_bytes() -> int:
@@ -169,7 +175,9 @@ def measure_latency(
         if run >= warmup:
             prefill.append((mid - start) * 1e3)
             decode.append(new_tokens / (end - mid))
-    return LatencyResult(statistics.median(prefill), statistics.median(decode), prefill, decode, repeats)
+    return LatencyResult(
+        statistics.median(prefill), statistics.median(decode), prefill, decode, repeats
+    )
 
 
 @torch.inference_mode()
@@ -226,7 +234,9 @@ def evaluate_model(
 
     if windows is None:
         if tokenizer is None:
-            raise DataError("perplexity needs the model's tokenizer and the model folder has none; save the tokenizer with the model")
+            raise DataError(
+                "perplexity needs the model's tokenizer and the model folder has none; save the tokenizer with the model"
+            )
         windows = (
             text_file_windows(text_file, tokenizer, n_windows=None)[:n_windows]
             if text_file is not None

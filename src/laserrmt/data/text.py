@@ -106,7 +106,11 @@ def token_windows(
 
 def evaluation_windows(tokenizer: Any, n_windows: int = 32, window: int = 512) -> torch.Tensor:
     return token_windows(
-        tokenizer, evaluation_texts(), window=window, n_windows=n_windows, what="the evaluation split"
+        tokenizer,
+        evaluation_texts(),
+        window=window,
+        n_windows=n_windows,
+        what="the evaluation split",
     )
 
 
@@ -135,7 +139,9 @@ def shakespeare_windows(tokenizer: Any, n_windows: int = 16, window: int = 512) 
         length += len(texts[-1])
         if length > tokens_needed:
             break
-    return token_windows(tokenizer, texts, window=window, n_windows=n_windows, what="the Shakespeare texts")
+    return token_windows(
+        tokenizer, texts, window=window, n_windows=n_windows, what="the Shakespeare texts"
+    )
 
 
 def text_file_windows(

@@ -20,7 +20,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from laserrmt.budget import Allocation, LossCurve, allocate_ranks, allocation_to_plan, largest_paying_rank
+from laserrmt.budget import (
+    Allocation,
+    LossCurve,
+    allocate_ranks,
+    allocation_to_plan,
+    largest_paying_rank,
+)
 from laserrmt.errors import InvalidOptionError
 from laserrmt.models.targets import Target, weight_matrix
 from laserrmt.plan import CompressionPlan, ModuleDecision
@@ -57,11 +63,18 @@ def budget_plan(
     names = [t.name for t in targets]
     need_fisher = whiten == "fisher" or importance == "fisher"
     stats = collect_input_statistics(
-        model, list(calibration.split(1)), names, blockwise=True, fisher=need_fisher, progress=progress
+        model,
+        list(calibration.split(1)),
+        names,
+        blockwise=True,
+        fisher=need_fisher,
+        progress=progress,
     )
     spectra: dict[str, WeightedSVD] = {}
     free_ranks: dict[str, int] = {}
-    for target in tqdm(targets, desc=f"weighted SVD ({whiten})", unit="matrix", disable=not progress):
+    for target in tqdm(
+        targets, desc=f"weighted SVD ({whiten})", unit="matrix", disable=not progress
+    ):
         s = stats[target.name]
         spectra[target.name] = weighted_svd(
             weight_matrix(model.get_submodule(target.name)),
@@ -74,7 +87,10 @@ def budget_plan(
         # The RMT rule in the weighted space: directions standing above the MP bulk.
         values = spectra[target.name].s.numpy()
         free_ranks[target.name] = choose_rank(values, target.shape, "mp").rank
-    curves = {name: LossCurve(t.shape, spectra[name].s.numpy()) for name, t in zip(names, targets, strict=True)}
+    curves = {
+        name: LossCurve(t.shape, spectra[name].s.numpy())
+        for name, t in zip(names, targets, strict=True)
+    }
     extras = {name: {"whiten": whiten, "free_rank": free_ranks[name]} for name in names}
 
     if allocation == "uniform":
@@ -107,21 +123,45 @@ def uniform_plan(
         m, n = t.shape
         rank = int(np.floor((1 - ratio) * m * n / (m + n)))
         if rank < 1 or rank > largest_paying_rank(t.shape):
-            decisions.append(ModuleDecision(t.name, t.shape, min(m, n), min(m, n), "keep",
-                                            "uniform ratio gives no paying rank", extras[t.name]))
+            decisions.append(
+                ModuleDecision(
+                    t.name,
+                    t.shape,
+                    min(m, n),
+                    min(m, n),
+                    "keep",
+                    "uniform ratio gives no paying rank",
+                    extras[t.name],
+                )
+            )
             continue
-        decisions.append(ModuleDecision(t.name, t.shape, min(m, n), rank, "factorize",
-                                        f"uniform ratio {ratio:.0%}", extras[t.name]))
+        decisions.append(
+            ModuleDecision(
+                t.name,
+                t.shape,
+                min(m, n),
+                rank,
+                "factorize",
+                f"uniform ratio {ratio:.0%}",
+                extras[t.name],
+            )
+        )
     return CompressionPlan.from_decisions(decisions, method="uniform", settings=settings)
 
 
 def _check(whiten: str, allocation: str, importance: str, target_params: float | None) -> None:
     if whiten not in WHITEN_METHODS:
-        raise InvalidOptionError(f"unknown --whiten {whiten!r}; choose one of {', '.join(WHITEN_METHODS)}")
+        raise InvalidOptionError(
+            f"unknown --whiten {whiten!r}; choose one of {', '.join(WHITEN_METHODS)}"
+        )
     if allocation not in ALLOCATIONS:
-        raise InvalidOptionError(f"unknown --allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        raise InvalidOptionError(
+            f"unknown --allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}"
+        )
     if importance not in IMPORTANCE_KINDS:
-        raise InvalidOptionError(f"unknown --importance {importance!r}; choose one of {', '.join(IMPORTANCE_KINDS)}")
+        raise InvalidOptionError(
+            f"unknown --importance {importance!r}; choose one of {', '.join(IMPORTANCE_KINDS)}"
+        )
     if target_params is None or not 0 < target_params < 1:
         raise InvalidOptionError(
             "--method budget needs --target-params F, the fraction of target parameters to remove, in (0, 1)"

@@ -107,8 +107,13 @@ def oneshot_plan(
         decision = _decision(record, mode, analysis.threshold)
         if target_params is not None and removed >= target_params * total:
             decision = ModuleDecision(
-                decision.module, decision.shape, decision.rank_full, decision.rank, "keep",
-                "parameter target already met", decision.extras,
+                decision.module,
+                decision.shape,
+                decision.rank_full,
+                decision.rank,
+                "keep",
+                "parameter target already met",
+                decision.extras,
             )
         decisions.append(decision)
         removed += decision.params_before - decision.params_after
@@ -142,7 +147,9 @@ def laser_loop(
     decisions: dict[str, ModuleDecision] = {}
     steps: list[LoopStep] = []
     removed = accepted = 0
-    bar = tqdm(candidates, desc=f"laser loop ({objective.name})", unit="matrix", disable=not progress)
+    bar = tqdm(
+        candidates, desc=f"laser loop ({objective.name})", unit="matrix", disable=not progress
+    )
     for record in bar:
         if target_params is not None and removed >= target_params * total:
             break
@@ -154,7 +161,9 @@ def laser_loop(
             continue
         start = time.perf_counter()
         single = CompressionPlan.from_decisions([decision])
-        changes = apply_plan(model, single, svd_cache=svd_cache, progress=False, keep_originals=True)
+        changes = apply_plan(
+            model, single, svd_cache=svd_cache, progress=False, keep_originals=True
+        )
         value = objective(model)
         ok = objective.accepts(value)
         if ok:
@@ -165,19 +174,30 @@ def laser_loop(
         else:
             revert_changes(model, changes)
             decisions[decision.module] = ModuleDecision(
-                decision.module, decision.shape, decision.rank_full, decision.rank, "keep",
+                decision.module,
+                decision.shape,
+                decision.rank_full,
+                decision.rank,
+                "keep",
                 f"reverted: {objective.name} {value:.4g} against reference {reference:.4g}",
                 decision.extras,
             )
         steps.append(
             LoopStep(
-                decision.module, decision.rank, decision.rank_full, decision.mode, value, ok,
+                decision.module,
+                decision.rank,
+                decision.rank_full,
+                decision.mode,
+                value,
+                ok,
                 decision.params_before - decision.params_after if ok else 0,
                 time.perf_counter() - start,
             )
         )
         bar.set_postfix(accepted=accepted, objective=f"{objective.best:.4g}")
-    plan = CompressionPlan.from_decisions(decisions.values(), method="laser-loop", settings=settings)
+    plan = CompressionPlan.from_decisions(
+        decisions.values(), method="laser-loop", settings=settings
+    )
     return LaserOutcome(plan, steps, reference)
 
 

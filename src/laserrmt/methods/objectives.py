@@ -40,7 +40,9 @@ class Objective:
     def calibrate(self, model: nn.Module) -> float:
         """Measure the unchanged model; must be called before the first change."""
         if self.name == "kl":
-            self._teacher = [torch.log_softmax(_logits(model, w), -1).to(torch.bfloat16) for w in self.windows]
+            self._teacher = [
+                torch.log_softmax(_logits(model, w), -1).to(torch.bfloat16) for w in self.windows
+            ]
         self.reference = self.best = self(model)
         return self.reference
 
@@ -75,7 +77,9 @@ def make_objective(
     name: str, windows: torch.Tensor, tolerance: float, *, strict: bool = False
 ) -> Objective:
     if name not in OBJECTIVES:
-        raise InvalidOptionError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+        raise InvalidOptionError(
+            f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}"
+        )
     if tolerance < 0:
         raise InvalidOptionError(f"--tolerance must be ≥ 0, got {tolerance}")
     return Objective(name, windows, tolerance, strict)

@@ -40,19 +40,27 @@ def comparison_rows(before: Mapping[str, Any], after: Mapping[str, Any]) -> list
 
 
 def comparison_markdown(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
-    return markdown_table(("metric", "before", "after", "after/before"), comparison_rows(before, after))
+    return markdown_table(
+        ("metric", "before", "after", "after/before"), comparison_rows(before, after)
+    )
 
 
-def plot_loop_trace(steps: list[dict[str, Any]], reference: float, objective: str, path: Path) -> Path:
+def plot_loop_trace(
+    steps: list[dict[str, Any]], reference: float, objective: str, path: Path
+) -> Path:
     """Objective after each candidate; accepted changes filled, reverted ones hollow."""
     fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=110)
     xs = range(1, len(steps) + 1)
     values = [s["objective"] for s in steps]
     ax.plot(xs, values, color="#999", lw=0.8)
     for x, s in zip(xs, steps, strict=True):
-        ax.scatter(x, s["objective"], s=22,
-                   facecolor="#55a868" if s["accepted"] else "none",
-                   edgecolor="#55a868" if s["accepted"] else "#c44e52")
+        ax.scatter(
+            x,
+            s["objective"],
+            s=22,
+            facecolor="#55a868" if s["accepted"] else "none",
+            edgecolor="#55a868" if s["accepted"] else "#c44e52",
+        )
     ax.axhline(reference, color="#4c72b0", ls="--", lw=1, label="original model")
     ax.set_xlabel("candidate (in score order)")
     ax.set_ylabel(objective + " (calibration)")
@@ -80,9 +88,15 @@ def compression_report(
     report = Report(f"laserrmt compress — {source}")
     report.summary = [
         ("model", source),
-        ("method", f"{settings['method']} ({settings['select']}, threshold {settings['threshold']}, mode {settings['mode']})"),
-        ("target parameters removed", f"{summary['params_removed']:,} of {summary['params_before']:,} "
-         f"({summary['params_removed'] / max(1, summary['params_before']):.1%})"),
+        (
+            "method",
+            f"{settings['method']} ({settings['select']}, threshold {settings['threshold']}, mode {settings['mode']})",
+        ),
+        (
+            "target parameters removed",
+            f"{summary['params_removed']:,} of {summary['params_before']:,} "
+            f"({summary['params_removed'] / max(1, summary['params_before']):.1%})",
+        ),
         ("modules", ", ".join(f"{k} {v}" for k, v in summary["modes"].items())),
     ] + [(f"time: {k}", f"{v:.1f} s") for k, v in result["timings"].items()]
     if settings.get("reproduce_laserrmt"):
@@ -93,35 +107,83 @@ def compression_report(
         )
     if before and after:
         report.tables.append(
-            Table("Before and after", ("metric", "before", "after", "after/before"),
-                  comparison_rows(before, after),
-                  note="Perplexity under the pinned protocol; latency is the median of repeated "
-                  "runs after a warm-up, measured in this run on this machine.")
+            Table(
+                "Before and after",
+                ("metric", "before", "after", "after/before"),
+                comparison_rows(before, after),
+                note="Perplexity under the pinned protocol; latency is the median of repeated "
+                "runs after a warm-up, measured in this run on this machine.",
+            )
         )
     if result.get("loop"):
         steps = result["loop"]
         report.tables.append(
-            Table("Selection loop", ("module", "rank", "of", "mode", "objective", "kept", "params removed", "s"),
-                  [[s["module"], s["rank"], s["rank_full"], s["mode"], s["objective"],
-                    "yes" if s["accepted"] else "reverted", s["params_removed"], s["seconds"]] for s in steps])
+            Table(
+                "Selection loop",
+                ("module", "rank", "of", "mode", "objective", "kept", "params removed", "s"),
+                [
+                    [
+                        s["module"],
+                        s["rank"],
+                        s["rank_full"],
+                        s["mode"],
+                        s["objective"],
+                        "yes" if s["accepted"] else "reverted",
+                        s["params_removed"],
+                        s["seconds"],
+                    ]
+                    for s in steps
+                ],
+            )
         )
         ref = result.get("objective_reference")
         if ref is not None:
-            report.figures.append(("Selection loop trace",
-                                   plot_loop_trace(steps, ref, settings["objective"], folder / "loop.png")))
+            report.figures.append(
+                (
+                    "Selection loop trace",
+                    plot_loop_trace(steps, ref, settings["objective"], folder / "loop.png"),
+                )
+            )
     report.tables.append(
-        Table("Per-module decisions", ("module", "shape", "rank", "of", "mode", "params before", "params after", "reason"),
-              [[r["module"], r["shape"], r["rank"], r["rank_full"], r["mode"], r["params_before"],
-                r["params_after"], r["reason"]] for r in plan_rows])
+        Table(
+            "Per-module decisions",
+            ("module", "shape", "rank", "of", "mode", "params before", "params after", "reason"),
+            [
+                [
+                    r["module"],
+                    r["shape"],
+                    r["rank"],
+                    r["rank_full"],
+                    r["mode"],
+                    r["params_before"],
+                    r["params_after"],
+                    r["reason"],
+                ]
+                for r in plan_rows
+            ],
+        )
     )
     decided = {r["module"]: r for r in plan_rows}
     records = [
-        r | {"kept_fraction": (decided[r["module"]]["rank"] if decided[r["module"]]["mode"] != "keep"
-                               else r["rank_full"]) / r["rank_full"]}
-        for r in analysis_records if r["module"] in decided
+        r
+        | {
+            "kept_fraction": (
+                decided[r["module"]]["rank"]
+                if decided[r["module"]]["mode"] != "keep"
+                else r["rank_full"]
+            )
+            / r["rank_full"]
+        }
+        for r in analysis_records
+        if r["module"] in decided
     ]
-    heat = plot_block_role_heatmap(records, "kept_fraction", folder / "heatmap_kept.png",
-                                   title="fraction of rank kept after compression", cmap="magma")
+    heat = plot_block_role_heatmap(
+        records,
+        "kept_fraction",
+        folder / "heatmap_kept.png",
+        title="fraction of rank kept after compression",
+        cmap="magma",
+    )
     if heat is not None:
         report.figures.append(("Fraction of rank kept (1 = unchanged)", heat))
     return report

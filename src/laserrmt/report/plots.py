@@ -43,17 +43,29 @@ def plot_spectral_density(
     positive = lam[lam > 0]
     u = np.log10(positive)
     fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
-    counts, _, _ = ax.hist(u, bins=min(80, max(10, len(u) // 5)), density=True, alpha=0.55,
-                           color="#4c72b0", label=f"empirical ({len(lam)} eigenvalues)")
+    counts, _, _ = ax.hist(
+        u,
+        bins=min(80, max(10, len(u) // 5)),
+        density=True,
+        alpha=0.55,
+        color="#4c72b0",
+        label=f"empirical ({len(lam)} eigenvalues)",
+    )
     if hi > 0:
         grid = np.geomspace(max(lo, hi * 1e-4), hi, 400)
         in_bulk = np.count_nonzero(positive <= hi) / len(positive)
         curve = mp_density(grid, beta, sigma) * grid * np.log(10) * in_bulk
-        ax.plot(np.log10(grid), curve, color="#dd8452", lw=2,
-                label=f"Marchenko–Pastur fit (σ={sigma:.3g})")
+        ax.plot(
+            np.log10(grid),
+            curve,
+            color="#dd8452",
+            lw=2,
+            label=f"Marchenko–Pastur fit (σ={sigma:.3g})",
+        )
         ax.axvline(np.log10(hi), color="#dd8452", ls="--", lw=1.2, label="MP edge")
-    ax.axvline(np.log10(tw**2 / big), color="#55a868", ls=":", lw=1.4,
-               label="Tracy–Widom edge (α=0.05)")
+    ax.axvline(
+        np.log10(tw**2 / big), color="#55a868", ls=":", lw=1.4, label="Tracy–Widom edge (α=0.05)"
+    )
     if kept_edge is not None and math.isfinite(kept_edge) and kept_edge > 0:
         ax.axvline(np.log10(kept_edge**2 / big), color="#c44e52", ls="-.", lw=1.2, label=kept_label)
     ax.set_ylim(0, 1.3 * float(np.max(counts)))
