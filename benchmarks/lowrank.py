@@ -67,9 +67,9 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--shakespeare-windows", type=int, default=16)
     parser.add_argument("--calibration-windows", type=int, default=16)
-    parser.add_argument("--heal-steps", type=int, default=48)
+    parser.add_argument("--heal-steps", type=int, default=24)
     parser.add_argument("--heal-lr", type=float, default=1e-4)
-    parser.add_argument("--importance", default="none")
+    parser.add_argument("--importance", default="fisher")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 

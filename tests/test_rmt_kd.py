@@ -144,3 +144,58 @@ def test_demonstration_data_splits_are_stratified_and_fixed() -> None:
     assert digits.train_images.shape == (4000, 1, 28, 28)
     assert sorted(set(digits.test_labels.tolist())) == list(range(10))
     assert int((digits.test_labels == 3).sum()) == 100  # stratified: 10 % of each digit
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline the CLI calls
+
+
+def test_run_rmt_kd_on_a_causal_lm_saves_a_model_that_loads_back(tmp_path) -> None:
+    from laserrmt.methods.rmt_kd import run_rmt_kd
+    from laserrmt.surgery.io import load
+    from tiny_models import tiny_llama, tiny_tokenizer
+
+    model = tiny_llama()
+    result = run_rmt_kd(
+        model,
+        tiny_tokenizer(),
+        task="causal-lm",
+        n_windows=6,
+        window=32,
+        validation_windows=2,
+        steps_per_cut=2,
+        lr=1e-4,
+        tolerance=10.0,  # nats: keep every cut, whatever a random model does
+        out_dir=tmp_path / "out",
+        progress=False,
+    )
+    assert result.settings["dataset"] == "wikipedia" and result.settings["metric"] == "-nll"
+    # The metric is −NLL (nats) of held-out calibration windows: negative, near −log(vocab).
+    assert -8.0 < result.baseline_metric < 0.0
+    assert [r.site for r in result.records] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    loaded, tokenizer = load(tmp_path / "out")
+    ids = torch.randint(0, 264, (1, 16), generator=torch.Generator().manual_seed(0))
+    assert tokenizer is not None
+    assert torch.allclose(loaded(ids).logits, result.model(ids).logits, atol=1e-6, rtol=0)
+    assert json.loads((tmp_path / "out" / "laserrmt.json").read_text())
+
+
+def test_run_rmt_kd_refuses_a_dataset_of_another_task() -> None:
+    from laserrmt.methods.rmt_kd import run_rmt_kd
+    from tiny_models import tiny_llama, tiny_tokenizer
+
+    with pytest.raises(InvalidOptionError, match="dataset"):
+        run_rmt_kd(tiny_llama(), tiny_tokenizer(), task="causal-lm", dataset="bbc-news")
+
+
+def test_a_classifier_built_from_an_encoder_computes_the_same_hidden_states() -> None:
+    from laserrmt.methods.rmt_kd import sequence_classifier_from_encoder
+    from tiny_models import tiny_bert
+
+    encoder = tiny_bert(seed=3)
+    classifier = sequence_classifier_from_encoder(encoder, 5)
+    ids = torch.randint(0, 264, (2, 10), generator=torch.Generator().manual_seed(0))
+    expected = encoder(ids).last_hidden_state
+    got = classifier(ids, output_hidden_states=True).hidden_states[-1]
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert classifier(ids).logits.shape == (2, 5)

@@ -12,6 +12,7 @@ from torch import nn
 from laserrmt.errors import PlanError, TargetSelectionError
 from laserrmt.surgery.io import load, load_into, save_compressed
 from laserrmt.surgery.width import (
+    ReducedSelfAttention,
     ResizedConv2d,
     ResizedLinear,
     activation_rank,
@@ -19,9 +20,11 @@ from laserrmt.surgery.width import (
     count_parameters,
     cut_width,
     find_width_sites,
+    query_key_maps,
     reconstruction_matrix,
     rotate_residual_stream,
     select_units,
+    site_rank,
 )
 from tiny_models import tiny_bert, tiny_cnn, tiny_llama
 
@@ -158,7 +161,7 @@ TOKENS = [
 def test_mlp_width_exact_when_kept_and_smaller_when_cut(build, per_unit: int) -> None:
     model = build()
     reference = model(TOKENS[0]).logits
-    sites = find_width_sites(model)
+    sites = find_width_sites(model, ["mlp"])
     assert len(sites) == 2 and all(s.kind == "mlp" for s in sites)
     stats = collect_site_statistics(model, TOKENS, sites, progress=False)
     full = copy.deepcopy(model)
@@ -228,3 +231,93 @@ def test_a_width_reduced_transformer_saves_and_loads_back_identically(tmp_path) 
     save_compressed(model, tmp_path / "llama")
     loaded, _ = load(tmp_path / "llama")
     assert torch.equal(loaded(TOKENS[1]).logits, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention widths (tiny BERT: hidden 32, 4 heads of 8)
+
+MASKED = {
+    "input_ids": TOKENS[0],
+    "attention_mask": torch.tensor([[1] * 12, [1] * 9 + [0] * 3]),
+}
+
+
+def test_attention_sites_come_in_forward_order() -> None:
+    sites = find_width_sites(tiny_bert(num_labels=3))
+    assert [s.kind for s in sites] == ["attn_vo", "attn_qk", "mlp"] * 2
+    assert [s.width for s in sites[:2]] == [32, 32]
+    assert sites[0].consumer.endswith("layer.0.attention.output.dense")
+
+
+def test_attention_cuts_keeping_every_direction_reproduce_the_outputs() -> None:
+    model = tiny_bert(num_labels=3)
+    reference = model(**MASKED).logits
+    sites = [s for s in find_width_sites(model) if s.kind != "mlp"]
+    stats = collect_site_statistics(model, TOKENS, sites, progress=False)
+    for site in sites:
+        cut = cut_width(model, site, stats[site.name], site.width)
+        assert cut.width_after == site.width
+    assert isinstance(
+        model.get_submodule("bert.encoder.layer.1.attention.self"), ReducedSelfAttention
+    )
+    # Rotated heads, masked padding: the same function.
+    assert _rel(model(**MASKED).logits, reference) <= 1e-5
+
+
+def test_query_key_maps_keep_the_products_at_full_rank_and_on_a_subspace() -> None:
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(500, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(500, 8, generator=g, dtype=torch.float64) @ torch.randn(
+        8, 8, generator=g, dtype=torch.float64
+    )
+    a, b = query_key_maps(q.T @ q / 500, k.T @ k / 500, 8)
+    assert torch.allclose(a @ b.T, torch.eye(8, dtype=torch.float64), atol=1e-9)
+    # Queries in a 3-dimensional subspace: 3 directions give every product exactly.
+    q3 = torch.randn(500, 3, generator=g, dtype=torch.float64) @ torch.randn(
+        3, 8, generator=g, dtype=torch.float64
+    )
+    a, b = query_key_maps(q3.T @ q3 / 500, k.T @ k / 500, 3)
+    assert torch.allclose((q3 @ a) @ (k @ b).T, q3 @ k.T, atol=1e-8 * float((q3 @ k.T).abs().max()))
+
+
+def _plant_value_subspace(model: nn.Module, rank: int) -> None:
+    """Make every head's values span only ``rank`` directions (a rank-``rank`` V per head)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in model.bert.encoder.layer:
+            value = layer.attention.self.value
+            heads = value.weight.view(4, 8, 32)
+            for h in range(4):
+                basis = torch.linalg.qr(torch.randn(8, rank, generator=g))[0]
+                heads[h] = basis @ basis.T @ heads[h]
+                value.bias.view(4, 8)[h] = basis @ basis.T @ value.bias.view(4, 8)[h]
+
+
+def test_a_planted_value_subspace_is_found_and_cut_exactly() -> None:
+    model = tiny_bert(num_labels=3)
+    _plant_value_subspace(model, 3)
+    reference = model(**MASKED).logits
+    before = count_parameters(model)
+    for site in [s for s in find_width_sites(model) if s.kind == "attn_vo"]:
+        stats = collect_site_statistics(model, TOKENS, [site], progress=False)[site.name]
+        decision = site_rank(model, site, stats)
+        assert decision.per_head == [3, 3, 3, 3]
+        assert decision.rank == 12
+        cut_width(model, site, stats, decision.rank)
+    assert _rel(model(**MASKED).logits, reference) <= 1e-5
+    # Per block: value loses 4 heads × 5 rows (32 weights + 1 bias), output 20 columns of 32.
+    assert before - count_parameters(model) == 2 * (20 * 33 + 20 * 32)
+
+
+def test_query_key_cut_removes_the_hand_counted_parameters_and_reloads(tmp_path) -> None:
+    model = tiny_bert(num_labels=3)
+    site = [s for s in find_width_sites(model) if s.kind == "attn_qk"][1]
+    stats = collect_site_statistics(model, TOKENS, [site], progress=False)[site.name]
+    cut = cut_width(model, site, stats, 8)  # 2 per head
+    # query and key: 4 heads × 6 rows of (32 weights + 1 bias) each.
+    assert cut.parameters_before - cut.parameters_after == 2 * 24 * 33
+    assert model.bert.encoder.layer[1].attention.self.qk_head_size == 2
+    expected = model(**MASKED).logits
+    save_compressed(model, tmp_path / "bert")
+    loaded, _ = load(tmp_path / "bert")
+    assert torch.allclose(loaded(**MASKED).logits, expected, atol=1e-6, rtol=0)

@@ -57,7 +57,7 @@ class CompressSettings:
     reproduce_laserrmt: bool = False
     whiten: str = "svdllm"
     allocation: str = "global"
-    importance: str = "none"
+    importance: str = "fisher"
     heal_steps: int = 0
     heal_lr: float = 1e-4
     quantize: str | None = None

@@ -15,12 +15,20 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from laserrmt.errors import DataError
 
-__all__ = ["ImageSplit", "TextSplit", "bbc_news", "mnist_subset"]
+__all__ = [
+    "ClassificationBatches",
+    "ImageSplit",
+    "TextSplit",
+    "bbc_news",
+    "bbc_news_batches",
+    "mnist_subset",
+]
 
 
 @dataclass
@@ -124,3 +132,80 @@ def mnist_subset(seed: int = 0, *, test_size: int = 1000) -> ImageSplit:
     labels = np.asarray(y, dtype=np.int64)
     train, test = _split(len(labels), labels, test_size, seed)
     return ImageSplit(images[train], labels[train], images[test], labels[test])
+
+
+@dataclass
+class ClassificationBatches:
+    """Tokenized batches (dicts with ``input_ids``, ``attention_mask``, ``labels``).
+
+    ``validation`` is a stratified slice of the *training* split (for stop rules and model
+    selection); ``test`` is the held-out split, for the final report only.
+    """
+
+    train: list[dict[str, Any]]
+    validation: list[dict[str, Any]]
+    test: list[dict[str, Any]]
+    label_names: list[str]
+
+
+def _encode(
+    tokenizer: Any, texts: list[str], labels: list[int], batch_size: int, max_length: int
+) -> list[dict[str, Any]]:
+    import torch
+
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            texts[i : i + batch_size],
+            truncation=True,
+            max_length=max_length,
+            padding="max_length",
+            return_tensors="pt",
+        )
+        batch = dict(enc.items())
+        batch["labels"] = torch.tensor(labels[i : i + batch_size], dtype=torch.long)
+        out.append(batch)
+    return out
+
+
+def bbc_news_batches(
+    tokenizer: Any,
+    *,
+    max_length: int = 128,
+    batch_size: int = 16,
+    validation_fraction: float = 0.1,
+    seed: int = 0,
+    limit: int | None = None,
+) -> ClassificationBatches:
+    """BBC News (:func:`bbc_news`, 70/30 with ``seed``) tokenized to ``max_length`` tokens.
+
+    ``validation_fraction`` of the training split (stratified, ``seed``) becomes the
+    validation slice; the test split is never part of training or validation. ``limit`` keeps
+    only the first that many training and test articles (smoke runs).
+
+    Raises:
+        DataError: missing data packages, or a validation fraction outside (0, 1).
+    """
+    if not 0.0 < validation_fraction < 1.0:
+        raise DataError(f"validation_fraction={validation_fraction}; use a value in (0, 1)")
+    data = bbc_news(seed)
+    texts, labels = data.train_texts, data.train_labels
+    test_texts, test_labels = data.test_texts, data.test_labels
+    if limit is not None:
+        texts, labels = texts[:limit], labels[:limit]
+        test_texts, test_labels = test_texts[:limit], test_labels[:limit]
+    train_idx, val_idx = _split(len(texts), np.asarray(labels), validation_fraction, seed)
+    return ClassificationBatches(
+        train=_encode(
+            tokenizer,
+            [texts[i] for i in train_idx],
+            [labels[i] for i in train_idx],
+            batch_size,
+            max_length,
+        ),
+        validation=_encode(
+            tokenizer, [texts[i] for i in val_idx], [labels[i] for i in val_idx], 32, max_length
+        ),
+        test=_encode(tokenizer, test_texts, test_labels, 32, max_length),
+        label_names=data.label_names,
+    )

@@ -44,14 +44,22 @@ from laserrmt.distill import TASKS, Task, distill, model_inputs
 from laserrmt.errors import InvalidOptionError
 from laserrmt.surgery.width import (
     WidthSite,
-    activation_rank,
     collect_site_statistics,
     count_parameters,
     cut_width,
     find_width_sites,
+    site_rank,
 )
 
-__all__ = ["RMTKDResult", "SiteRecord", "rmt_kd"]
+__all__ = [
+    "DEFAULT_TOLERANCE",
+    "RMTKDResult",
+    "SiteRecord",
+    "rmt_kd",
+    "fine_tune_classifier",
+    "run_rmt_kd",
+    "sequence_classifier_from_encoder",
+]
 
 STATE_FILE = "rmt_kd_state.json"
 _STATE_VERSION = 1
@@ -152,18 +160,28 @@ def _resolve_sites(model: nn.Module, sites: Sequence[WidthSite | str] | None) ->
             )
         return found
     by_name = {s.name: s for s in found}
+    kinds = {"mlp", "attention", "attn_vo", "attn_qk", "channels"}
     resolved = []
     for site in sites:
         if isinstance(site, WidthSite):
             resolved.append(site)
         elif site == "residual_stream":
             resolved.extend(find_width_sites(model, ["residual"]))
+        elif site in kinds:
+            resolved.extend(find_width_sites(model, [site]))  # type: ignore[list-item]
         elif site in by_name:
             resolved.append(by_name[site])
         else:
             raise InvalidOptionError(
-                f"no width site named {site!r}; known sites: {', '.join(by_name) or 'none'}"
+                f"no width site named {site!r}; use a kind ({', '.join(sorted(kinds))}, "
+                f"residual_stream) or a site: {', '.join(by_name) or 'none'}"
             )
+    if not resolved:
+        raise InvalidOptionError(f"the sites {list(sites)} match nothing in {type(model).__name__}")
+    # Several kinds in one call: shallow to deep by first appearance in the default order.
+    order = {s.name: i for i, s in enumerate(found)}
+    if all(s.name in order for s in resolved):
+        resolved.sort(key=lambda s: order[s.name])
     return resolved
 
 
@@ -339,7 +357,7 @@ def rmt_kd(
             handled += 1
             continue
         stats = collect_site_statistics(work, calibration, [site], progress=False)[site.name]
-        choice = activation_rank(stats.second_moment, stats.n_samples, tau=tau, estimator=estimator)
+        choice = site_rank(work, site, stats, tau=tau, estimator=estimator)
         d, k = stats.width, int(choice.rank)
         record = SiteRecord(
             index,
@@ -423,3 +441,236 @@ def rmt_kd(
         finished=finished,
         sites=site_list,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline behind `laserrmt compress --method rmt-kd`
+
+DEFAULT_TOLERANCE = {"causal-lm": 0.05, "classification": 1.0}
+"""Default stop-rule tolerance: nats of mean NLL (causal LM), accuracy points (classification)."""
+
+DATASETS = {"causal-lm": ("wikipedia",), "classification": ("bbc-news",)}
+
+
+def sequence_classifier_from_encoder(encoder: nn.Module, num_labels: int) -> nn.Module:
+    """A ``…ForSequenceClassification`` built from an encoder's config, with its weights copied.
+
+    The classification head is freshly initialised (train it before compressing). Works for
+    any transformers encoder whose sequence-classification class stores it as ``base_model``.
+
+    Raises:
+        InvalidOptionError: ``encoder`` is not a transformers model.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    config = getattr(encoder, "config", None)
+    if config is None:
+        raise InvalidOptionError(
+            f"{type(encoder).__name__} has no transformers config; pass a transformers encoder"
+        )
+    config = copy.deepcopy(config)
+    config.num_labels = int(num_labels)
+    model = AutoModelForSequenceClassification.from_config(config)
+    base = getattr(encoder, "base_model", encoder)
+    missing, unexpected = model.base_model.load_state_dict(base.state_dict(), strict=False)
+    # The pooler may be absent from a sentence-embedding checkpoint; nothing else may be.
+    real = [m for m in missing if not m.startswith("pooler.")]
+    if real or unexpected:
+        raise InvalidOptionError(
+            f"the encoder's weights do not fit {type(model).__name__}: missing {real[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
+    return model.eval()
+
+
+def _accuracy(model: nn.Module, batches: Sequence[dict[str, Any]]) -> float:
+    import torch
+
+    hits = total = 0
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            hits += int((logits.argmax(-1) == batch["labels"]).sum())
+            total += len(batch["labels"])
+    return 100.0 * hits / total
+
+
+def _negative_nll(model: nn.Module, windows: Any) -> float:
+    from laserrmt.evaluate import perplexity
+
+    return -perplexity(model, windows, progress=False).nll
+
+
+def fine_tune_classifier(
+    model: nn.Module,
+    batches: Sequence[dict[str, Any]],
+    *,
+    epochs: int = 1,
+    lr: float = 5e-5,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
+    """Plain cross-entropy fine-tuning (AdamW), batches in a seeded order; returns the losses."""
+    import random
+
+    import torch
+
+    losses = []
+    order_rng = random.Random(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        model.train()
+        for epoch in range(epochs):
+            order = list(range(len(batches)))
+            order_rng.shuffle(order)
+            for step, i in enumerate(order):
+                loss = model(**batches[i]).loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                if progress and step % 20 == 0:
+                    print(f"fine-tune epoch {epoch} step {step}: loss {losses[-1]:.4f}", flush=True)
+    model.eval()
+    return losses
+
+
+def run_rmt_kd(
+    model: nn.Module,
+    tokenizer: Any,
+    *,
+    task: Task,
+    dataset: str | None = None,
+    sites: Sequence[str] | None = None,
+    tau: float = 0.5,
+    estimator: str = "mp_fit",
+    floor: float = 0.05,
+    tolerance: float | None = None,
+    target_params: int | None = None,
+    steps_per_cut: int = 50,
+    lr: float = 1e-4,
+    alpha: float = 0.7,
+    temperature: float = 1.0,
+    n_windows: int = 32,
+    window: int = 256,
+    validation_windows: int = 8,
+    max_length: int = 128,
+    batch_size: int = 16,
+    fine_tune_epochs: int = 0,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    seed: int = 0,
+    out_dir: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> RMTKDResult:
+    """RMT-KD on a task's own data: build the batches, run :func:`rmt_kd`, optionally save.
+
+    ``task="causal-lm"`` (``dataset="wikipedia"``): ``n_windows`` windows of ``window``
+    tokens from the pinned protocol's *calibration* split (never its evaluation text); the
+    first ``validation_windows`` are the validation set, the rest are both the calibration
+    and the training batches (one window per batch). The metric is ``−mean NLL`` in nats (higher
+    is better), so ``tolerance`` is in nats (default 0.05).
+
+    ``task="classification"`` (``dataset="bbc-news"``): ``model`` is a sequence classifier
+    (see :func:`sequence_classifier_from_encoder`); BBC News tokenized to ``max_length``
+    tokens, ``batch_size`` articles per training batch; 10 % of the *training* split
+    (stratified) is the validation set, the test split is never used; the first 10 % of the
+    training batches are the calibration batches (RMT-KD's "10 % of the training data"). The
+    metric is accuracy in percent, ``tolerance`` in points (default 1.0).
+    ``fine_tune_epochs > 0`` first fine-tunes the classifier on the training batches (for a
+    head that was just initialised); the baseline is the fine-tuned model.
+
+    The result's ``settings`` record every option; with ``out_dir`` the compressed model is
+    written by :func:`laserrmt.surgery.io.save_compressed` (tokenizer included, RMT-KD records
+    in ``laserrmt.json``), and it loads back with :func:`laserrmt.load`.
+
+    Raises:
+        InvalidOptionError: an unknown task or dataset, or bad options (see :func:`rmt_kd`).
+    """
+    if task not in DATASETS:
+        raise InvalidOptionError(f"task={task!r}; use one of {', '.join(DATASETS)}")
+    dataset = dataset or DATASETS[task][0]
+    if dataset not in DATASETS[task]:
+        raise InvalidOptionError(
+            f"dataset={dataset!r} for task {task}; use one of {', '.join(DATASETS[task])}"
+        )
+    if tokenizer is None:
+        raise InvalidOptionError("RMT-KD tokenizes its data; pass the model's tokenizer")
+    tolerance = DEFAULT_TOLERANCE[task] if tolerance is None else tolerance
+    extra: dict[str, Any] = {"dataset": dataset}
+    if task == "causal-lm":
+        from laserrmt.data.text import calibration_windows
+
+        if not 0 < validation_windows < n_windows:
+            raise InvalidOptionError(
+                f"validation_windows={validation_windows} of n_windows={n_windows}; keep some "
+                "windows for calibration and training"
+            )
+        windows = calibration_windows(tokenizer, n_windows=n_windows, window=window, seed=seed)
+        held_out, rest = windows[:validation_windows], windows[validation_windows:]
+        calibration = [w.unsqueeze(0) for w in rest]
+        train: list[Any] = calibration
+
+        def validate(m: nn.Module) -> float:
+            return _negative_nll(m, held_out)
+
+        extra.update(
+            n_windows=n_windows, window=window, validation_windows=validation_windows, metric="-nll"
+        )
+    else:
+        from laserrmt.data.classification import bbc_news_batches
+
+        data = bbc_news_batches(tokenizer, max_length=max_length, batch_size=batch_size, seed=seed)
+        train = data.train
+        calibration = train[: max(len(train) // 10, 1)]
+        if fine_tune_epochs > 0:
+            fine_tune_classifier(
+                model, train, epochs=fine_tune_epochs, lr=5e-5, seed=seed, progress=progress
+            )
+
+        def validate(m: nn.Module) -> float:
+            return _accuracy(m, data.validation)
+
+        extra.update(
+            max_length=max_length,
+            batch_size=batch_size,
+            fine_tune_epochs=fine_tune_epochs,
+            label_names=data.label_names,
+            metric="accuracy %",
+        )
+    result = rmt_kd(
+        model,
+        calibration,
+        train,
+        validate,
+        task=task,
+        sites=sites,
+        tau=tau,
+        estimator=estimator,
+        floor=floor,
+        tolerance=tolerance,
+        target_params=target_params,
+        steps_per_cut=steps_per_cut,
+        lr=lr,
+        alpha=alpha,
+        temperature=temperature,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        seed=seed,
+        progress=progress,
+    )
+    result.settings = {**result.settings, **extra}
+    if out_dir is not None:
+        from laserrmt.surgery.io import save_compressed
+
+        save_compressed(
+            result.model,
+            out_dir,
+            tokenizer=tokenizer,
+            settings={"method": "rmt-kd", "rmt_kd": result.to_dict()},
+            overwrite=overwrite,
+        )
+    return result

@@ -73,25 +73,30 @@ from laserrmt.errors import (
 from laserrmt.models.architectures import block_index, module_role
 from laserrmt.surgery.registry import CompressedModule, dtype_from_name, dtype_name, register_module
 
-SiteKind = Literal["channels", "mlp", "residual"]
+SiteKind = Literal["channels", "mlp", "residual", "attn_vo", "attn_qk"]
 
 __all__ = [
+    "ReducedSelfAttention",
     "ResizedBatchNorm2d",
     "ResizedConv2d",
     "ResizedLinear",
+    "SiteRank",
     "SiteStatistics",
     "WidthCut",
     "WidthSite",
     "activation_rank",
+    "attention_head_ranks",
     "collect_site_statistics",
     "count_parameters",
     "cut_width",
     "find_width_sites",
+    "query_key_maps",
     "reconstruction_matrix",
     "residual_site",
     "residual_width",
     "rotate_residual_stream",
     "select_units",
+    "site_rank",
     "slice_residual_stream",
 ]
 
@@ -314,20 +319,32 @@ def find_width_sites(model: nn.Module, kinds: Sequence[SiteKind] | None = None) 
     **not** for networks with skip connections (ResNet), where a convolution's output has
     several readers; name the sites yourself there. ``"residual"``: the residual stream of a
     Llama-style model (see :func:`slice_residual_stream`); only listed when asked for.
+    ``"attn_vo"`` / ``"attn_qk"`` (both: ``"attention"``): the per-head value/output and
+    query/key widths of BERT-style encoder self-attention (see :class:`ReducedSelfAttention`).
+
+    Transformer sites come block by block, in forward order within a block (attention value
+    and query/key widths, then the MLP).
     """
-    kinds = tuple(kinds) if kinds is not None else ("mlp", "channels")
-    unknown = set(kinds) - {"mlp", "channels", "residual"}
+    kinds = tuple(kinds) if kinds is not None else ("mlp", "attention", "channels")
+    known = {"mlp", "channels", "residual", "attention", "attn_vo", "attn_qk"}
+    unknown = set(kinds) - known
     if unknown:
         raise InvalidOptionError(
-            f"unknown site kinds {sorted(unknown)}; use 'mlp', 'channels' or 'residual'"
+            f"unknown site kinds {sorted(unknown)}; use {', '.join(sorted(known))}"
         )
     sites: list[WidthSite] = []
     if "residual" in kinds:
         layout = _residual_layout(model)
         sites.append(WidthSite(name="residual_stream", kind="residual", width=layout.width))
+    block_sites: list[WidthSite] = []
+    attention_kinds = {"attn_vo", "attn_qk"} if "attention" in kinds else set(kinds)
+    block_sites.extend(s for s in _attention_sites(model) if s.kind in attention_kinds)
     if "mlp" in kinds:
-        sites.extend(_mlp_sites(model))
-    if "channels" in kinds and not any(s.kind == "mlp" for s in sites):
+        block_sites.extend(_mlp_sites(model))
+    # Stable sort: attention before MLP within a block, as the forward pass meets them.
+    block_sites.sort(key=lambda s: block_index(s.name) or 0)
+    sites.extend(block_sites)
+    if "channels" in kinds and not block_sites:
         sites.extend(_channel_sites(model))
     return sites
 
@@ -338,11 +355,16 @@ def find_width_sites(model: nn.Module, kinds: Sequence[SiteKind] | None = None) 
 
 @dataclass
 class SiteStatistics:
-    """The uncentred second moment ``C = Σ h hᵀ / n`` of a site's units, float64."""
+    """The uncentred second moment ``C = Σ h hᵀ / n`` of a site's units, float64.
+
+    For an ``attn_qk`` site ``second_moment`` is that of the queries and ``key_moment`` that of
+    the keys (all heads, concatenated).
+    """
 
     site: str
     second_moment: torch.Tensor = field(repr=False)
     n_samples: int
+    key_moment: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def width(self) -> int:
@@ -394,6 +416,9 @@ def collect_site_statistics(
     channel = [s for s in sites if s.kind == "channels"]
     if channel:
         out.update(_channel_statistics(model, listed, channel))
+    attention = [s for s in sites if s.kind in ("attn_vo", "attn_qk")]
+    if attention:
+        out.update(_attention_statistics(model, listed, attention))
     for site in sites:
         if site.kind == "residual":
             out[site.name] = _residual_statistics(model, listed, site)
@@ -490,6 +515,44 @@ def activation_rank(
     return choose_rank(
         np.sqrt(n * eigenvalues[: min(d, n)]), (d, n), "mp", estimator=estimator, quantile=tau
     )
+
+
+@dataclass
+class SiteRank:
+    """The RMT width decision for one site: ``rank`` of ``width`` directions are signal.
+
+    For attention sites ``rank`` is ``heads × max(per-head counts)`` (every head keeps the same
+    number of directions, so the heads stay one reshape) and ``per_head`` lists each head's
+    count; ``sigma`` and ``edge`` are those of the head that set the maximum.
+    """
+
+    rank: int
+    width: int
+    sigma: float
+    edge: float
+    per_head: list[int] | None = None
+
+
+def site_rank(
+    model: nn.Module,
+    site: WidthSite,
+    statistics: SiteStatistics,
+    *,
+    tau: float = 0.5,
+    estimator: str = "mp_fit",
+) -> SiteRank:
+    """How many directions of ``site`` lie above the Marchenko–Pastur edge (see
+    :func:`activation_rank`; attention sites per head, :func:`attention_head_ranks`)."""
+    if site.kind in ("attn_vo", "attn_qk"):
+        heads = _layout_of(model, site).heads
+        per_head = attention_head_ranks(site, statistics, heads, tau=tau, estimator=estimator)
+        best = max(range(heads), key=lambda h: per_head[h][0])
+        k_head, sigma, edge = per_head[best]
+        return SiteRank(heads * k_head, statistics.width, sigma, edge, [p[0] for p in per_head])
+    choice = activation_rank(
+        statistics.second_moment, statistics.n_samples, tau=tau, estimator=estimator
+    )
+    return SiteRank(int(choice.rank), statistics.width, float(choice.sigma), float(choice.edge))
 
 
 def select_units(second_moment: torch.Tensor, k: int) -> list[int]:
@@ -709,6 +772,17 @@ def cut_width(
     if not 1 <= k <= site.width:
         raise PlanError(f"site {site.name}: cannot keep {k} of {site.width}; keep 1..{site.width}")
     before = count_parameters(model)
+    if site.kind in ("attn_vo", "attn_qk"):
+        k_head, width = _cut_attention(model, site, statistics, k)
+        return WidthCut(
+            site.name,
+            site.kind,
+            site.width,
+            width,
+            list(range(k_head)),
+            before,
+            count_parameters(model),
+        )
     if site.kind == "residual":
         k = residual_width(model, k)
         slice_residual_stream(model, statistics.second_moment, k)
@@ -966,3 +1040,420 @@ def slice_residual_stream(model: nn.Module, second_moment: torch.Tensor, k: int)
     config.head_dim = int(head_dim)
     config.hidden_size = k
     config.rms_norm_eps = float(config.rms_norm_eps) * d / k
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention widths: per-head value/output and query/key
+
+
+@register_module
+class ReducedSelfAttention(CompressedModule):
+    """Multi-head self-attention whose query/key and value heads are narrower than the original.
+
+    A drop-in for BERT's ``BertSelfAttention`` (same ``forward`` arguments and ``(output,
+    weights)`` return) with its own head sizes: ``qk_head_size`` for queries and keys,
+    ``v_head_size`` for values. transformers' BERT derives one head size from
+    ``hidden_size / num_attention_heads`` and uses it to reshape all three projections, so it
+    cannot express a cut head; this module can. The softmax scale stays the *original*
+    ``1/sqrt(head_dim)``, because the cut keeps the original query-key products (approximately)
+    and those were scaled by it. The output is ``num_heads · v_head_size`` wide; the attention
+    output projection that reads it is cut to match.
+
+    Only bidirectional encoder attention is supported (no key/value cache, no cross-attention).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        qk_head_size: int,
+        v_head_size: int,
+        scaling: float,
+        *,
+        dropout: float = 0.0,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.hidden_size = int(hidden_size)
+        self.num_attention_heads = int(num_heads)
+        self.qk_head_size = int(qk_head_size)
+        self.v_head_size = int(v_head_size)
+        self.scaling = float(scaling)
+        self.dropout_p = float(dropout)
+        kwargs: dict[str, Any] = {"bias": bias, "device": device, "dtype": dtype}
+        self.query = nn.Linear(hidden_size, num_heads * qk_head_size, **kwargs)
+        self.key = nn.Linear(hidden_size, num_heads * qk_head_size, **kwargs)
+        self.value = nn.Linear(hidden_size, num_heads * v_head_size, **kwargs)
+
+    def laserrmt_config(self) -> dict[str, Any]:
+        return {
+            "hidden_size": self.hidden_size,
+            "num_heads": self.num_attention_heads,
+            "qk_head_size": self.qk_head_size,
+            "v_head_size": self.v_head_size,
+            "scaling": self.scaling,
+            "dropout": self.dropout_p,
+            "bias": self.query.bias is not None,
+            "dtype": dtype_name(self.query.weight.dtype),
+        }
+
+    @classmethod
+    def from_laserrmt_config(cls, cfg: Mapping[str, Any]) -> ReducedSelfAttention:
+        return cls(
+            int(cfg["hidden_size"]),
+            int(cfg["num_heads"]),
+            int(cfg["qk_head_size"]),
+            int(cfg["v_head_size"]),
+            float(cfg["scaling"]),
+            dropout=float(cfg["dropout"]),
+            bias=bool(cfg["bias"]),
+            dtype=dtype_from_name(cfg["dtype"]),
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        if past_key_values is not None:
+            raise TargetSelectionError(
+                "ReducedSelfAttention is encoder attention and keeps no key/value cache; run "
+                "the model without past_key_values"
+            )
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+            raise TargetSelectionError(
+                f"ReducedSelfAttention takes tensor masks (eager or sdpa attention), not "
+                f"{type(attention_mask).__name__}; load the model with attn_implementation='sdpa'"
+            )
+        shape = hidden_states.shape[:-1]
+        heads = self.num_attention_heads
+
+        def split(x: torch.Tensor, size: int) -> torch.Tensor:
+            return x.view(*shape, heads, size).transpose(-3, -2)
+
+        q = split(self.query(hidden_states), self.qk_head_size)
+        k = split(self.key(hidden_states), self.qk_head_size)
+        v = split(self.value(hidden_states), self.v_head_size)
+        if attention_mask is not None and attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask.to(q.dtype)
+        # Boolean masks (sdpa: True = attend) and additive float masks (eager) both fit here.
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attention_mask,
+            dropout_p=self.dropout_p if self.training else 0.0,
+            scale=self.scaling,
+        )
+        return out.transpose(-3, -2).reshape(*shape, heads * self.v_head_size), None
+
+
+@dataclass(frozen=True)
+class _AttentionLayout:
+    """A BERT-style self-attention: the module holding q/k/v and the output projection."""
+
+    self_name: str
+    output_name: str
+    heads: int
+    qk_head_size: int
+    v_head_size: int
+    scaling: float
+    dropout: float
+
+
+# ARCH: BERT-family encoder attention: `<block>.attention.self` holds `query`, `key`, `value`
+# (nn.Linear, heads concatenated in the output dimension, head-major) and `num_attention_heads`,
+# `attention_head_size`; `<block>.attention.output.dense` reads the concatenated heads. Lead:
+# move `_attention_layouts` into models/architectures.py next to the roles.
+def _attention_layouts(model: nn.Module) -> list[_AttentionLayout]:
+    layouts = []
+    for name, module in model.named_modules():
+        if not name.endswith("attention.self"):
+            continue
+        parts = [getattr(module, p, None) for p in ("query", "key", "value")]
+        if not all(isinstance(p, nn.Linear) for p in parts):
+            continue
+        output_name = name[: -len("self")] + "output.dense"
+        try:
+            output = model.get_submodule(output_name)
+        except AttributeError:
+            continue
+        if not isinstance(output, nn.Linear):
+            continue
+        heads = int(module.num_attention_heads)  # type: ignore[arg-type]
+        if isinstance(module, ReducedSelfAttention):
+            qk, v, scaling, dropout = (
+                module.qk_head_size,
+                module.v_head_size,
+                module.scaling,
+                module.dropout_p,
+            )
+        else:
+            qk = v = int(module.attention_head_size)  # type: ignore[arg-type]
+            scaling = float(getattr(module, "scaling", qk**-0.5))
+            dropout_module = getattr(module, "dropout", None)
+            dropout = float(dropout_module.p) if isinstance(dropout_module, nn.Dropout) else 0.0
+        if getattr(module, "is_decoder", False) or getattr(module, "is_causal", False):
+            continue  # a decoder's cache and causal mask are not handled by the reduced module
+        layouts.append(_AttentionLayout(name, output_name, heads, qk, v, scaling, dropout))
+    return layouts
+
+
+def _attention_sites(model: nn.Module) -> list[WidthSite]:
+    sites = []
+    for layout in _attention_layouts(model):
+        prefix = layout.self_name[: -len(".self")]
+        sites.append(
+            WidthSite(
+                name=f"{prefix}.vo",
+                kind="attn_vo",
+                width=layout.heads * layout.v_head_size,
+                producers=(layout.self_name,),
+                consumer=layout.output_name,
+            )
+        )
+        sites.append(
+            WidthSite(
+                name=f"{prefix}.qk",
+                kind="attn_qk",
+                width=layout.heads * layout.qk_head_size,
+                producers=(layout.self_name,),
+                consumer=layout.self_name,
+            )
+        )
+    return sites
+
+
+def _layout_of(model: nn.Module, site: WidthSite) -> _AttentionLayout:
+    for layout in _attention_layouts(model):
+        if layout.self_name == site.producers[0]:
+            return layout
+    raise TargetSelectionError(
+        f"site {site.name}: {site.producers[0]} is not a BERT-style self-attention any more"
+    )
+
+
+def _attention_statistics(
+    model: nn.Module, batches: list[Any], sites: Sequence[WidthSite]
+) -> dict[str, SiteStatistics]:
+    """Second moments of the value (``attn_vo``) or query and key (``attn_qk``) projections."""
+    sums: dict[tuple[str, str], torch.Tensor] = {}
+    counts: dict[tuple[str, str], int] = {}
+
+    def hook(key: tuple[str, str], output: torch.Tensor) -> None:
+        rows = output.detach().reshape(-1, output.shape[-1]).to(torch.float64).cpu()
+        gram = rows.T @ rows
+        sums[key] = sums[key] + gram if key in sums else gram
+        counts[key] = counts.get(key, 0) + int(rows.shape[0])
+
+    wanted: dict[tuple[str, str], nn.Module] = {}
+    for site in sites:
+        attention = model.get_submodule(site.producers[0])
+        for part in ("value",) if site.kind == "attn_vo" else ("query", "key"):
+            wanted[(site.producers[0], part)] = getattr(attention, part)
+    handles = [
+        module.register_forward_hook(lambda m, a, out, key=key: hook(key, out))
+        for key, module in wanted.items()
+    ]
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                _run(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in flags:
+            module.training = training
+    missing = [key for key in wanted if key not in sums]
+    if missing:
+        raise TargetSelectionError(f"attention projections {missing} never ran in the forward pass")
+    out = {}
+    for site in sites:
+        owner = site.producers[0]
+        if site.kind == "attn_vo":
+            key = (owner, "value")
+            out[site.name] = SiteStatistics(site.name, sums[key] / counts[key], counts[key])
+        else:
+            q, k = (owner, "query"), (owner, "key")
+            out[site.name] = SiteStatistics(
+                site.name, sums[q] / counts[q], counts[q], key_moment=sums[k] / counts[k]
+            )
+    return out
+
+
+def _head_blocks(c: torch.Tensor, heads: int) -> list[torch.Tensor]:
+    size = c.shape[0] // heads
+    c = c.detach().cpu().to(torch.float64)
+    c = (c + c.T) / 2
+    return [c[h * size : (h + 1) * size, h * size : (h + 1) * size] for h in range(heads)]
+
+
+def _top_eigenvectors(c: torch.Tensor, k: int) -> torch.Tensor:
+    _, vectors = torch.linalg.eigh(c)
+    return vectors.flip(-1)[:, :k]
+
+
+def _root(c: torch.Tensor) -> torch.Tensor:
+    """``R`` with ``R Rᵀ = C`` (eigenvectors scaled by the square roots of the eigenvalues)."""
+    values, vectors = torch.linalg.eigh(c)
+    return vectors * values.clamp_min(0.0).sqrt()
+
+
+def query_key_maps(
+    c_query: torch.Tensor, c_key: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A``, ``B`` (``d × k``) with ``qᵀ A Bᵀ k ≈ qᵀ k`` for one head (float64).
+
+    Attention reads queries and keys only through the products ``qᵀk``. Writing the second
+    moments as ``C_q = R_q R_qᵀ`` and ``C_k = R_k R_kᵀ``, the mean squared error of the
+    products over query/key pairs *drawn independently* is ``‖R_qᵀ (I − A Bᵀ) R_k‖²_F``; with
+    the SVD ``R_qᵀ R_k = U Σ Vᵀ`` its minimum over rank ``k`` (Eckart–Young) is reached by
+
+        ``A = R_k V_k Σ_k^{-1/2}``,  ``B = R_q U_k Σ_k^{-1/2}``
+
+    (then ``R_qᵀ A Bᵀ R_k = U_k Σ_k V_kᵀ``; only the kept singular values are inverted, so no
+    small eigenvalue of ``C_q`` or ``C_k`` is amplified). With ``k = d`` and full-rank moments
+    ``A Bᵀ = I``: the products are unchanged. The cut is ``Q' = Aᵀ Q``, ``K' = Bᵀ K``.
+
+    The products are preserved only approximately: the error criterion treats queries and keys
+    as independent (in a sequence they are not), and it weighs every product alike while the
+    softmax is dominated by the largest scores. When queries or keys lie exactly in a
+    ``k``-dimensional subspace the error is zero.
+    """
+    r_q, r_k = _root(c_query), _root(c_key)
+    u, s, vh = torch.linalg.svd(r_q.T @ r_k)
+    floor = 1e-12 * float(s[0]) if s.numel() and float(s[0]) > 0 else 1e-300
+    inv_root = torch.where(s[:k] > floor, s[:k].clamp_min(floor).rsqrt(), 0.0)
+    a = r_k @ vh[:k].T * inv_root
+    b = r_q @ u[:, :k] * inv_root
+    return a, b
+
+
+def attention_head_ranks(
+    site: WidthSite, statistics: SiteStatistics, heads: int, *, tau: float, estimator: str
+) -> list[tuple[int, float, float]]:
+    """Per head ``(k, sigma, edge)``: directions above the MP edge (``attn_qk``: the smaller of
+    the query and key counts, since ``rank(Q Kᵀ) ≤ min(rank Q, rank K)``)."""
+    n = statistics.n_samples
+    out = []
+    if site.kind == "attn_vo":
+        for c in _head_blocks(statistics.second_moment, heads):
+            choice = activation_rank(c, n, tau=tau, estimator=estimator)
+            out.append((int(choice.rank), float(choice.sigma), float(choice.edge)))
+        return out
+    if statistics.key_moment is None:
+        raise PlanError(f"site {site.name}: query-key statistics need the key second moment")
+    for cq, ck in zip(
+        _head_blocks(statistics.second_moment, heads),
+        _head_blocks(statistics.key_moment, heads),
+        strict=True,
+    ):
+        q = activation_rank(cq, n, tau=tau, estimator=estimator)
+        k = activation_rank(ck, n, tau=tau, estimator=estimator)
+        smaller = q if int(q.rank) <= int(k.rank) else k
+        out.append((int(smaller.rank), float(smaller.sigma), float(smaller.edge)))
+    return out
+
+
+def _reduced_from(module: nn.Module, layout: _AttentionLayout) -> ReducedSelfAttention:
+    if isinstance(module, ReducedSelfAttention):
+        return module
+    weight = module.query.weight  # type: ignore[union-attr]
+    new = ReducedSelfAttention(
+        int(module.query.in_features),  # type: ignore[union-attr,arg-type]
+        layout.heads,
+        layout.qk_head_size,
+        layout.v_head_size,
+        layout.scaling,
+        dropout=layout.dropout,
+        bias=module.query.bias is not None,  # type: ignore[union-attr]
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    with torch.no_grad():
+        for part in ("query", "key", "value"):
+            getattr(new, part).load_state_dict(getattr(module, part).state_dict())
+    return new
+
+
+def _per_head_rows(linear: nn.Linear, maps: Sequence[torch.Tensor]) -> nn.Linear:
+    """A linear whose head ``h`` outputs ``maps[h]ᵀ`` times the original head ``h``."""
+    heads = len(maps)
+    size = linear.out_features // heads
+    k = maps[0].shape[1]
+    w = linear.weight.detach().to(torch.float64).reshape(heads, size, -1)
+    new_w = torch.stack([m.to(w.device).T @ w[h] for h, m in enumerate(maps)]).reshape(
+        heads * k, -1
+    )
+    new = nn.Linear(
+        linear.in_features,
+        heads * k,
+        bias=linear.bias is not None,
+        device=linear.weight.device,
+        dtype=linear.weight.dtype,
+    )
+    with torch.no_grad():
+        new.weight.copy_(new_w.to(linear.weight.dtype))
+        if linear.bias is not None:
+            b = linear.bias.detach().to(torch.float64).reshape(heads, size)
+            new_b = torch.stack([m.to(b.device).T @ b[h] for h, m in enumerate(maps)])
+            new.bias.copy_(new_b.reshape(-1).to(linear.bias.dtype))
+    new.train(linear.training)
+    return new
+
+
+def _cut_attention(
+    model: nn.Module, site: WidthSite, statistics: SiteStatistics, k: int
+) -> tuple[int, int]:
+    """Cut an attention site to ``k`` total width (``k / heads`` per head, rounded up)."""
+    layout = _layout_of(model, site)
+    heads = layout.heads
+    k_head = min(-(-k // heads), site.width // heads)
+    attention = _reduced_from(model.get_submodule(layout.self_name), layout)
+    if site.kind == "attn_vo":
+        # A head's output is a convex combination of its values (the softmax weights sum to
+        # 1), so it lies in the span of the values: projecting them on U_k and reading the
+        # projection back with O_h U_k is exact when the values span only k directions.
+        maps = [_top_eigenvectors(c, k_head) for c in _head_blocks(statistics.second_moment, heads)]
+        attention.value = _per_head_rows(attention.value, maps)
+        attention.v_head_size = k_head
+        output = model.get_submodule(layout.output_name)
+        w = output.weight.detach().to(torch.float64)  # type: ignore[union-attr]
+        size = w.shape[1] // heads
+        folded = torch.cat(
+            [w[:, h * size : (h + 1) * size] @ maps[h].to(w.device) for h in range(heads)], dim=1
+        )
+        new_output = ResizedLinear(
+            heads * k_head,
+            output.out_features,  # type: ignore[arg-type]
+            bias=output.bias is not None,  # type: ignore[union-attr]
+            device=w.device,
+            dtype=output.weight.dtype,  # type: ignore[union-attr]
+        )
+        with torch.no_grad():
+            new_output.weight.copy_(folded.to(new_output.weight.dtype))
+            if output.bias is not None:  # type: ignore[union-attr]
+                new_output.bias.copy_(output.bias)  # type: ignore[union-attr,arg-type]
+        _set_submodule(model, layout.output_name, new_output)
+    else:
+        if statistics.key_moment is None:
+            raise PlanError(f"site {site.name}: query-key statistics need the key second moment")
+        pairs = [
+            query_key_maps(cq, ck, k_head)
+            for cq, ck in zip(
+                _head_blocks(statistics.second_moment, heads),
+                _head_blocks(statistics.key_moment, heads),
+                strict=True,
+            )
+        ]
+        attention.query = _per_head_rows(attention.query, [a for a, _ in pairs])
+        attention.key = _per_head_rows(attention.key, [b for _, b in pairs])
+        attention.qk_head_size = k_head
+    _set_submodule(model, layout.self_name, attention)
+    return k_head, heads * k_head

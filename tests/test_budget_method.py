@@ -1,0 +1,103 @@
+"""The budget method end to end on tiny models of several families: whitening, allocation,
+healing, int8, and the saved folder loading back with the same outputs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import laserrmt
+from laserrmt.compress import compress
+from laserrmt.data.text import calibration_windows
+from laserrmt.errors import BudgetError, InvalidOptionError
+from laserrmt.evaluate import count_parameters
+from laserrmt.methods.objectives import make_objective
+from laserrmt.models.targets import find_targets
+from laserrmt.surgery.lowrank import LowRankLinear
+from laserrmt.surgery.quantize import Int8Linear, Int8LowRankLinear
+from tests.tiny_models import tiny_bert, tiny_gemma, tiny_gpt2, tiny_llama, tiny_tokenizer
+
+SMALL = {"calibration_windows": 2, "window": 64, "progress": False}
+
+
+def outputs(model, ids):
+    with torch.no_grad():
+        out = model(ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2, tiny_gemma, tiny_bert])
+def test_families_compress_under_a_budget(build, tmp_path):
+    model = build()
+    names = [t.name for t in find_targets(model)]
+    before = count_parameters(model, names)["params_targets"]
+    model, result = compress(
+        model, tiny_tokenizer(), method="budget", whiten="svdllm", target_params=0.3, **SMALL
+    )
+    after = count_parameters(model, names)["params_targets"]
+    assert before - after == result.plan.params_removed() >= 0.3 * result.plan.params_before()
+    assert any(isinstance(m, LowRankLinear) for m in model.modules())
+    ids = torch.randint(0, 200, (1, 12))
+    expected = outputs(model, ids)
+    folder = laserrmt.save(model, tmp_path / "m", plan=result.plan)
+    reloaded, _ = laserrmt.load(folder)
+    assert torch.allclose(outputs(reloaded, ids), expected, atol=1e-5)
+
+
+def test_uniform_and_global_allocations_remove_the_same_budget():
+    removed = {}
+    for allocation in ("uniform", "global"):
+        _, result = compress(
+            tiny_llama(), tiny_tokenizer(), method="budget", allocation=allocation,
+            target_params=0.25, **SMALL,
+        )
+        removed[allocation] = result.plan.params_removed() / result.plan.params_before()
+        assert {d.extras["whiten"] for d in result.plan} == {"svdllm"}
+    assert removed["global"] == pytest.approx(0.25, abs=0.02)
+    assert removed["uniform"] == pytest.approx(0.25, abs=0.05)
+
+
+def test_healing_brings_the_factors_closer_to_the_dense_model():
+    dense = tiny_llama(initializer_range=0.15)  # peaked predictions: a compression shows in KL
+    windows = calibration_windows(tiny_tokenizer(), n_windows=2, window=64, seed=0)
+    kl = make_objective("kl", windows, tolerance=0.0)
+    kl.calibrate(dense)
+    frozen = {k: v.clone() for k, v in dense.state_dict().items() if "embed" in k or "norm" in k}
+    results = {}
+    for steps in (0, 12):
+        model, result = compress(
+            copy.deepcopy(dense), tiny_tokenizer(), method="budget", target_params=0.4,
+            heal_steps=steps, heal_lr=1e-3, importance="none", **SMALL,
+        )
+        results[steps] = kl(model)
+    assert results[12] < 0.8 * results[0]
+    assert result.healing["steps"] == 12 and result.healing["trainable_parameters"] > 0
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in frozen.items())
+
+
+def test_int8_on_top_saves_and_loads_with_identical_logits(tmp_path):
+    model, result = compress(
+        tiny_llama(tie_word_embeddings=False), tiny_tokenizer(), method="budget",
+        target_params=0.3, quantize="int8", **SMALL,
+    )
+    kinds = {type(m) for m in model.modules()}
+    assert Int8LowRankLinear in kinds and Int8Linear in kinds and LowRankLinear not in kinds
+    ids = torch.randint(0, 200, (1, 10))
+    folder = laserrmt.save(model, tmp_path / "q", plan=result.plan)
+    reloaded, _ = laserrmt.load(folder)
+    assert torch.equal(outputs(reloaded, ids), outputs(model, ids))
+    int8 = [t for t in reloaded.state_dict().values() if t.dtype == torch.int8]
+    assert sum(t.numel() for t in int8) > 0
+
+
+def test_unreachable_budget_names_the_largest_reachable():
+    with pytest.raises(BudgetError, match="largest reachable"):
+        compress(tiny_llama(), tiny_tokenizer(), method="budget", target_params=0.99, **SMALL)
+
+
+def test_budget_needs_a_target():
+    with pytest.raises(InvalidOptionError, match="--target-params"):
+        compress(tiny_llama(), tiny_tokenizer(), method="budget", **SMALL)
