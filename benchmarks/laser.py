@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any
 
 from benchmarks.common import write_result
@@ -62,6 +63,33 @@ def main() -> None:
     dense_params = count_parameters(dense.model, targets)["params_targets"]
 
     rows: list[list[Any]] = [["dense", dense_ppl, 0, "0.0 %", 0.0, 1.0, 1.0]]
+
+    def write() -> Path:
+        table = markdown_table(
+            (
+                "configuration",
+                "eval perplexity",
+                "target params removed",
+                "removed %",
+                "compression s",
+                "prefill speed-up",
+                "decode speed-up",
+            ),
+            rows,
+        )
+        protocol = (
+            f"Model: SmolLM2-135M-Instruct (dequantized Q4_1 GGUF, fp32), {len(targets)} target "
+            f"matrices holding {dense_params:,} parameters. Perplexity: pinned protocol "
+            f"{PROTOCOL['name']}, first {args.eval_windows} evaluation windows of 512 tokens. "
+            "Loop decisions use calibration windows only (seed 0). Speed-ups are dense time / "
+            f"compressed time (prefill 128 tokens; decode 32 tokens, batch 1), medians of "
+            f"{args.repeats} runs after a warm-up, dense and compressed measured back to back."
+        )
+        path = write_result(
+            "laser", "LaserRMT on SmolLM2-135M", [("Protocol", protocol), ("Results", table)]
+        )
+        return path
+
     for label, settings in configurations(args.quick):
         copy = load_model(folder)
         start = time.perf_counter()
@@ -85,33 +113,10 @@ def main() -> None:
             ]
         )
         print(rows[-1], flush=True)
+        write()  # after every row: a stopped run keeps what it measured
         del model, copy
 
-    table = markdown_table(
-        (
-            "configuration",
-            "eval perplexity",
-            "target params removed",
-            "removed %",
-            "compression s",
-            "prefill speed-up",
-            "decode speed-up",
-        ),
-        rows,
-    )
-    protocol = (
-        f"Model: SmolLM2-135M-Instruct (dequantized Q4_1 GGUF, fp32), {len(targets)} target "
-        f"matrices holding {dense_params:,} parameters. Perplexity: pinned protocol "
-        f"{PROTOCOL['name']}, first {args.eval_windows} evaluation windows of 512 tokens. "
-        "Loop decisions use calibration windows only (seed 0). Speed-ups are dense time / "
-        f"compressed time (prefill 128 tokens; decode 32 tokens, batch 1), medians of "
-        f"{args.repeats} runs after a warm-up, dense and compressed measured back to back."
-    )
-    path = write_result(
-        "laser", "LaserRMT on SmolLM2-135M", [("Protocol", protocol), ("Results", table)]
-    )
-    print(table)
-    print(f"written: {path}")
+    print(write())
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import argparse
 import copy
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -139,6 +140,44 @@ def main() -> None:
     ]
     dense_size = None
 
+    def write(rows: list[list[Any]]) -> Path:
+        table = markdown_table(
+            (
+                "method",
+                "removed",
+                "eval ppl",
+                "Shakespeare ppl",
+                "target params",
+                "size / dense",
+                "prefill speed-up",
+                "decode speed-up",
+                "linear bytes ratio",
+                "compression s",
+                "peak MiB",
+            ),
+            rows,
+        )
+        protocol = (
+            f"SmolLM2-135M-Instruct (dequantized Q4_1 GGUF, fp32); {len(names)} target matrices, "
+            f"{dense_targets:,} parameters. 'removed' is the fraction of target-matrix parameters "
+            f"removed. Evaluation: pinned protocol {PROTOCOL['name']}, {args.eval_windows} windows of "
+            f"512 tokens; second domain: the first {args.shakespeare_windows} windows of the "
+            f"Shakespeare texts (never used for calibration). Calibration: {args.calibration_windows} "
+            f"windows of the calibration split (seed 0), Grams streamed block by block in float64 "
+            f"({calib_s:.0f} s). Healing: {args.heal_steps} steps, lr {args.heal_lr}, KL to the dense "
+            f"model on the calibration windows, factors only. Importance: {args.importance}. "
+            f"Speed-ups: dense/compressed, batch 1, prefill of 128 tokens and greedy decode of 32, "
+            f"medians of {args.repeats} runs after a warm-up, dense and compressed back to back. "
+            "'linear bytes ratio' = bytes of dense linear weights / bytes of the compressed ones "
+            "(what one decode step reads). Size is model.safetensors on disk relative to the dense save."
+        )
+        path = write_result(
+            "lowrank",
+            "Activation-aware low rank on SmolLM2-135M",
+            [("Protocol", protocol), ("Results", table)],
+        )
+        return path
+
     def measure(label: str, frac: float, model: torch.nn.Module, seconds: float, peak: int) -> None:
         nonlocal dense_size
         with tempfile.TemporaryDirectory() as tmp:
@@ -170,6 +209,7 @@ def main() -> None:
             ]
         )
         print(rows[-1], flush=True)
+        write(rows)  # after every row: a stopped run keeps what it measured
 
     for frac in args.fractions:
         for label, whiten, uniform in (
@@ -227,43 +267,7 @@ def main() -> None:
             )
             del model
 
-    table = markdown_table(
-        (
-            "method",
-            "removed",
-            "eval ppl",
-            "Shakespeare ppl",
-            "target params",
-            "size / dense",
-            "prefill speed-up",
-            "decode speed-up",
-            "linear bytes ratio",
-            "compression s",
-            "peak MiB",
-        ),
-        rows,
-    )
-    protocol = (
-        f"SmolLM2-135M-Instruct (dequantized Q4_1 GGUF, fp32); {len(names)} target matrices, "
-        f"{dense_targets:,} parameters. 'removed' is the fraction of target-matrix parameters "
-        f"removed. Evaluation: pinned protocol {PROTOCOL['name']}, {args.eval_windows} windows of "
-        f"512 tokens; second domain: the first {args.shakespeare_windows} windows of the "
-        f"Shakespeare texts (never used for calibration). Calibration: {args.calibration_windows} "
-        f"windows of the calibration split (seed 0), Grams streamed block by block in float64 "
-        f"({calib_s:.0f} s). Healing: {args.heal_steps} steps, lr {args.heal_lr}, KL to the dense "
-        f"model on the calibration windows, factors only. Importance: {args.importance}. "
-        f"Speed-ups: dense/compressed, batch 1, prefill of 128 tokens and greedy decode of 32, "
-        f"medians of {args.repeats} runs after a warm-up, dense and compressed back to back. "
-        "'linear bytes ratio' = bytes of dense linear weights / bytes of the compressed ones "
-        "(what one decode step reads). Size is model.safetensors on disk relative to the dense save."
-    )
-    path = write_result(
-        "lowrank",
-        "Activation-aware low rank on SmolLM2-135M",
-        [("Protocol", protocol), ("Results", table)],
-    )
-    print(table)
-    print(f"written: {path}")
+    print(write(rows))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -321,3 +322,20 @@ def test_query_key_cut_removes_the_hand_counted_parameters_and_reloads(tmp_path)
     save_compressed(model, tmp_path / "bert")
     loaded, _ = load(tmp_path / "bert")
     assert torch.allclose(loaded(**MASKED).logits, expected, atol=1e-6, rtol=0)
+
+
+def test_activation_analysis_reports_the_planted_widths_and_writes_a_report(tmp_path) -> None:
+    from laserrmt.activations import analyze_activations, write_activation_report
+
+    model = tiny_bert(num_labels=3)
+    _plant_value_subspace(model, 3)
+    records = analyze_activations(model, TOKENS, progress=False)
+    assert [r["kind"] for r in records] == ["attn_vo", "attn_qk", "mlp"] * 2
+    vo = [r for r in records if r["kind"] == "attn_vo"]
+    assert all(r["per_head"] == [3, 3, 3, 3] and r["k"] == 12 and r["d"] == 32 for r in vo)
+    assert all(0 < r["k_over_d"] <= 1 and r["edge"] > 0 for r in records)
+    out = write_activation_report(records, tmp_path / "act", model_source="tiny bert")
+    assert (out / "report.html").stat().st_size > 1000
+    saved = json.loads((out / "activations.json").read_text())
+    assert [s["k"] for s in saved["sites"]] == [r["k"] for r in records]
+    assert (out / "kept_fraction.png").is_file()

