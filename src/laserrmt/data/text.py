@@ -1,6 +1,6 @@
 """The pinned text protocol: which text calibrates, which text evaluates, and how it is cut.
 
-Protocol ``wikitext-gensim-enwiki-v1``. Every perplexity this package reports is measured under
+Protocol ``wikipedia-gensim-enwiki-v1``. Every perplexity this package reports is measured under
 it unless a report says otherwise; it is recorded in reports as :data:`PROTOCOL`. Never change
 it silently: a change of any rule below needs a new name. (The text is an English Wikipedia
 excerpt; it is *not* the WikiText-2/103 benchmark of Merity et al., and its numbers are not
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import bz2
 import importlib.util
+import os
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -46,7 +47,7 @@ import torch
 
 from laserrmt.errors import DataError
 
-PROTOCOL_NAME = "wikitext-gensim-enwiki-v1"
+PROTOCOL_NAME = "wikipedia-gensim-enwiki-v1"
 WINDOW = 512
 EVALUATION_WINDOWS = 32
 CALIBRATION_WINDOWS = 32
@@ -99,11 +100,18 @@ def _articles() -> tuple[str, ...]:
     from gensim.corpora.wikicorpus import extract_pages, filter_wiki
 
     with bz2.open(path, "rb") as handle:
-        return tuple(
+        articles = tuple(
             filter_wiki(text)
             for _title, text, _page_id in extract_pages(handle)
             if not text.lstrip().lower().startswith("#redirect")
         )
+    if len(articles) != PROTOCOL["articles"]:
+        # Another excerpt would silently change every number measured under the protocol.
+        raise DataError(
+            f"{path} holds {len(articles)} articles, the pinned protocol expects "
+            f"{PROTOCOL['articles']}; install the gensim release it was pinned with (gensim==4.4.0)"
+        )
+    return articles
 
 
 def wikipedia_articles() -> list[str]:
@@ -112,7 +120,8 @@ def wikipedia_articles() -> list[str]:
     Parsed once per process (a few seconds) and cached; every call returns a fresh list.
 
     Raises:
-        DataError: gensim (the ``data`` extra) is not installed.
+        DataError: gensim (the ``data`` extra) is not installed, or its excerpt is not the one
+            the protocol was pinned with.
     """
     return list(_articles())
 
@@ -278,7 +287,7 @@ def _read_text(path: Path) -> str:
 
 
 def text_file_windows(
-    path: str | Path, tokenizer: Any, n_windows: int | None = None, window: int = WINDOW
+    path: str | os.PathLike[str], tokenizer: Any, n_windows: int | None = None, window: int = WINDOW
 ) -> torch.Tensor:
     """Windows of a user's UTF-8 text file, cut like the protocol's splits.
 

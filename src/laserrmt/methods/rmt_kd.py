@@ -55,8 +55,8 @@ __all__ = [
     "DEFAULT_TOLERANCE",
     "RMTKDResult",
     "SiteRecord",
-    "rmt_kd",
     "fine_tune_classifier",
+    "rmt_kd",
     "run_rmt_kd",
     "sequence_classifier_from_encoder",
 ]
