@@ -40,7 +40,7 @@ from laserrmt.methods.heal import heal
 from laserrmt.models.loading import default_model_folder, load_model
 from laserrmt.models.targets import find_targets, weight_matrix
 from laserrmt.report.html import markdown_table
-from laserrmt.stats.calibration import collect_input_statistics
+from laserrmt.stats.calibration import collect_fisher_diagonal, collect_input_statistics
 from laserrmt.stats.importance import layer_importance
 from laserrmt.surgery.apply import apply_plan
 from laserrmt.surgery.io import save_compressed
@@ -86,12 +86,11 @@ def main() -> None:
 
     start = time.perf_counter()
     with track_peak_memory() as calib_mem:
-        stats = collect_input_statistics(
-            dense.model,
-            list(cal_w.split(1)),
-            names,
-            fisher=args.importance == "fisher",
-            progress=True,
+        stats = collect_input_statistics(dense.model, list(cal_w.split(1)), names, progress=True)
+        fisher = (
+            collect_fisher_diagonal(dense.model, list(cal_w.split(1))[:4], names)
+            if args.importance == "fisher"
+            else None
         )
     calib_s = time.perf_counter() - start
     spectra: dict[str, dict[str, Any]] = {}
@@ -114,7 +113,7 @@ def main() -> None:
     scores = layer_importance(
         args.importance,
         names,
-        fisher={n: stats[n].fisher for n in names} if args.importance == "fisher" else None,
+        fisher=fisher,
         singular_values={n: curves[n].singular_values for n in names},
         model=dense.model,
         batches=list(cal_w.split(1)),

@@ -210,7 +210,7 @@ def write_tables(result: AnalysisResult, folder: Path) -> None:
         writer.writeheader()
         for row in ordered:
             writer.writerow(
-                {k: ("x".join(map(str, v)) if k == "shape" else v) for k, v in row.items()}
+                {k: ("x".join(map(str, v)) if isinstance(v, list) else v) for k, v in row.items()}
             )
 
 

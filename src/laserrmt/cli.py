@@ -177,9 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compress.add_argument(
         "--importance",
-        default="fisher",
+        default="auto",
         help="budget: layer-importance weight: fisher (gradient sensitivity), entropy, attention "
-        "or none (default fisher: it won the benchmark, benchmarks/results/lowrank.md)",
+        "or none; auto (default) = fisher for language models (it won the benchmark, "
+        "benchmarks/results/lowrank.md), none for models without a language-model loss",
     )
     compress.add_argument(
         "--heal-steps",

@@ -57,7 +57,8 @@ class CompressSettings:
     reproduce_laserrmt: bool = False
     whiten: str = "svdllm"
     allocation: str = "global"
-    importance: str = "fisher"
+    importance: str = "auto"
+    fisher_windows: int = 4
     heal_steps: int = 0
     heal_lr: float = 1e-4
     quantize: str | None = None
@@ -271,6 +272,7 @@ def _compress_budget(
         whiten=settings.whiten,
         allocation=settings.allocation,
         importance=settings.importance,
+        fisher_windows=settings.fisher_windows,
         settings=settings.to_dict(),
         progress=progress,
     )

@@ -28,10 +28,11 @@ from laserrmt.budget import (
     largest_paying_rank,
 )
 from laserrmt.errors import InvalidOptionError
+from laserrmt.models.architectures import is_causal_lm
 from laserrmt.models.targets import Target, weight_matrix
 from laserrmt.plan import CompressionPlan, ModuleDecision
 from laserrmt.rmt import choose_rank
-from laserrmt.stats.calibration import collect_input_statistics
+from laserrmt.stats.calibration import collect_fisher_diagonal, collect_input_statistics
 from laserrmt.stats.importance import IMPORTANCE_KINDS, layer_importance
 from laserrmt.surgery.whiten import WHITEN_METHODS, WeightedSVD, weighted_svd
 
@@ -54,22 +55,24 @@ def budget_plan(
     target_params: float,
     whiten: str = "svdllm",
     allocation: str = "global",
-    importance: str = "none",
+    importance: str = "auto",
+    fisher_windows: int = 4,
     settings: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> BudgetOutcome:
     """Decide every target's rank from one budget; the model is not modified."""
     _check(whiten, allocation, importance, target_params)
+    if importance == "auto":
+        importance = "fisher" if is_causal_lm(model) else "none"
     names = [t.name for t in targets]
-    need_fisher = whiten == "fisher" or importance == "fisher"
-    stats = collect_input_statistics(
-        model,
-        list(calibration.split(1)),
-        names,
-        blockwise=True,
-        fisher=need_fisher,
-        progress=progress,
-    )
+    batches = list(calibration.split(1))
+    stats = collect_input_statistics(model, batches, names, blockwise=True, progress=progress)
+    fisher: dict[str, torch.Tensor | None] = dict.fromkeys(names)
+    if whiten == "fisher" or importance == "fisher":
+        # A whole-model backward per window: a few windows rank layers well enough.
+        fisher.update(
+            collect_fisher_diagonal(model, batches[:fisher_windows], names, progress=progress)
+        )
     spectra: dict[str, WeightedSVD] = {}
     free_ranks: dict[str, int] = {}
     for target in tqdm(
@@ -81,7 +84,7 @@ def budget_plan(
             whiten=whiten,
             gram=s.gram,
             n_samples=s.n_samples,
-            fisher=s.fisher,
+            fisher=fisher[target.name],
             module=target.name,
         )
         # The RMT rule in the weighted space: directions standing above the MP bulk.
@@ -91,7 +94,10 @@ def budget_plan(
         name: LossCurve(t.shape, spectra[name].s.numpy())
         for name, t in zip(names, targets, strict=True)
     }
-    extras = {name: {"whiten": whiten, "free_rank": free_ranks[name]} for name in names}
+    extras = {
+        name: {"whiten": whiten, "importance": importance, "free_rank": free_ranks[name]}
+        for name in names
+    }
 
     if allocation == "uniform":
         plan = uniform_plan(targets, target_params, extras, settings)
@@ -100,10 +106,10 @@ def budget_plan(
         scores = layer_importance(
             importance,
             names,
-            fisher={n: stats[n].fisher for n in names} if importance == "fisher" else None,
+            fisher=fisher if importance == "fisher" else None,
             singular_values={n: curves[n].singular_values for n in names},
             model=model,
-            batches=list(calibration.split(1)),
+            batches=batches,
         )
         chosen = allocate_ranks(curves, target_fraction=target_params, importance=scores)
         plan = allocation_to_plan(chosen, method="budget", settings=settings, extras=extras)
@@ -158,9 +164,9 @@ def _check(whiten: str, allocation: str, importance: str, target_params: float |
         raise InvalidOptionError(
             f"unknown --allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}"
         )
-    if importance not in IMPORTANCE_KINDS:
+    if importance not in (*IMPORTANCE_KINDS, "auto"):
         raise InvalidOptionError(
-            f"unknown --importance {importance!r}; choose one of {', '.join(IMPORTANCE_KINDS)}"
+            f"unknown --importance {importance!r}; choose auto or one of {', '.join(IMPORTANCE_KINDS)}"
         )
     if target_params is None or not 0 < target_params < 1:
         raise InvalidOptionError(

@@ -226,3 +226,9 @@ def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.device.type == "meta" or b.device.type == "meta":
         return False
     return bool(a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` predicts next tokens (so a language-model loss exists for it)."""
+    can_generate = getattr(model, "can_generate", None)
+    return bool(can_generate()) if callable(can_generate) else False
