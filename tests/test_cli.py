@@ -142,3 +142,21 @@ def test_evaluate_writes_json(capsys, tiny_folder, tmp_path):
     ):
         assert key in data
     assert data["eval_tokens"] == 2 * 511
+
+
+def test_compress_rmt_kd_from_the_command_line(capsys, tiny_folder, tmp_path):
+    import laserrmt
+
+    out = tmp_path / "kd"
+    code, stdout, err = run(
+        capsys, "compress", tiny_folder, "--method", "rmt-kd", "--out", out, "--steps-per-cut", "2",
+        "--no-eval",
+    )
+    assert code == 0, err
+    assert "parameters:" in stdout and "fewer" in stdout
+    report = json.loads((out / "evaluation.json").read_text())["rmt_kd"]
+    assert report["records"] and report["parameters_after"] <= report["parameters_before"]
+    model, tokenizer = laserrmt.load(out)
+    ids = torch.tensor([tokenizer.encode("activation spectra")])
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()

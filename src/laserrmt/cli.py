@@ -160,9 +160,43 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument(
         "--method",
         default="laser",
-        help="laser (weight-spectrum ranks, RMT thresholds) or budget (activation-aware low rank "
-        "under --target-params) (default laser)",
+        help="laser (weight-spectrum ranks, RMT thresholds), budget (activation-aware low rank "
+        "under --target-params) or rmt-kd (layer widths from activation spectra, recovered by "
+        "self-distillation) (default laser)",
     )
+    kd = compress.add_argument_group("rmt-kd")
+    kd.add_argument(
+        "--dataset",
+        default=None,
+        help="rmt-kd: wikipedia (the calibration split, for language models) or bbc-news "
+        "(for sequence classifiers); default: by the model's task",
+    )
+    kd.add_argument(
+        "--sites", nargs="+", default=None, help="rmt-kd: width sites to cut (default all)"
+    )
+    kd.add_argument(
+        "--tau", type=float, default=0.5, help="rmt-kd: quantile that starts the MP fit"
+    )
+    kd.add_argument("--kd-estimator", default="mp_fit", help="rmt-kd: mp_fit or veraart")
+    kd.add_argument(
+        "--floor", type=float, default=0.05, help="rmt-kd: skip a site whose k/d is below"
+    )
+    kd.add_argument(
+        "--steps-per-cut", type=int, default=50, help="rmt-kd: distillation steps per cut"
+    )
+    kd.add_argument(
+        "--distill-lr", type=float, default=1e-4, help="rmt-kd: distillation learning rate"
+    )
+    kd.add_argument(
+        "--kd-alpha", type=float, default=0.7, help="rmt-kd: weight of the hard-label loss"
+    )
+    kd.add_argument(
+        "--temperature", type=float, default=1.0, help="rmt-kd: distillation temperature"
+    )
+    kd.add_argument(
+        "--checkpoint-dir", default=None, help="rmt-kd: checkpoint after every cut here"
+    )
+    kd.add_argument("--resume", action="store_true", help="rmt-kd: continue from --checkpoint-dir")
     compress.add_argument(
         "--whiten",
         default="svdllm",
@@ -215,8 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument(
         "--tolerance",
         type=float,
-        default=0.02,
-        help="loop: accepted relative perplexity increase (0.02 = +2%%) or KL in nats/token",
+        default=None,
+        help="loop: accepted relative perplexity increase (default 0.02 = +2%%) or KL in "
+        "nats/token; rmt-kd: accepted drop of the validation metric",
     )
     compress.add_argument(
         "--target-params", type=float, default=None, help="fraction of target parameters to remove"
@@ -392,10 +427,12 @@ def run_compress(args: argparse.Namespace) -> int:
             select=args.select,
             score=args.score,
             objective=args.objective,
-            tolerance=args.tolerance,
+            tolerance=0.02 if args.tolerance is None else args.tolerance,
             max_candidates=args.max_candidates,
             **common,
         )
+    if args.method == "rmt-kd":
+        return run_rmt_kd_command(args)
     settings.validate()
     plan = CompressionPlan.load(args.plan) if args.plan else None
     check_output_dir(args.out, args.overwrite)
@@ -448,6 +485,127 @@ def run_compress(args: argparse.Namespace) -> int:
         + ", ".join(f"{k} {v}" for k, v in summary["modes"].items())
     )
     if before and after:
+        print(comparison_markdown(before, after))
+    print(f"saved: {args.out}  (load it with laserrmt.load); report: {args.out}/report.html")
+    return 0
+
+
+def run_rmt_kd_command(args: argparse.Namespace) -> int:
+    """RMT-KD: widths from activation spectra, each cut healed by self-distillation."""
+    import json
+
+    from laserrmt.methods.rmt_kd import run_rmt_kd
+    from laserrmt.models.architectures import is_causal_lm
+    from laserrmt.models.loading import load_model
+    from laserrmt.outputs import atomic_output_dir, check_output_dir
+    from laserrmt.report.html import Report, Table, markdown_table
+    from laserrmt.surgery.io import write_compressed
+
+    check_output_dir(args.out, args.overwrite)
+    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    task = "causal-lm" if is_causal_lm(loaded.model) else "sequence-classification"
+    before = None
+    if task == "causal-lm" and not args.no_eval:
+        print("evaluating the original model…", file=sys.stderr)
+        before = _evaluate(loaded.model, loaded.tokenizer, args)
+    result = run_rmt_kd(
+        loaded.model,
+        loaded.tokenizer,
+        task=task,
+        dataset=args.dataset,
+        sites=args.sites,
+        tau=args.tau,
+        estimator=args.kd_estimator,
+        floor=args.floor,
+        tolerance=args.tolerance,
+        steps_per_cut=args.steps_per_cut,
+        lr=args.distill_lr,
+        alpha=args.kd_alpha,
+        temperature=args.temperature,
+        checkpoint_dir=args.checkpoint_dir,
+        resume=args.resume,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    columns = (
+        "site",
+        "kind",
+        "d",
+        "k",
+        "params before",
+        "params after",
+        "metric before",
+        "metric after",
+        "status",
+        "s",
+    )
+    rows = [
+        [
+            r.site,
+            r.kind,
+            r.d,
+            r.k,
+            r.parameters_before,
+            r.parameters_after,
+            r.metric_before,
+            r.metric_after,
+            r.status,
+            r.wall_s,
+        ]
+        for r in result.records
+    ]
+    with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
+        write_compressed(
+            result.model,
+            tmp,
+            tokenizer=loaded.tokenizer,
+            settings={"rmt_kd": result.to_dict(), "source": loaded.source},
+        )
+        after = None
+        if before is not None:
+            print("evaluating the compressed model…", file=sys.stderr)
+            after = _evaluate(result.model, loaded.tokenizer, args, saved_path=tmp)
+        (tmp / "evaluation.json").write_text(
+            json.dumps({"before": before, "after": after, "rmt_kd": result.to_dict()}, indent=2)
+            + "\n"
+        )
+        report = Report(f"laserrmt compress --method rmt-kd — {loaded.source}")
+        report.summary = [
+            ("model", loaded.source),
+            ("task", task),
+            (
+                "parameters",
+                f"{result.parameters_before:,} → {result.parameters_after:,} "
+                f"({result.parameter_reduction:.1%} fewer)",
+            ),
+            (
+                "validation metric (higher is better)",
+                f"{result.baseline_metric:.4g} → {result.final_metric:.4g}",
+            ),
+            ("wall time", f"{result.wall_s:.0f} s"),
+        ]
+        report.tables.append(Table("Sites, shallow to deep", columns, rows))
+        if before and after:
+            from laserrmt.report.compression import comparison_rows
+
+            report.tables.append(
+                Table(
+                    "Before and after",
+                    ("metric", "before", "after", "after/before"),
+                    comparison_rows(before, after),
+                )
+            )
+        report.write(tmp / "report.html")
+    print(f"model: {loaded.source}")
+    print(markdown_table(columns, rows))
+    print(
+        f"parameters: {result.parameters_before:,} → {result.parameters_after:,} "
+        f"({result.parameter_reduction:.1%} fewer); validation metric "
+        f"{result.baseline_metric:.4g} → {result.final_metric:.4g}"
+    )
+    if before and after:
+        from laserrmt.report.compression import comparison_markdown
+
         print(comparison_markdown(before, after))
     print(f"saved: {args.out}  (load it with laserrmt.load); report: {args.out}/report.html")
     return 0

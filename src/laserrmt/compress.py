@@ -30,7 +30,7 @@ from laserrmt.plan import CompressionPlan
 from laserrmt.surgery.apply import apply_plan
 from laserrmt.surgery.quantize import quantize_model_int8
 
-METHODS = ("laser", "budget")
+METHODS = ("laser", "budget", "rmt-kd")
 QUANTIZATIONS = ("int8",)
 
 
@@ -164,6 +164,11 @@ def compress(
     """
     settings = replace(settings or CompressSettings(), **overrides)
     settings.validate()
+    if settings.method == "rmt-kd":
+        raise InvalidOptionError(
+            "RMT-KD trains the model and has its own entry point: "
+            "laserrmt.methods.rmt_kd.run_rmt_kd(model, tokenizer, task=...)"
+        )
     result = CompressionResult(CompressionPlan({}), settings)
     # Healing distils from the model as it was: keep a frozen copy before any surgery.
     teacher = copy.deepcopy(model).eval() if settings.heal_steps else None
