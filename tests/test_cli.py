@@ -160,3 +160,14 @@ def test_compress_rmt_kd_from_the_command_line(capsys, tiny_folder, tmp_path):
     ids = torch.tensor([tokenizer.encode("activation spectra")])
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+def test_analyze_activations_reports_every_width_site(capsys, tiny_folder, tmp_path):
+    out = tmp_path / "act"
+    code, stdout, err = run(
+        capsys, "analyze", tiny_folder, "--activations", "--calibration-windows", "2", "--out", out
+    )
+    assert code == 0, err
+    assert "mlp" in stdout and (out / "report.html").exists()
+    records = json.loads((out / "activations.json").read_text())["sites"]
+    assert records and all(0 <= r["k"] <= r["d"] for r in records)

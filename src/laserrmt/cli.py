@@ -145,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=16,
         help="with --whiten: 512-token windows (default 16)",
     )
+    analyze.add_argument(
+        "--activations",
+        action="store_true",
+        help="analyse the spectra of hidden activations instead (RMT-KD width sites: MLP "
+        "neurons, attention widths, channels, residual stream): k/d kept per site",
+    )
+    analyze.add_argument(
+        "--tau", type=float, default=0.5, help="--activations: MP-fit start quantile"
+    )
     analyze.set_defaults(run=run_analyze)
 
     compress = commands.add_parser(
@@ -309,6 +318,8 @@ def run_analyze(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
     load_s = time.perf_counter() - start
+    if args.activations:
+        return _analyze_activations(args, loaded)
     result = analyze_model(
         loaded.model,
         targets=args.targets,
@@ -388,6 +399,37 @@ def _evaluate(
         progress=not args.quiet,
         **kwargs,
     ).to_dict()
+
+
+def _analyze_activations(args: argparse.Namespace, loaded: Any) -> int:
+    from laserrmt.activations import analyze_activations, write_activation_report
+    from laserrmt.data.text import calibration_windows
+    from laserrmt.report.html import markdown_table
+
+    if loaded.tokenizer is None:
+        raise InvalidOptionError(
+            "--activations needs calibration text, and this model has no tokenizer"
+        )
+    windows = calibration_windows(loaded.tokenizer, n_windows=args.calibration_windows)
+    records = analyze_activations(
+        loaded.model, list(windows.split(1)), tau=args.tau, progress=not args.quiet
+    )
+    out = write_activation_report(
+        records,
+        args.out,
+        model_source=loaded.source,
+        settings={"tau": args.tau, "calibration_windows": args.calibration_windows},
+        overwrite=args.overwrite,
+    )
+    print(f"model: {loaded.source}")
+    print(
+        markdown_table(
+            ("site", "kind", "d", "k", "k/d"),
+            [(r["site"], r["kind"], r["d"], r["k"], r["k"] / r["d"]) for r in records],
+        )
+    )
+    print(f"\nreport: {out / 'report.html'}")
+    return 0
 
 
 def run_compress(args: argparse.Namespace) -> int:
