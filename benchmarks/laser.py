@@ -22,7 +22,7 @@ from laserrmt.report.html import markdown_table
 
 
 def configurations(quick: bool) -> list[tuple[str, CompressSettings]]:
-    loop_candidates = 12 if quick else 40
+    loop_candidates = 12 if quick else 24
     return [
         (
             "laserRMT reproduction (IQR rule, 15 lowest SNR, denoise, strict)",
