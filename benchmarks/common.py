@@ -41,7 +41,10 @@ def machine_description() -> list[tuple[str, str]]:
         ("transformers", transformers.__version__),
         ("numpy", numpy.__version__),
         ("laserrmt commit", commit or "unknown"),
-        ("load average at write time (1/5/15 min)", " / ".join(f"{x:.2f}" for x in os.getloadavg())),
+        (
+            "load average at write time (1/5/15 min)",
+            " / ".join(f"{x:.2f}" for x in os.getloadavg()),
+        ),
     ]
 
 

@@ -50,8 +50,12 @@ def test_uniform_and_global_allocations_remove_the_same_budget():
     removed = {}
     for allocation in ("uniform", "global"):
         _, result = compress(
-            tiny_llama(), tiny_tokenizer(), method="budget", allocation=allocation,
-            target_params=0.25, **SMALL,
+            tiny_llama(),
+            tiny_tokenizer(),
+            method="budget",
+            allocation=allocation,
+            target_params=0.25,
+            **SMALL,
         )
         removed[allocation] = result.plan.params_removed() / result.plan.params_before()
         assert {d.extras["whiten"] for d in result.plan} == {"svdllm"}
@@ -68,8 +72,14 @@ def test_healing_brings_the_factors_closer_to_the_dense_model():
     results = {}
     for steps in (0, 12):
         model, result = compress(
-            copy.deepcopy(dense), tiny_tokenizer(), method="budget", target_params=0.4,
-            heal_steps=steps, heal_lr=1e-3, importance="none", **SMALL,
+            copy.deepcopy(dense),
+            tiny_tokenizer(),
+            method="budget",
+            target_params=0.4,
+            heal_steps=steps,
+            heal_lr=1e-3,
+            importance="none",
+            **SMALL,
         )
         results[steps] = kl(model)
     assert results[12] < 0.8 * results[0]
@@ -80,8 +90,12 @@ def test_healing_brings_the_factors_closer_to_the_dense_model():
 
 def test_int8_on_top_saves_and_loads_with_identical_logits(tmp_path):
     model, result = compress(
-        tiny_llama(tie_word_embeddings=False), tiny_tokenizer(), method="budget",
-        target_params=0.3, quantize="int8", **SMALL,
+        tiny_llama(tie_word_embeddings=False),
+        tiny_tokenizer(),
+        method="budget",
+        target_params=0.3,
+        quantize="int8",
+        **SMALL,
     )
     kinds = {type(m) for m in model.modules()}
     assert Int8LowRankLinear in kinds and Int8Linear in kinds and LowRankLinear not in kinds

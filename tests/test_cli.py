@@ -149,7 +149,15 @@ def test_compress_rmt_kd_from_the_command_line(capsys, tiny_folder, tmp_path):
 
     out = tmp_path / "kd"
     code, stdout, err = run(
-        capsys, "compress", tiny_folder, "--method", "rmt-kd", "--out", out, "--steps-per-cut", "2",
+        capsys,
+        "compress",
+        tiny_folder,
+        "--method",
+        "rmt-kd",
+        "--out",
+        out,
+        "--steps-per-cut",
+        "2",
         "--no-eval",
     )
     assert code == 0, err
@@ -171,3 +179,42 @@ def test_analyze_activations_reports_every_width_site(capsys, tiny_folder, tmp_p
     assert "mlp" in stdout and (out / "report.html").exists()
     records = json.loads((out / "activations.json").read_text())["sites"]
     assert records and all(0 <= r["k"] <= r["d"] for r in records)
+
+
+def test_budget_heal_int8_from_the_command_line(capsys, tiny_folder, tmp_path):
+    import laserrmt
+
+    out = tmp_path / "b"
+    code, stdout, err = run(
+        capsys,
+        "compress",
+        tiny_folder,
+        "--whiten",
+        "svdllm",
+        "--target-params",
+        "0.2",
+        "--heal-steps",
+        "2",
+        "--quantize",
+        "int8",
+        "--calibration-windows",
+        "2",
+        "--eval-windows",
+        "1",
+        "--latency-repeats",
+        "1",
+        "--out",
+        out,
+    )
+    assert code == 0, err
+    meta = json.loads((out / "laserrmt.json").read_text())
+    assert meta["plan"]["method"] == "budget"
+    compress_settings = meta["settings"]["compress"]["settings"]
+    assert compress_settings["whiten"] == "svdllm" and compress_settings["quantize"] == "int8"
+    assert meta["settings"]["compress"]["healing"]["steps"] == 2
+    types = {entry["type"] for entry in meta["modules"].values()}
+    assert "Int8LowRankLinear" in types
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["after"]["size_bytes"] < 0.5 * evaluation["before"]["size_bytes"]
+    model, _ = laserrmt.load(out)
+    assert any(type(m).__name__ == "Int8LowRankLinear" for m in model.modules())

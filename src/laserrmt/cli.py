@@ -168,10 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threshold_arguments(compress)
     compress.add_argument(
         "--method",
-        default="laser",
+        default=None,
         help="laser (weight-spectrum ranks, RMT thresholds), budget (activation-aware low rank "
         "under --target-params) or rmt-kd (layer widths from activation spectra, recovered by "
-        "self-distillation) (default laser)",
+        "self-distillation) (default laser, or budget when --whiten is given)",
     )
     kd = compress.add_argument_group("rmt-kd")
     kd.add_argument(
@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     kd.add_argument("--resume", action="store_true", help="rmt-kd: continue from --checkpoint-dir")
     compress.add_argument(
         "--whiten",
-        default="svdllm",
+        default=None,
         help="budget: the space ranks are chosen in: svdllm (whitened by the input Gram), asvd "
         "(input-channel scaling), fisher (FWSVD row weighting) or none (default svdllm)",
     )
@@ -445,7 +445,7 @@ def run_compress(args: argparse.Namespace) -> int:
 
     options = _threshold_options(args)
     common = dict(
-        method=args.method,
+        method=args.method or ("budget" if args.whiten else "laser"),
         threshold_options=options,
         targets=args.targets,
         include_heads=args.include_heads,
@@ -453,7 +453,7 @@ def run_compress(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_changes=args.max_changes,
         target_params=args.target_params,
-        whiten=args.whiten,
+        whiten=args.whiten or "svdllm",
         allocation=args.allocation,
         importance=args.importance,
         heal_steps=args.heal_steps,
