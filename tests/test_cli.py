@@ -185,7 +185,7 @@ def test_budget_heal_int8_from_the_command_line(capsys, tiny_folder, tmp_path):
     import laserrmt
 
     out = tmp_path / "b"
-    code, stdout, err = run(
+    code, _, err = run(
         capsys,
         "compress",
         tiny_folder,
