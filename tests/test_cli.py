@@ -218,3 +218,31 @@ def test_budget_heal_int8_from_the_command_line(capsys, tiny_folder, tmp_path):
     assert evaluation["after"]["size_bytes"] < 0.5 * evaluation["before"]["size_bytes"]
     model, _ = laserrmt.load(out)
     assert any(type(m).__name__ == "Int8LowRankLinear" for m in model.modules())
+
+
+def test_rmt_kd_gives_a_bare_encoder_a_head_on_bbc_news(capsys, tmp_path):
+    import laserrmt
+    from tests.tiny_models import tiny_bert
+
+    folder = save_tiny(tiny_bert(), tmp_path / "bert", tiny_tokenizer())
+    out = tmp_path / "kd"
+    code, stdout, err = run(
+        capsys,
+        "compress",
+        folder,
+        "--method",
+        "rmt-kd",
+        "--dataset",
+        "bbc-news",
+        "--steps-per-cut",
+        "1",
+        "--sites",
+        "mlp",
+        "--out",
+        out,
+    )
+    assert code == 0, err
+    assert "fewer" in stdout
+    model, _ = laserrmt.load(out)
+    assert type(model).__name__ == "BertForSequenceClassification"
+    assert model.config.num_labels == 5

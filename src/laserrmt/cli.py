@@ -545,15 +545,25 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
 
     check_output_dir(args.out, args.overwrite)
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    task = "causal-lm" if is_causal_lm(loaded.model) else "sequence-classification"
+    task = "causal-lm" if is_causal_lm(loaded.model) else "classification"
+    model, fine_tune_epochs = loaded.model, 0
+    if task == "classification" and not hasattr(model, "classifier"):
+        # A bare encoder (e.g. a sentence-embedding model): give it a head and train it for one
+        # epoch on the training split, so that there is a baseline to distil from.
+        from laserrmt.data.classification import bbc_news
+        from laserrmt.methods.rmt_kd import sequence_classifier_from_encoder
+
+        model = sequence_classifier_from_encoder(model, len(bbc_news().label_names))
+        fine_tune_epochs = 1
     before = None
     if task == "causal-lm" and not args.no_eval:
         print("evaluating the original model…", file=sys.stderr)
         before = _evaluate(loaded.model, loaded.tokenizer, args)
     result = run_rmt_kd(
-        loaded.model,
+        model,
         loaded.tokenizer,
         task=task,
+        fine_tune_epochs=fine_tune_epochs,
         dataset=args.dataset,
         sites=args.sites,
         tau=args.tau,
