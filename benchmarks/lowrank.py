@@ -255,14 +255,15 @@ def main() -> None:
                     mem["growth_bytes"],
                 )
             start = time.perf_counter()
-            quantize_model_int8(model)
+            with track_peak_memory() as mem:
+                quantize_model_int8(model)
             seconds += time.perf_counter() - start
             measure(
                 "ours" + (" + healing" if args.heal_steps else "") + " + int8",
                 frac,
                 model,
                 seconds,
-                0,
+                mem["growth_bytes"],
             )
             del model
 

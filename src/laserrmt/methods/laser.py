@@ -15,7 +15,6 @@ only when it strictly improves perplexity — but measured on calibration text, 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -214,7 +213,3 @@ def _check_mode(mode: str, target_params: float | None) -> None:
                 "--mode denoise keeps dense matrices and removes no parameter; "
                 "use --mode factorize with --target-params"
             )
-
-
-def selected_names(plan: CompressionPlan) -> Sequence[str]:
-    return [d.module for d in plan if d.mode != "keep"]
