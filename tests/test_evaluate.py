@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import statistics
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -214,13 +215,34 @@ def test_peak_memory_is_at_least_the_current_resident_set():
     assert peak_memory_bytes() >= resident * 0.9  # page size is 4 KiB on the machines we test
 
 
-def test_track_peak_memory_sees_an_allocation():
+def _allocate_and_free(size: int, hold_s: float = 0.0) -> None:
+    # Fresh pages: large blocks come straight from the OS and count once written to.
+    block = torch.ones(size // 4)
+    block += 1
+    time.sleep(hold_s)
+    del block
+
+
+def test_track_peak_memory_sees_a_short_lived_allocation_through_the_kernel_counter():
+    import laserrmt.evaluate as evaluate
+
+    if not evaluate._reset_high_water_mark():
+        pytest.skip("this kernel refuses to reset VmHWM (/proc/self/clear_refs)")
     size = 256 * 2**20
     with track_peak_memory() as memory:
-        # Fresh pages: large blocks come straight from the OS and count once written to.
-        block = torch.ones(size // 4)
-        block += 1
-        del block
+        _allocate_and_free(size)
+    assert memory["source"] == "VmHWM"
+    assert memory["growth_bytes"] >= 0.75 * size
+    assert memory["peak_bytes"] == memory["start_bytes"] + memory["growth_bytes"]
+
+
+def test_track_peak_memory_samples_when_the_kernel_counter_cannot_be_reset(monkeypatch):
+    import laserrmt.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "_reset_high_water_mark", lambda: False)
+    size = 256 * 2**20
+    with track_peak_memory(interval_s=0.005) as memory:
+        _allocate_and_free(size, hold_s=0.2)  # held for 40 sampling intervals
     assert memory["source"] == "/proc/self/statm"
     assert memory["growth_bytes"] >= 0.75 * size
     assert memory["peak_bytes"] == memory["start_bytes"] + memory["growth_bytes"]

@@ -316,6 +316,8 @@ def peak_memory_bytes() -> int:
 
 
 _STATM = Path("/proc/self/statm")
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
 def _current_rss() -> int:
@@ -323,20 +325,40 @@ def _current_rss() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_high_water_mark() -> bool:
+    """Reset the kernel's peak-RSS counter (``VmHWM``); False where the kernel refuses."""
+    try:
+        _CLEAR_REFS.write_text("5")  # Linux >= 4.0: "5" resets the peak resident set size
+    except OSError:
+        return False
+    return True
+
+
+def _high_water_mark() -> int:
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError("/proc/self/status has no VmHWM line")
+
+
 @contextmanager
 def track_peak_memory(interval_s: float = 0.01) -> Iterator[dict[str, Any]]:
     """Measure the peak resident memory of this process during a ``with`` block.
 
-    A background thread reads the resident set size from ``/proc/self/statm`` every
-    ``interval_s`` seconds (torch releases the GIL in its kernels, so the thread keeps
-    sampling during long operations); a peak shorter than the interval can be missed.
-    The yielded dict is filled in when the block ends::
+    On Linux the kernel's own peak counter (``VmHWM``) is reset on entry and read on exit, so
+    no peak is missed; ``source`` is then ``"VmHWM"``. Resetting it is process-wide: a
+    measurement nested inside another one shortens the outer one's view. Where the kernel
+    refuses the reset, a background thread reads the resident set size from
+    ``/proc/self/statm`` every ``interval_s`` seconds (torch releases the GIL in its kernels,
+    so it keeps sampling during long operations) and a peak shorter than the interval can be
+    missed; ``source`` is then ``"/proc/self/statm"``. The yielded dict is filled in when
+    the block ends::
 
         with track_peak_memory() as memory:
             ...
         memory["growth_bytes"]  # peak_bytes - start_bytes
 
-    Keys: ``start_bytes`` (RSS on entry), ``peak_bytes`` (highest RSS seen, process-wide),
+    Keys: ``start_bytes`` (RSS on entry), ``peak_bytes`` (highest RSS, process-wide),
     ``growth_bytes`` and ``source``. Without ``/proc`` (macOS) the numbers come from
     ``ru_maxrss``, which sees growth only above the process's earlier peak; ``source`` then
     says ``"ru_maxrss"`` and a warning is issued.
@@ -360,7 +382,17 @@ def track_peak_memory(interval_s: float = 0.01) -> Iterator[dict[str, Any]]:
         return
 
     start = _current_rss()
-    result.update(source="/proc/self/statm", start_bytes=start, peak_bytes=start)
+    result.update(start_bytes=start, peak_bytes=start)
+    if _reset_high_water_mark():
+        result["source"] = "VmHWM"
+        try:
+            yield result
+        finally:
+            result["peak_bytes"] = max(start, _high_water_mark())
+            result["growth_bytes"] = result["peak_bytes"] - start
+        return
+
+    result["source"] = "/proc/self/statm"
     stop = threading.Event()
 
     def sample() -> None:
