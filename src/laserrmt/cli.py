@@ -536,6 +536,7 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
     """RMT-KD: widths from activation spectra, each cut healed by self-distillation."""
     import json
 
+    from laserrmt.distill import Task
     from laserrmt.methods.rmt_kd import run_rmt_kd
     from laserrmt.models.architectures import is_causal_lm
     from laserrmt.models.loading import load_model
@@ -545,7 +546,7 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
 
     check_output_dir(args.out, args.overwrite)
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    task = "causal-lm" if is_causal_lm(loaded.model) else "classification"
+    task: Task = "causal-lm" if is_causal_lm(loaded.model) else "classification"
     model, fine_tune_epochs = loaded.model, 0
     if task == "classification" and not hasattr(model, "classifier"):
         # A bare encoder (e.g. a sentence-embedding model): give it a head and train it for one

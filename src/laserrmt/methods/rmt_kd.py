@@ -564,6 +564,7 @@ def run_rmt_kd(
     fine_tune_lr: float = 5e-5,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
+    max_cuts: int | None = None,
     seed: int = 0,
     out_dir: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
@@ -586,6 +587,9 @@ def run_rmt_kd(
     ``fine_tune_epochs > 0`` first fine-tunes the classifier **in place** on the training
     batches (cross-entropy, AdamW at ``fine_tune_lr``; for a head that was just initialised);
     the baseline is then the fine-tuned model, which ``model`` holds afterwards.
+
+    ``checkpoint_dir``, ``resume`` and ``max_cuts`` are those of :func:`rmt_kd` (a run
+    sliced with ``max_cuts`` and resumed gives the model after each cut).
 
     The result's ``settings`` record every option; with ``out_dir`` the compressed model is
     written by :func:`laserrmt.surgery.io.save_compressed` (tokenizer included, RMT-KD records
@@ -664,6 +668,7 @@ def run_rmt_kd(
         temperature=temperature,
         checkpoint_dir=checkpoint_dir,
         resume=resume,
+        max_cuts=max_cuts,
         seed=seed,
         progress=progress,
     )
