@@ -12,11 +12,15 @@ import laserrmt
 from laserrmt.compress import compress
 from laserrmt.data.text import calibration_windows
 from laserrmt.errors import BudgetError, InvalidOptionError
-from laserrmt.evaluate import count_parameters
+from laserrmt.evaluate import count_parameters, size_on_disk
+from laserrmt.methods.budget import planned_weight_bytes
 from laserrmt.methods.objectives import make_objective
 from laserrmt.models.targets import find_targets
+from laserrmt.plan import CompressionPlan, ModuleDecision
+from laserrmt.surgery.apply import apply_plan
+from laserrmt.surgery.io import weight_bytes
 from laserrmt.surgery.lowrank import LowRankLinear
-from laserrmt.surgery.quantize import Int8Linear, Int8LowRankLinear
+from laserrmt.surgery.quantize import Int8Linear, Int8LowRankLinear, quantize_model_int8
 from tests.tiny_models import tiny_bert, tiny_gemma, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 SMALL = {"calibration_windows": 2, "window": 64, "progress": False}
@@ -115,3 +119,84 @@ def test_unreachable_budget_names_the_largest_reachable():
 def test_budget_needs_a_target():
     with pytest.raises(InvalidOptionError, match="--target-params"):
         compress(tiny_llama(), tiny_tokenizer(), method="budget", **SMALL)
+
+
+# ---------------------------------------------------------------------------------------------
+# a budget in bytes
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_planned_bytes_equal_the_bytes_after_surgery(build, quantize):
+    model = build()
+    targets = find_targets(model)
+    ranks = {t.name: max(1, min(t.shape) // (i % 3 + 2)) for i, t in enumerate(targets[::2])}
+    ranks[targets[1].name] = min(targets[1].shape)  # dense, listed
+    planned = planned_weight_bytes(model, targets, ranks, quantize)
+    decisions = [
+        ModuleDecision(t.name, t.shape, min(t.shape), ranks[t.name], "factorize", "test")
+        for t in targets
+        if t.name in ranks and ranks[t.name] < min(t.shape)
+    ]
+    apply_plan(model, CompressionPlan.from_decisions(decisions), progress=False)
+    if quantize:
+        quantize_model_int8(model)
+    assert planned == weight_bytes(model)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_a_size_budget_is_met_with_the_fewest_parameters_removed(quantize, tmp_path):
+    dense = tiny_llama(tie_word_embeddings=False)
+    full = weight_bytes(dense)
+    target = int(0.4 * full) if quantize else int(0.8 * full)  # int8 alone makes it ~0.5
+    model, result = compress(
+        copy.deepcopy(dense),
+        tiny_tokenizer(),
+        method="budget",
+        target_size=target,
+        quantize=quantize,
+        **SMALL,
+    )
+    assert result.weight_bytes == weight_bytes(model) <= target
+    # Minimal: one allocation step less would not fit (a step removes at most m + n parameters
+    # of 4 bytes, or 1 byte and a 4-byte scale when quantized).
+    widest = max(sum(t.shape) for t in find_targets(dense))
+    assert target - result.weight_bytes < widest * (4 if quantize is None else 5)
+    folder = laserrmt.save(model, tmp_path / "m", plan=result.plan)
+    assert size_on_disk(folder / "model.safetensors") < target + 200 * len(model.state_dict())
+
+
+def test_a_size_the_model_already_meets_removes_nothing():
+    dense = tiny_llama()
+    _, result = compress(
+        dense, tiny_tokenizer(), method="budget", target_size=weight_bytes(dense), **SMALL
+    )
+    assert result.plan.params_removed() == 0
+
+
+def test_an_unreachable_size_names_the_smallest_reachable():
+    with pytest.raises(BudgetError, match="smallest these targets can make the weights is"):
+        compress(tiny_llama(), tiny_tokenizer(), method="budget", target_size=1000, **SMALL)
+
+
+def test_a_size_budget_needs_the_global_allocation_and_one_budget():
+    with pytest.raises(InvalidOptionError, match="--allocation global"):
+        compress(
+            tiny_llama(),
+            tiny_tokenizer(),
+            method="budget",
+            allocation="uniform",
+            target_size=10**6,
+            **SMALL,
+        )
+    with pytest.raises(InvalidOptionError, match="one budget"):
+        compress(
+            tiny_llama(),
+            tiny_tokenizer(),
+            method="budget",
+            target_params=0.2,
+            target_size=10**6,
+            **SMALL,
+        )
+    with pytest.raises(InvalidOptionError, match="--method budget"):
+        compress(tiny_llama(), tiny_tokenizer(), method="laser", target_size=10**6, **SMALL)

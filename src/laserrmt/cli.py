@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -12,6 +13,33 @@ from typing import Any
 from laserrmt.errors import InvalidOptionError, LaserRMTError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+}
+
+
+def parse_size(text: str) -> int:
+    """``"60MB"``, ``"0.5 GiB"``, ``"52428800"`` → bytes (kB/MB/GB are powers of 1000)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size; write a number of bytes or a number with B, kB, MB, GB, "
+            "KiB, MiB or GiB (e.g. 60MB)"
+        )
+    size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the size must be positive")
+    return size
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -266,6 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--target-params", type=float, default=None, help="fraction of target parameters to remove"
     )
     compress.add_argument(
+        "--target-size",
+        type=parse_size,
+        default=None,
+        metavar="BYTES",
+        help="budget method: the weights' size after compression (and --quantize), e.g. 60MB, "
+        "0.5GiB or 52428800; the safetensors header adds about 100 bytes per tensor",
+    )
+    compress.add_argument(
         "--max-changes", type=int, default=None, help="loop: stop after N kept changes"
     )
     compress.add_argument(
@@ -445,7 +481,7 @@ def run_compress(args: argparse.Namespace) -> int:
 
     options = _threshold_options(args)
     common = dict(
-        method=args.method or ("budget" if args.whiten else "laser"),
+        method=args.method or ("budget" if args.whiten or args.target_size else "laser"),
         threshold_options=options,
         targets=args.targets,
         include_heads=args.include_heads,
@@ -453,6 +489,7 @@ def run_compress(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_changes=args.max_changes,
         target_params=args.target_params,
+        target_size=args.target_size,
         whiten=args.whiten or "svdllm",
         allocation=args.allocation,
         importance=args.importance,
@@ -526,6 +563,9 @@ def run_compress(args: argparse.Namespace) -> int:
         f"({summary['params_removed'] / max(1, summary['params_before']):.1%}); modules: "
         + ", ".join(f"{k} {v}" for k, v in summary["modes"].items())
     )
+    if result.weight_bytes is not None:
+        asked = f" (asked for ≤ {settings.target_size:,})" if settings.target_size else ""
+        print(f"weights: {result.weight_bytes:,} bytes{asked}")
     if before and after:
         print(comparison_markdown(before, after))
     print(f"saved: {args.out}  (load it with laserrmt.load); report: {args.out}/report.html")

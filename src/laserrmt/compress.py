@@ -28,6 +28,7 @@ from laserrmt.methods.objectives import make_objective
 from laserrmt.models.targets import find_targets, select_targets
 from laserrmt.plan import CompressionPlan
 from laserrmt.surgery.apply import apply_plan
+from laserrmt.surgery.io import weight_bytes
 from laserrmt.surgery.quantize import quantize_model_int8
 
 METHODS = ("laser", "budget", "rmt-kd")
@@ -47,6 +48,7 @@ class CompressSettings:
     objective: str = "perplexity"
     tolerance: float = 0.02
     target_params: float | None = None
+    target_size: int | None = None
     max_changes: int | None = None
     max_candidates: int | None = None
     targets: list[str] | None = None
@@ -117,6 +119,11 @@ class CompressSettings:
             )
         if self.heal_steps < 0:
             raise InvalidOptionError("--heal-steps must be ≥ 0")
+        if self.target_size is not None and self.method != "budget":
+            raise InvalidOptionError(
+                "--target-size is a budget for --method budget (or --whiten); the laser method "
+                "takes --target-params"
+            )
 
 
 @dataclass
@@ -130,6 +137,7 @@ class CompressionResult:
     analysis_records: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     healing: dict[str, Any] | None = None
+    weight_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -143,6 +151,7 @@ class CompressionResult:
             "objective_reference": self.objective_reference,
             "loop": [s.to_dict() for s in self.steps],
             "healing": self.healing,
+            "weight_bytes": self.weight_bytes,
             "timings": self.timings,
         }
 
@@ -198,6 +207,7 @@ def compress(
         start = time.perf_counter()
         quantize_model_int8(model)
         result.timings["quantization"] = time.perf_counter() - start
+    result.weight_bytes = weight_bytes(model)
     return model, result
 
 
@@ -273,7 +283,9 @@ def _compress_budget(
         model,
         targets,
         _calibration_windows(tokenizer, settings),
-        target_params=settings.target_params,  # type: ignore[arg-type]  # checked inside
+        target_params=settings.target_params,
+        target_bytes=settings.target_size,
+        quantize=settings.quantize,
         whiten=settings.whiten,
         allocation=settings.allocation,
         importance=settings.importance,

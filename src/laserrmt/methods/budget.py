@@ -11,7 +11,7 @@ SVD-LLM / ASVD recipe), for comparison at equal size.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,13 +27,16 @@ from laserrmt.budget import (
     allocation_to_plan,
     largest_paying_rank,
 )
-from laserrmt.errors import InvalidOptionError
-from laserrmt.models.architectures import is_causal_lm
+from laserrmt.errors import BudgetError, InvalidOptionError
+from laserrmt.models.architectures import is_causal_lm, is_embedding_or_head
 from laserrmt.models.targets import Target, weight_matrix
 from laserrmt.plan import CompressionPlan, ModuleDecision
 from laserrmt.rmt import choose_rank
 from laserrmt.stats.calibration import collect_fisher_diagonal, collect_input_statistics
 from laserrmt.stats.importance import IMPORTANCE_KINDS, layer_importance
+from laserrmt.surgery.io import weight_bytes
+from laserrmt.surgery.lowrank import LowRankLinear
+from laserrmt.surgery.quantize import int8_matrix_bytes, is_quantizable
 from laserrmt.surgery.whiten import WHITEN_METHODS, WeightedSVD, weighted_svd
 
 ALLOCATIONS = ("global", "uniform")
@@ -52,7 +55,9 @@ def budget_plan(
     targets: Sequence[Target],
     calibration: torch.Tensor,
     *,
-    target_params: float,
+    target_params: float | None = None,
+    target_bytes: int | None = None,
+    quantize: str | None = None,
     whiten: str = "svdllm",
     allocation: str = "global",
     importance: str = "auto",
@@ -60,8 +65,13 @@ def budget_plan(
     settings: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> BudgetOutcome:
-    """Decide every target's rank from one budget; the model is not modified."""
-    _check(whiten, allocation, importance, target_params)
+    """Decide every target's rank from one budget; the model is not modified.
+
+    The budget is ``target_params`` (the fraction of target parameters to remove) or
+    ``target_bytes`` (the weights' bytes after compression and, with ``quantize="int8"``,
+    quantization; see :func:`planned_weight_bytes`); the latter needs ``allocation="global"``.
+    """
+    _check(whiten, allocation, importance, target_params, target_bytes)
     if importance == "auto":
         importance = "fisher" if is_causal_lm(model) else "none"
     names = [t.name for t in targets]
@@ -100,7 +110,7 @@ def budget_plan(
     }
 
     if allocation == "uniform":
-        plan = uniform_plan(targets, target_params, extras, settings)
+        plan = uniform_plan(targets, target_params, extras, settings)  # type: ignore[arg-type]
         chosen = None
     else:
         scores = layer_importance(
@@ -111,7 +121,11 @@ def budget_plan(
             model=model,
             batches=batches,
         )
-        chosen = allocate_ranks(curves, target_fraction=target_params, importance=scores)
+        if target_bytes is not None:
+            removed = removal_for_size(model, targets, curves, scores, target_bytes, quantize)
+            chosen = allocate_ranks(curves, target_params_removed=removed, importance=scores)
+        else:
+            chosen = allocate_ranks(curves, target_fraction=target_params, importance=scores)
         plan = allocation_to_plan(chosen, method="budget", settings=settings, extras=extras)
     cache = {name: spectra[name].as_tuple() for name in names}
     return BudgetOutcome(plan, cache, chosen, free_ranks)
@@ -155,7 +169,13 @@ def uniform_plan(
     return CompressionPlan.from_decisions(decisions, method="uniform", settings=settings)
 
 
-def _check(whiten: str, allocation: str, importance: str, target_params: float | None) -> None:
+def _check(
+    whiten: str,
+    allocation: str,
+    importance: str,
+    target_params: float | None,
+    target_bytes: int | None,
+) -> None:
     if whiten not in WHITEN_METHODS:
         raise InvalidOptionError(
             f"unknown --whiten {whiten!r}; choose one of {', '.join(WHITEN_METHODS)}"
@@ -168,7 +188,131 @@ def _check(whiten: str, allocation: str, importance: str, target_params: float |
         raise InvalidOptionError(
             f"unknown --importance {importance!r}; choose auto or one of {', '.join(IMPORTANCE_KINDS)}"
         )
-    if target_params is None or not 0 < target_params < 1:
+    if (target_params is None) == (target_bytes is None):
         raise InvalidOptionError(
-            "--method budget needs --target-params F, the fraction of target parameters to remove, in (0, 1)"
+            "--method budget needs one budget: --target-params F (the fraction of target "
+            "parameters to remove, in (0, 1)) or --target-size BYTES"
         )
+    if target_params is not None and not 0 < target_params < 1:
+        raise InvalidOptionError(
+            f"--target-params {target_params}: give the fraction of target parameters to "
+            "remove, in (0, 1)"
+        )
+    if target_bytes is not None:
+        if target_bytes <= 0:
+            raise InvalidOptionError(f"--target-size {target_bytes}: must be a positive size")
+        if allocation != "global":
+            raise InvalidOptionError(
+                "--target-size needs --allocation global; a uniform ratio takes --target-params"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# a budget in bytes
+
+
+def _matrix_shape(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, LowRankLinear):
+        return module.out_features, module.in_features
+    rows, cols = weight_matrix(module).shape
+    return int(rows), int(cols)
+
+
+def _element_size(module: nn.Module) -> int:
+    return next(module.parameters()).element_size()
+
+
+def planned_weight_bytes(
+    model: nn.Module,
+    targets: Sequence[Target],
+    ranks: Mapping[str, int],
+    quantize: str | None = None,
+) -> int:
+    """Bytes of the weights (:func:`~laserrmt.surgery.io.weight_bytes`) after every target is
+    factorized at ``ranks[name]`` (``min(m, n)`` or absent: left dense) and, with
+    ``quantize="int8"``, after :func:`~laserrmt.surgery.quantize.quantize_model_int8`; computed
+    from shapes, without touching the model.
+    """
+    if quantize not in (None, "int8"):
+        raise InvalidOptionError(f"unknown quantization {quantize!r}; use int8 or none")
+    modules = dict(model.named_modules())
+    target_names = {t.name for t in targets}
+
+    def quantized(name: str) -> bool:
+        module = modules[name]
+        return (
+            quantize == "int8"
+            and is_quantizable(module)
+            and not is_embedding_or_head(name, module, model)
+        )
+
+    total = weight_bytes(model)
+    if quantize == "int8":  # linear layers that are not targets are quantized as they are
+        for name, module in modules.items():
+            if name in target_names or not quantized(name):
+                continue
+            if isinstance(module, LowRankLinear):
+                m, n, k = module.out_features, module.in_features, module.rank
+                total -= _element_size(module) * k * (m + n)
+                total += int8_matrix_bytes(m, k) + int8_matrix_bytes(k, n)
+            else:
+                m, n = _matrix_shape(module)
+                total += int8_matrix_bytes(m, n) - _element_size(module) * m * n
+    for target in targets:
+        module = modules[target.name]
+        m, n = target.shape
+        size = _element_size(module)
+        total -= size * m * n
+        k = ranks.get(target.name, min(m, n))
+        dense = k >= min(m, n)
+        if quantized(target.name):
+            total += (
+                int8_matrix_bytes(m, n)
+                if dense
+                else (int8_matrix_bytes(m, k) + int8_matrix_bytes(k, n))
+            )
+        else:
+            total += size * (m * n if dense else k * (m + n))
+    return total
+
+
+def removal_for_size(
+    model: nn.Module,
+    targets: Sequence[Target],
+    curves: Mapping[str, LossCurve],
+    importance: Mapping[str, float] | None,
+    target_bytes: int,
+    quantize: str | None = None,
+) -> int:
+    """The fewest target parameters :func:`allocate_ranks` must remove for the weights to take
+    at most ``target_bytes`` (found by bisection; 0 when the model already fits).
+
+    Raises:
+        BudgetError: even every matrix at rank 1 does not fit; the message gives the smallest
+            reachable size.
+    """
+
+    def planned(removed: int) -> int:
+        if removed == 0:
+            return planned_weight_bytes(model, targets, {}, quantize)
+        ranks = allocate_ranks(curves, target_params_removed=removed, importance=importance).ranks
+        return planned_weight_bytes(model, targets, ranks, quantize)
+
+    if planned(0) <= target_bytes:
+        return 0
+    most = sum(c.params - sum(c.shape) for c in curves.values() if largest_paying_rank(c.shape))
+    smallest = planned(most)
+    if smallest > target_bytes:
+        raise BudgetError(
+            f"--target-size {target_bytes:,} bytes is not reachable: the smallest these targets "
+            f"can make the weights is {smallest:,} bytes (every matrix at rank 1"
+            f"{', int8' if quantize else ''}); ask for at least that, or add --quantize int8"
+        )
+    low, high = 0, most  # planned(low) > target_bytes >= planned(high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if planned(middle) <= target_bytes:
+            high = middle
+        else:
+            low = middle
+    return high

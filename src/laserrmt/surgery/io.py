@@ -291,8 +291,12 @@ def _hf_config(model: nn.Module) -> Any | None:
     return config
 
 
-def _write_weights(model: nn.Module, file: Path) -> None:
-    """Write the state dict once per distinct tensor; tied names go to the metadata."""
+def distinct_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict with every tensor once, and the tied names: ``(tensors, alias → name)``.
+
+    The first name in state-dict order is kept: for transformers models that is the input
+    embedding, the source of a tied output head.
+    """
     stored: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[Any, ...], str] = {}
@@ -305,14 +309,26 @@ def _write_weights(model: nn.Module, file: Path) -> None:
             tuple(tensor.stride()),
             tensor.dtype,
         )
-        # The first name in state-dict order is kept: for transformers models that is the input
-        # embedding, the source of a tied output head.
         if tensor.numel() and identity in seen:
             aliases[key] = seen[identity]
             continue
         seen[identity] = key
-        stored[key] = tensor.detach().to("cpu").contiguous()
-    save_file(stored, str(file), metadata={"format": "pt", **aliases})
+        stored[key] = tensor
+    return stored, aliases
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors :func:`save_compressed` writes (each tied tensor once), without the
+    safetensors header (a JSON index of about 100 bytes per tensor)."""
+    stored, _ = distinct_state(model)
+    return sum(t.numel() * t.element_size() for t in stored.values())
+
+
+def _write_weights(model: nn.Module, file: Path) -> None:
+    """Write the state dict once per distinct tensor; tied names go to the metadata."""
+    stored, aliases = distinct_state(model)
+    contiguous = {key: t.detach().to("cpu").contiguous() for key, t in stored.items()}
+    save_file(contiguous, str(file), metadata={"format": "pt", **aliases})
 
 
 def _json_default(value: object) -> Any:

@@ -45,7 +45,9 @@ __all__ = [
     "Int8LowRankLinear",
     "Kernel",
     "dequantize_weight_int8",
+    "int8_matrix_bytes",
     "int8pack_mm_available",
+    "is_quantizable",
     "quantize_model_int8",
     "quantize_weight_int8",
 ]
@@ -385,8 +387,14 @@ class Int8LowRankLinear(CompressedModule):
         )
 
 
-def _quantizable(module: nn.Module) -> bool:
+def is_quantizable(module: nn.Module) -> bool:
+    """Whether :func:`quantize_model_int8` can quantize the module (linear maps only)."""
     return isinstance(module, nn.Linear | Conv1D | LowRankLinear)
+
+
+def int8_matrix_bytes(out_features: int, in_features: int) -> int:
+    """Bytes of one quantized ``out × in`` matrix: int8 codes and a float32 scale per row."""
+    return out_features * in_features + 4 * out_features
 
 
 def _quantize_module(name: str, module: nn.Module) -> nn.Module:
@@ -413,7 +421,7 @@ def quantize_model_int8(model: nn.Module, module_names: Sequence[str] | None = N
         chosen = [
             name
             for name, module in modules.items()
-            if _quantizable(module) and not is_embedding_or_head(name, module, model)
+            if is_quantizable(module) and not is_embedding_or_head(name, module, model)
         ]
     else:
         if isinstance(module_names, str):
@@ -427,7 +435,7 @@ def quantize_model_int8(model: nn.Module, module_names: Sequence[str] | None = N
                     f"no module named {name!r} in {type(model).__name__}; use the full dotted "
                     "names of model.named_modules()"
                 )
-            if not _quantizable(modules[name]):
+            if not is_quantizable(modules[name]):
                 raise TargetSelectionError(
                     f"module {name} is a {type(modules[name]).__name__}; int8 quantization "
                     "supports nn.Linear, Conv1D and LowRankLinear"
