@@ -1,4 +1,5 @@
-"""RMT-KD demonstrations on the CPU: an MNIST CNN (channels) and MiniLM on BBC News (MLP widths).
+"""RMT-KD demonstrations on the CPU: an MNIST CNN (channels), MiniLM on BBC News (attention and
+MLP widths) and SmolLM2 (MLP widths, beside the low-rank methods at the same parameter count).
 
 Writes ``benchmarks/results/rmt_kd.md``. Each demonstration trains its baseline here (sizes
 and step counts chosen to finish in minutes on a laptop-class CPU), then runs
@@ -8,6 +9,7 @@ the result measured in the same run, and the wall time of the compression.
 
     python -m benchmarks.rmt_kd --mnist           # the CNN (a few minutes)
     python -m benchmarks.rmt_kd --bbc             # MiniLM on BBC News (longer)
+    python -m benchmarks.rmt_kd --lm --threads 2  # SmolLM2 MLP widths beside low rank
     python -m benchmarks.rmt_kd --mnist --quick   # smoke run at tiny sizes
 """
 
@@ -356,25 +358,41 @@ def run_bbc(quick: bool, tau: float, steps: int) -> tuple[str, str]:
 
 
 def run_lm(quick: bool, tau: float, steps: int) -> tuple[str, str]:
-    from laserrmt.data.text import evaluation_windows
-    from laserrmt.evaluate import perplexity
+    """RMT-KD on the MLP widths of SmolLM2, perplexity after every cut; then the low-rank
+    methods of ``benchmarks.lowrank`` at the same number of parameters removed."""
+    import copy
+    import tempfile
+
+    from laserrmt.data.text import calibration_windows, evaluation_windows
+    from laserrmt.evaluate import measure_latency, perplexity
+    from laserrmt.methods.budget import budget_plan, uniform_plan
+    from laserrmt.methods.heal import heal
     from laserrmt.methods.rmt_kd import run_rmt_kd
     from laserrmt.models.loading import load_model
+    from laserrmt.models.targets import find_targets
+    from laserrmt.surgery.apply import apply_plan
+
+    def speed_ups(compressed: nn.Module) -> tuple[str, str]:
+        """Prefill and decode speed-ups against the dense model, measured back to back."""
+        dense, small = measure_latency(model, repeats=3), measure_latency(compressed, repeats=3)
+        return (
+            f"{dense.prefill_ms / small.prefill_ms:.2f}",
+            f"{small.decode_tokens_per_s / dense.decode_tokens_per_s:.2f}",
+        )
 
     loaded = load_model(None)
     model, tokenizer = loaded.model, loaded.tokenizer
     model.eval()
-    n_eval = 4 if quick else 32
+    n_eval, n_curve = (4, 2) if quick else (32, 8)
     windows = evaluation_windows(tokenizer, n_eval)
-    base = perplexity(model, windows, progress=False)
+    base = perplexity(model, windows, progress=False).perplexity
+    base_curve = perplexity(model, windows[:n_curve], progress=False).perplexity
     every = 3
-    blocks = list(range(0, model.config.num_hidden_layers, every))
-    if quick:
-        blocks = blocks[:2]
+    blocks = list(range(0, model.config.num_hidden_layers, every))[: 2 if quick else None]
     sites = [f"model.layers.{i}.mlp" for i in blocks]
-    result = run_rmt_kd(
-        model,
-        tokenizer,
+    targets = [t.name for t in find_targets(model)]
+    params_targets = sum(model.get_submodule(n).weight.numel() for n in targets)
+    options: dict[str, Any] = dict(
         task="causal-lm",
         sites=sites,
         tau=tau,
@@ -388,41 +406,111 @@ def run_lm(quick: bool, tau: float, steps: int) -> tuple[str, str]:
         seed=0,
         progress=False,
     )
-    after = perplexity(result.model, windows, progress=False)
+    # One cut per call, resumed from the checkpoint: the model after every cut is evaluated.
+    curve = [("none", 0, f"{base_curve:.3f}")]
+    with tempfile.TemporaryDirectory() as checkpoint:
+        for index in range(len(sites)):
+            result = run_rmt_kd(
+                model,
+                tokenizer,
+                checkpoint_dir=checkpoint,
+                resume=index > 0,
+                max_cuts=1,
+                **options,
+            )
+            removed = result.parameters_before - result.parameters_after
+            ppl = perplexity(result.model, windows[:n_curve], progress=False).perplexity
+            curve.append((sites[index], removed, f"{ppl:.3f}"))
+            print(f"after {sites[index]}: {removed:,} removed, perplexity {ppl:.3f}", flush=True)
+    kd_ppl = perplexity(result.model, windows, progress=False).perplexity
+    kd_wall = result.wall_s
     removed = result.parameters_before - result.parameters_after
-    target_before = sum(
-        model.get_submodule(f"model.layers.{i}.mlp").get_parameter(f"{p}.weight").numel()
-        for i in blocks
-        for p in ("gate_proj", "up_proj", "down_proj")
-    )
+    fraction = removed / params_targets
+
+    rows: list[tuple[Any, ...]] = [
+        ("SmolLM2-135M", f"{base:.3f}", result.parameters_before, "0", "1", "1", "", ""),
+        (
+            f"RMT-KD, MLP widths of {len(sites)} blocks",
+            f"{kd_ppl:.3f}",
+            result.parameters_after,
+            f"{100 * fraction:.2f}",
+            *speed_ups(result.model),
+            f"{kd_wall:.0f}",
+            f"self-distillation, {steps} steps of 256 tokens per cut",
+        ),
+    ]
+    # Low rank at the same count: one calibration and one set of whitened SVDs for all rows.
+    found = find_targets(model)
+    calibration = calibration_windows(tokenizer, n_windows=4 if quick else 16)
+    start = time.perf_counter()
+    outcome = budget_plan(model, found, calibration, target_params=fraction, progress=False)
+    shared_s = time.perf_counter() - start
+    heal_steps = 4 if quick else 32
+    uniform = uniform_plan(found, fraction, {n: {} for n in targets}, None)
+    for label, plan, healed in (
+        ("SVD-LLM, uniform", uniform, False),
+        ("ours: whitened + global budget", outcome.plan, False),
+        (f"ours + healing ({heal_steps} steps of 512 tokens)", outcome.plan, True),
+    ):
+        start = time.perf_counter()
+        compressed = copy.deepcopy(model)
+        apply_plan(compressed, plan, svd_cache=outcome.svd_cache, progress=False)
+        if healed:
+            heal(compressed, model, calibration, steps=heal_steps, lr=3e-4, progress=False)
+        seconds = shared_s + time.perf_counter() - start
+        ppl = perplexity(compressed, windows, progress=False).perplexity
+        rows.append(
+            (
+                label,
+                f"{ppl:.3f}",
+                count_parameters(compressed),
+                f"{100 * plan.params_removed() / params_targets:.2f}",
+                *speed_ups(compressed),
+                f"{seconds:.0f}",
+                f"KL to the dense model, {heal_steps} steps" if healed else "none",
+            )
+        )
+        print(rows[-1], flush=True)
+        del compressed
+
     summary = markdown_table(
         [
             "model",
             f"perplexity ({n_eval}×512 pinned windows)",
             "parameters",
-            "MLP params of cut blocks",
+            "% of target-matrix params removed",
+            "prefill speed-up",
+            "decode speed-up",
+            "compression s",
+            "training",
         ],
-        [
-            ("SmolLM2-135M", f"{base.perplexity:.3f}", result.parameters_before, target_before),
-            (
-                "RMT-KD (MLP widths)",
-                f"{after.perplexity:.3f}",
-                result.parameters_after,
-                target_before - removed,
-            ),
-        ],
+        rows,
+    )
+    curve_table = markdown_table(
+        ["after cutting", "parameters removed", f"perplexity ({n_curve} windows)"], curve
     )
     verdict = (
-        f"MLP widths of blocks {blocks} (every {every}rd block, to keep the CPU run short): "
-        f"{100 * removed / target_before:.1f} % of those MLP parameters removed "
-        f"({100 * result.parameter_reduction:.2f} % of the model); perplexity "
-        f"{base.perplexity:.3f} → {after.perplexity:.3f}. Wall time {result.wall_s:.0f} s. "
-        "Validation metric in the per-site table: −mean NLL (nats) on 4 held-out windows of the "
-        "pinned *calibration* split; the stop-rule tolerance is 0.1 nats."
+        f"MLP widths of blocks {blocks} (every {every}rd block, to keep the CPU run short), "
+        f"shallow to deep: {removed:,} parameters removed ({100 * fraction:.2f} % of the "
+        f"{params_targets:,} target-matrix parameters, {100 * result.parameter_reduction:.2f} % "
+        f"of the model); perplexity {base:.3f} → {kd_ppl:.3f}. The low-rank rows remove the same "
+        "number of target-matrix parameters (to within one matrix row), chosen by their own "
+        "rules over all 210 matrices. Validation metric of the stop rule: −mean NLL (nats) on 4 "
+        "held-out windows of the pinned *calibration* split, tolerance 0.1 nats."
     )
     settings = {**result.settings, "torch threads": torch.get_num_threads(), "quick": quick}
     body = "\n\n".join(
-        [verdict, summary, "Per site:", _site_table(result), "Settings:", _settings_text(settings)]
+        [
+            verdict,
+            summary,
+            "Perplexity after every cut (the RMT-KD run sliced one cut at a time and resumed from "
+            "its checkpoint):",
+            curve_table,
+            "Per site:",
+            _site_table(result),
+            "Settings:",
+            _settings_text(settings),
+        ]
     )
     return "SmolLM2-135M language modelling: MLP widths", body
 

@@ -59,6 +59,7 @@ def test_analyze_writes_the_report(capsys, tiny_folder, tmp_path):
         (["compress", "{folder}", "--out", "{out}", "--mode", "shrink"], ["unknown mode"]),
         (["compress", "{folder}", "--out", "{out}", "--target-params", "1.5"], ["--target-params"]),
         (["compress", "{folder}", "--out", "{out}", "--plan", "{missing}"], []),
+        (["compress", "{folder}", "--out", "{out}", "--target-size", "lots"], ["not a size", "MB"]),
     ],
 )
 def test_user_errors_are_one_line(capsys, tiny_folder, tmp_path, argv, fragments):
@@ -246,3 +247,33 @@ def test_rmt_kd_gives_a_bare_encoder_a_head_on_bbc_news(capsys, tmp_path):
     model, _ = laserrmt.load(out)
     assert type(model).__name__ == "BertForSequenceClassification"
     assert model.config.num_labels == 5
+
+
+def test_a_size_budget_from_the_command_line(capsys, tiny_folder, tmp_path):
+    import laserrmt
+    from laserrmt.models.loading import load_model
+    from laserrmt.surgery.io import weight_bytes
+
+    target = int(0.4 * weight_bytes(load_model(tiny_folder).model))  # int8 alone: ~0.5
+    out = tmp_path / "s"
+    code, stdout, err = run(
+        capsys,
+        "compress",
+        tiny_folder,
+        "--target-size",
+        str(target),
+        "--quantize",
+        "int8",
+        "--calibration-windows",
+        "2",
+        "--no-eval",
+        "--out",
+        out,
+    )
+    assert code == 0, err
+    meta = json.loads((out / "laserrmt.json").read_text())
+    assert meta["plan"]["method"] == "budget"
+    achieved = meta["settings"]["compress"]["weight_bytes"]
+    assert achieved <= target and f"weights: {achieved:,} bytes" in stdout
+    model, _ = laserrmt.load(out)
+    assert weight_bytes(model) == achieved

@@ -32,13 +32,13 @@ def parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     unit = match.group(2).lower() if match else ""
     if match is None or unit not in _SIZE_UNITS:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a size; write a number of bytes or a number with B, kB, MB, GB, "
+        raise InvalidOptionError(
+            f"--target-size {text!r} is not a size; write a number of bytes or a number with B, kB, MB, GB, "
             "KiB, MiB or GiB (e.g. 60MB)"
         )
     size = int(float(match.group(1)) * _SIZE_UNITS[unit])
     if size <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: the size must be positive")
+        raise InvalidOptionError(f"--target-size {text!r}: the size must be positive")
     return size
 
 
@@ -295,7 +295,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compress.add_argument(
         "--target-size",
-        type=parse_size,
         default=None,
         metavar="BYTES",
         help="budget method: the weights' size after compression (and --quantize), e.g. 60MB, "
@@ -489,7 +488,7 @@ def run_compress(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_changes=args.max_changes,
         target_params=args.target_params,
-        target_size=args.target_size,
+        target_size=parse_size(args.target_size) if args.target_size else None,
         whiten=args.whiten or "svdllm",
         allocation=args.allocation,
         importance=args.importance,

@@ -306,7 +306,11 @@ def removal_for_size(
         raise BudgetError(
             f"--target-size {target_bytes:,} bytes is not reachable: the smallest these targets "
             f"can make the weights is {smallest:,} bytes (every matrix at rank 1"
-            f"{', int8' if quantize else ''}); ask for at least that, or add --quantize int8"
+            + (
+                ", int8); ask for at least that"
+                if quantize
+                else "); ask for at least that, or add --quantize int8"
+            )
         )
     low, high = 0, most  # planned(low) > target_bytes >= planned(high)
     while high - low > 1:
