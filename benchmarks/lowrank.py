@@ -62,6 +62,48 @@ def linear_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def targets_table(rows: list[list[Any]]) -> str:
+    """The issue's targets, checked against the measured rows (method, removed, eval ppl, …)."""
+    dense = float(rows[0][2])
+    by = {(r[0].split(" (")[0], r[1]): r for r in rows[1:]}
+    lines = []
+    for removed in sorted({r[1] for r in rows[1:]}, key=lambda f: float(f.rstrip("%"))):
+        ours, svdllm = (
+            by.get(("ours: whitened + global budget", removed)),
+            by.get(("SVD-LLM, uniform", removed)),
+        )
+        if ours and svdllm:
+            ratio = (ours[2] - dense) / (svdllm[2] - dense)
+            lines.append(
+                (
+                    f"{removed}: ours' rise ≤ ½ of SVD-LLM uniform's"
+                    + ("" if removed == "20%" else " (a target at 20 % only)"),
+                    f"+{ours[2] - dense:.1f} against +{svdllm[2] - dense:.1f} ({ratio:.2f})",
+                    ("yes" if ratio <= 0.5 else "no") if removed == "20%" else "—",
+                )
+            )
+        healed = by.get(("ours + healing", removed))
+        limit = {"20%": 1.3 * dense, "40%": 2.0 * dense}.get(removed)
+        if healed and limit:
+            lines.append(
+                (
+                    f"{removed}: healed ≤ {limit:.1f}",
+                    f"{healed[2]:.2f}",
+                    "yes" if healed[2] <= limit else "no",
+                )
+            )
+        for row in (ours, by.get(("ours + healing + int8", removed))):
+            if row:
+                lines.append(
+                    (
+                        f"{removed}: {row[0]}: decode speed-up ≥ 0.9 × linear-bytes ratio",
+                        f"{row[7]:.2f} against {0.9 * row[8]:.2f}",
+                        "yes" if row[7] >= 0.9 * row[8] else "no",
+                    )
+                )
+    return markdown_table(("target", "measured", "met"), lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4])
@@ -173,7 +215,11 @@ def main() -> None:
         path = write_result(
             "lowrank",
             "Activation-aware low rank on SmolLM2-135M",
-            [("Protocol", protocol), ("Results", table)],
+            [
+                ("Protocol", protocol),
+                ("Results", table),
+                ("Against the targets of the issue", targets_table(rows)),
+            ],
         )
         return path
 
