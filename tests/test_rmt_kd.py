@@ -10,7 +10,7 @@ import torch
 from laserrmt.errors import InvalidOptionError
 from laserrmt.methods.rmt_kd import STATE_FILE, rmt_kd
 from laserrmt.surgery.width import count_parameters
-from tiny_models import tiny_cnn
+from tiny_models import tiny_bert, tiny_cnn
 
 
 def _data() -> tuple[list, list]:
@@ -199,3 +199,46 @@ def test_a_classifier_built_from_an_encoder_computes_the_same_hidden_states() ->
     got = classifier(ids, output_hidden_states=True).hidden_states[-1]
     assert torch.allclose(got, expected, atol=1e-6)
     assert classifier(ids).logits.shape == (2, 5)
+
+
+def test_sliced_attention_cuts_with_a_revert_resume_to_the_uninterrupted_run(tmp_path) -> None:
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        {
+            "input_ids": torch.randint(0, 264, (4, 16), generator=g),
+            "labels": torch.randint(0, 3, (4,), generator=g),
+        }
+        for _ in range(4)
+    ]
+
+    # Every cut in block 0 costs parameters there and is reverted; cuts in block 1 are kept.
+    def validate(model: torch.nn.Module) -> float:
+        return float(count_parameters(model.bert.encoder.layer[0]))
+
+    options = {
+        **OPTIONS,
+        "sites": ["attention"],
+        "steps_per_cut": 2,
+        "tolerance": 0.0,
+        "floor": 0.0,
+    }
+    whole = rmt_kd(tiny_bert(num_labels=3), batches, batches[:2], validate, **options)
+    assert [r.status for r in whole.records] == ["reverted", "reverted", "kept", "kept"]
+    for _ in range(4):
+        sliced = rmt_kd(
+            tiny_bert(num_labels=3),
+            batches,
+            batches[:2],
+            validate,
+            checkpoint_dir=tmp_path,
+            resume=True,
+            max_cuts=1,
+            **options,
+        )
+    assert sliced.finished
+    strip = lambda rs: [{k: v for k, v in r.to_dict().items() if k != "wall_s"} for r in rs]  # noqa: E731
+    # A reverted cut's metric is not the next cut's starting point.
+    assert strip(sliced.records) == strip(whole.records)
+    assert sliced.final_metric == whole.final_metric == whole.baseline_metric
+    inputs = {"input_ids": batches[0]["input_ids"]}
+    assert torch.equal(sliced.model(**inputs).logits, whole.model(**inputs).logits)

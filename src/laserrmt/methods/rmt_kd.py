@@ -326,7 +326,10 @@ def rmt_kd(
         elapsed_before = 0.0
         state = {"version": _STATE_VERSION, "settings": settings, "baseline_metric": baseline}
 
-    current_metric = records[-1].metric_after if records else baseline
+    # The metric of the model as it stands: a reverted cut's metric belongs to a discarded model.
+    current_metric = next(
+        (r.metric_after for r in reversed(records) if r.status != "reverted"), baseline
+    )
     handled = 0
     finished = True
     for index in range(first, len(site_list)):
@@ -428,14 +431,11 @@ def rmt_kd(
             state["wall_s"] = elapsed_before + time.perf_counter() - start
             _save_checkpoint(folder, work, state, settings)
 
-    final_metric = records[-1].metric_after if records else baseline
-    if records and records[-1].status == "reverted":
-        final_metric = current_metric
     return RMTKDResult(
         model=work,
         records=records,
         baseline_metric=baseline,
-        final_metric=final_metric,
+        final_metric=current_metric,
         parameters_before=parameters_before,
         parameters_after=count_parameters(work),
         settings=settings,
