@@ -29,6 +29,7 @@ from torch import nn
 from benchmarks.common import RESULTS, write_result
 from laserrmt.data.classification import mnist_subset
 from laserrmt.methods.rmt_kd import RMTKDResult, rmt_kd
+from laserrmt.models.architectures import block_index
 from laserrmt.report.html import markdown_table
 from laserrmt.surgery.width import count_parameters
 
@@ -217,8 +218,8 @@ def run_mnist(quick: bool, tau: float, steps: int) -> tuple[str, str]:
 
 
 def _block_parameters(model: nn.Module) -> int:
-    # ARCH: BERT keeps its transformer blocks under `bert.encoder`.
-    return count_parameters(model.bert.encoder)  # type: ignore[attr-defined]
+    """Parameters inside the transformer blocks (not embeddings, pooler or head)."""
+    return sum(p.numel() for n, p in model.named_parameters() if block_index(n) is not None)
 
 
 def _paired_latency_ms(

@@ -12,8 +12,11 @@ from laserrmt.errors import TargetSelectionError
 from laserrmt.models.architectures import (
     ROLES,
     block_index,
+    encoder_self_attentions,
     is_embedding_or_head,
+    mlp_layouts,
     module_role,
+    residual_layout,
 )
 from laserrmt.models.targets import (
     Target,
@@ -129,6 +132,47 @@ def test_block_index(name, block):
 def test_module_role_table(name, role):
     assert module_role(name) == role
     assert role is None or role in ROLES
+
+
+@pytest.mark.parametrize(
+    "build, block, producers, consumer, width",
+    [
+        (tiny_llama, "model.layers.1", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", 128),
+        (tiny_gemma, "model.layers.1", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", 128),
+        (
+            lambda: tiny_bert(num_labels=3),
+            "bert.encoder.layer.1",
+            ("intermediate.dense",),
+            "output.dense",
+            64,
+        ),
+    ],
+)
+def test_mlp_layouts_name_producers_and_consumer(build, block, producers, consumer, width):
+    layouts = mlp_layouts(build())
+    assert [m.block for m in layouts] == [block[:-1] + "0", block]
+    last = layouts[-1]
+    assert last.producers == tuple(f"{block}.{p}" for p in producers)
+    assert (last.consumer, last.width) == (f"{block}.{consumer}", width)
+
+
+def test_gpt2_conv1d_mlp_is_not_a_width_layout():
+    # GPT-2's Conv1D is not an nn.Linear: its width cannot be cut by row selection.
+    assert mlp_layouts(tiny_gpt2()) == []
+
+
+def test_residual_and_attention_layouts_by_family():
+    llama = tiny_llama()
+    layout = residual_layout(llama)
+    assert layout.width == 64 and len(layout.norms) == 4 and len(layout.writers) == 4
+    assert layout.head is llama.lm_head
+    with pytest.raises(TargetSelectionError, match="pre-RMSNorm"):
+        residual_layout(tiny_bert())
+    assert encoder_self_attentions(llama) == []
+    [first, _] = encoder_self_attentions(tiny_bert())
+    assert first.self_name.endswith("layer.0.attention.self")
+    assert first.output_name.endswith("layer.0.attention.output.dense")
+    assert (first.heads, first.qk_head_size, first.v_head_size) == (4, 8, 8)
 
 
 def test_tied_and_named_heads_excluded_by_default_and_included_on_request():

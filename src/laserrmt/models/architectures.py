@@ -4,7 +4,10 @@ Everything else in laserrmt asks this module two questions about a dotted module
 given by ``model.named_modules()``): which transformer block it belongs to
 (:func:`block_index`) and what it does there (:func:`module_role`). A third,
 :func:`is_embedding_or_head`, says whether a module sits at the model's input or output,
-where rank reduction is excluded unless asked for.
+where rank reduction is excluded unless asked for. For width reduction
+(:mod:`laserrmt.surgery.width`) it also says which layers compute a hidden width and which read
+it: :func:`mlp_layouts`, :func:`channel_chains`, :func:`encoder_self_attentions` and
+:func:`residual_layout`.
 
 Role vocabulary
 ---------------
@@ -47,10 +50,13 @@ the pattern ``role:mlp.*``. A module that none of the families below describes h
 from __future__ import annotations
 
 import re
-from typing import Final
+from dataclasses import dataclass
+from typing import Any, Final
 
 import torch
 from torch import nn
+
+from laserrmt.errors import TargetSelectionError
 
 ROLES: Final[tuple[str, ...]] = (
     "attn.q",
@@ -232,3 +238,217 @@ def is_causal_lm(model: nn.Module) -> bool:
     """Whether ``model`` predicts next tokens (so a language-model loss exists for it)."""
     can_generate = getattr(model, "can_generate", None)
     return bool(can_generate()) if callable(can_generate) else False
+
+
+# ---------------------------------------------------------------------------------------------
+# Widths: which modules compute a hidden width and which read it (for laserrmt.surgery.width)
+
+
+@dataclass(frozen=True)
+class MLPLayout:
+    """A transformer block's MLP: the layers that compute its hidden units and the one reading them."""
+
+    block: str
+    """The block's module name, e.g. ``model.layers.3``."""
+    producers: tuple[str, ...]
+    """``(gate, up)`` of a gated MLP, ``(fc_in,)`` of a plain one."""
+    consumer: str
+    """``down`` or ``fc_out``."""
+    width: int
+    """The number of hidden units (the consumer's input features)."""
+
+
+def mlp_layouts(model: nn.Module) -> list[MLPLayout]:
+    """Every block's MLP whose layers are ``nn.Linear`` with recognised roles, in module order."""
+    by_block: dict[str, dict[str, str]] = {}
+    for name, module in model.named_modules():
+        role = module_role(name)
+        index = block_index(name)
+        if role is None or index is None or not role.startswith("mlp."):
+            continue
+        if not isinstance(module, nn.Linear):
+            continue
+        match = _BLOCK.search(name)
+        assert match is not None  # block_index found this very match
+        by_block.setdefault(name[: match.end(1)].lstrip("."), {})[role] = name
+    layouts = []
+    for block, roles in by_block.items():
+        producers: tuple[str, ...]
+        if {"mlp.gate", "mlp.up", "mlp.down"} <= roles.keys():
+            producers, consumer = (roles["mlp.gate"], roles["mlp.up"]), roles["mlp.down"]
+        elif {"mlp.fc_in", "mlp.fc_out"} <= roles.keys():
+            producers, consumer = (roles["mlp.fc_in"],), roles["mlp.fc_out"]
+        else:
+            continue
+        reader = model.get_submodule(consumer)
+        assert isinstance(reader, nn.Linear)  # only nn.Linear entered by_block
+        layouts.append(MLPLayout(block, producers, consumer, int(reader.in_features)))
+    return layouts
+
+
+@dataclass(frozen=True)
+class ChannelChain:
+    """A convolution, the BatchNorm layers over its channels, and the layer reading them."""
+
+    producer: str
+    followers: tuple[str, ...]
+    consumer: str
+    channels: int
+
+
+def channel_chains(model: nn.Module) -> list[ChannelChain]:
+    """Plain CNN chains: each ``Conv2d`` (groups = 1) and the next layer in registration order.
+
+    After optional ``BatchNorm2d`` layers over the same channels, the next ``Conv2d`` or
+    ``Linear`` is taken to read the convolution's output: a ``Conv2d`` with exactly those input
+    channels, or a ``Linear`` reading them flattened. That holds for ``nn.Sequential``-style
+    networks (LeNet, VGG), **not** for networks with skip connections (ResNet), where a
+    convolution's output has several readers. Heads are included: a classifier can read the last
+    convolution.
+    """
+    layers = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d | nn.Linear | nn.BatchNorm2d)
+    ]
+    chains = []
+    for i, (name, module) in enumerate(layers):
+        if not isinstance(module, nn.Conv2d) or module.groups != 1:
+            continue
+        channels = module.out_channels
+        followers: list[str] = []
+        j = i + 1
+        while j < len(layers):
+            follower = layers[j][1]
+            if not isinstance(follower, nn.BatchNorm2d) or follower.num_features != channels:
+                break
+            followers.append(layers[j][0])
+            j += 1
+        if j >= len(layers):
+            continue
+        consumer_name, consumer = layers[j]
+        fits = (
+            isinstance(consumer, nn.Conv2d)
+            and consumer.groups == 1
+            and consumer.in_channels == channels
+        ) or (isinstance(consumer, nn.Linear) and consumer.in_features % channels == 0)
+        if fits:
+            chains.append(ChannelChain(name, tuple(followers), consumer_name, channels))
+    return chains
+
+
+@dataclass
+class ResidualLayout:
+    """The layers of a pre-RMSNorm decoder that touch the residual stream."""
+
+    width: int
+    embedding: nn.Embedding
+    head: nn.Linear | None
+    """The output embedding, when it is an ``nn.Linear``."""
+    final_norm: nn.Module
+    norms: list[tuple[nn.Module, list[nn.Linear]]]
+    """(norm, readers of its output): ``input_layernorm`` → q/k/v, ``post_attention_layernorm``
+    → gate/up."""
+    writers: list[nn.Linear]
+    """The layers that add into the stream: ``o_proj``, ``down_proj``."""
+    blocks: nn.ModuleList
+    config: Any
+
+
+RESIDUAL_FAMILIES: Final = frozenset({"llama", "mistral", "qwen2"})
+"""``model_type`` values whose residual stream :func:`residual_layout` can describe."""
+
+
+def residual_layout(model: nn.Module) -> ResidualLayout:
+    """The Llama family's residual stream: ``model.embed_tokens``, ``model.layers[i]`` with
+    ``input_layernorm`` → ``self_attn.{q,k,v}_proj``, ``self_attn.o_proj``,
+    ``post_attention_layernorm`` → ``mlp.{gate,up}_proj``, ``mlp.down_proj``; ``model.norm``;
+    the output embedding.
+
+    Raises:
+        TargetSelectionError: the model is not of a family in :data:`RESIDUAL_FAMILIES`.
+    """
+    config = getattr(model, "config", None)
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in RESIDUAL_FAMILIES or inner is None or layers is None:
+        raise TargetSelectionError(
+            "residual-stream slicing supports pre-RMSNorm decoders "
+            f"({', '.join(sorted(RESIDUAL_FAMILIES))}); {type(model).__name__} (model_type "
+            f"{model_type!r}) is not one: cut its MLP width instead"
+        )
+    norms: list[tuple[nn.Module, list[nn.Linear]]] = []
+    writers: list[nn.Linear] = []
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        norms.append((layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]))
+        norms.append((layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]))
+        writers += [attn.o_proj, mlp.down_proj]
+    get_output = getattr(model, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    return ResidualLayout(
+        width=int(inner.embed_tokens.embedding_dim),
+        embedding=inner.embed_tokens,
+        head=head if isinstance(head, nn.Linear) else None,
+        final_norm=inner.norm,
+        norms=norms,
+        writers=writers,
+        blocks=layers,
+        config=config,
+    )
+
+
+@dataclass(frozen=True)
+class SelfAttentionLayout:
+    """A BERT-style encoder self-attention: the module holding q/k/v and its output projection."""
+
+    self_name: str
+    output_name: str
+    heads: int
+    qk_head_size: int
+    v_head_size: int
+    scaling: float
+    dropout: float
+
+
+def encoder_self_attentions(model: nn.Module) -> list[SelfAttentionLayout]:
+    """The BERT family's encoder attention, block by block.
+
+    ``<block>.attention.self`` holds ``query``, ``key`` and ``value`` (``nn.Linear``, heads
+    concatenated head-major in the output dimension), ``num_attention_heads`` and
+    ``attention_head_size``; ``<block>.attention.output.dense`` reads the concatenated heads.
+    A module that states its own ``qk_head_size``, ``v_head_size``, ``scaling`` and
+    ``dropout_p`` (one laserrmt has already narrowed) is described by those. Decoder attention
+    (a cache, a causal mask) is not listed.
+    """
+    layouts = []
+    for name, module in model.named_modules():
+        if not name.endswith("attention.self"):
+            continue
+        if not all(
+            isinstance(getattr(module, p, None), nn.Linear) for p in ("query", "key", "value")
+        ):
+            continue
+        if getattr(module, "is_decoder", False) or getattr(module, "is_causal", False):
+            continue
+        output_name = name[: -len("self")] + "output.dense"
+        try:
+            output = model.get_submodule(output_name)
+        except AttributeError:
+            continue
+        if not isinstance(output, nn.Linear):
+            continue
+        heads = int(module.num_attention_heads)
+        if hasattr(module, "qk_head_size"):
+            qk = int(module.qk_head_size)
+            v = int(module.v_head_size)
+            scaling = float(module.scaling)
+            dropout = float(module.dropout_p)
+        else:
+            qk = v = int(module.attention_head_size)
+            scaling = float(getattr(module, "scaling", qk**-0.5))
+            dropout_module = getattr(module, "dropout", None)
+            dropout = float(dropout_module.p) if isinstance(dropout_module, nn.Dropout) else 0.0
+        layouts.append(SelfAttentionLayout(name, output_name, heads, qk, v, scaling, dropout))
+    return layouts

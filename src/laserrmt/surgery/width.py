@@ -54,7 +54,6 @@ because every layer of the stream changes with it.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -70,7 +69,14 @@ from laserrmt.errors import (
     PlanError,
     TargetSelectionError,
 )
-from laserrmt.models.architectures import block_index, module_role
+from laserrmt.models.architectures import (
+    SelfAttentionLayout,
+    block_index,
+    channel_chains,
+    encoder_self_attentions,
+    mlp_layouts,
+    residual_layout,
+)
 from laserrmt.surgery.registry import CompressedModule, dtype_from_name, dtype_name, register_module
 
 SiteKind = Literal["channels", "mlp", "residual", "attn_vo", "attn_qk"]
@@ -157,7 +163,7 @@ class ResizedConv2d(nn.Conv2d, CompressedModule):
             dilation=tuple(cfg["dilation"]),
             groups=int(cfg["groups"]),
             bias=bool(cfg["bias"]),
-            padding_mode=str(cfg["padding_mode"]),
+            padding_mode=cfg["padding_mode"],
             dtype=dtype_from_name(cfg["dtype"]),
         )
 
@@ -174,7 +180,7 @@ class ResizedBatchNorm2d(nn.BatchNorm2d, CompressedModule):
             "affine": self.affine,
             "track_running_stats": self.track_running_stats,
             "dtype": dtype_name(
-                self.weight.dtype if self.weight is not None else self.running_mean.dtype  # type: ignore[union-attr]
+                self.weight.dtype if self.weight is not None else self.running_mean.dtype
             ),
         }
 
@@ -227,85 +233,31 @@ class WidthSite:
         )
 
 
-# ARCH: which modules form a transformer MLP (by role) and how a plain CNN chains its layers.
-# The roles come from laserrmt.models.architectures; the chain rule below ("the next Conv2d or
-# Linear in registration order consumes a convolution's channels") is architecture knowledge
-# that belongs there (lead: move `_mlp_sites` / `_channel_sites` into models/architectures.py).
 def _mlp_sites(model: nn.Module) -> list[WidthSite]:
-    by_block: dict[tuple[str, int], dict[str, str]] = {}
-    for name, module in model.named_modules():
-        role = module_role(name)
-        index = block_index(name)
-        if role is None or index is None or not role.startswith("mlp."):
-            continue
-        if not isinstance(module, nn.Linear):
-            continue
-        match = re.search(rf"(?:^|\.){index}(?:\.|$)", name)
-        assert match is not None  # block_index found this very component
-        prefix = name[: match.start() + 1 + len(str(index))].lstrip(".")
-        by_block.setdefault((prefix, index), {})[role] = name
-    sites = []
-    for (prefix, _index), roles in by_block.items():
-        if {"mlp.gate", "mlp.up", "mlp.down"} <= roles.keys():
-            producers = (roles["mlp.gate"], roles["mlp.up"])
-            consumer = roles["mlp.down"]
-        elif {"mlp.fc_in", "mlp.fc_out"} <= roles.keys():
-            producers = (roles["mlp.fc_in"],)
-            consumer = roles["mlp.fc_out"]
-        else:
-            continue
-        width = model.get_submodule(consumer).in_features  # type: ignore[union-attr]
-        sites.append(
-            WidthSite(
-                name=f"{prefix}.mlp",
-                kind="mlp",
-                width=int(width),
-                producers=producers,
-                consumer=consumer,
-            )
+    return [
+        WidthSite(
+            name=f"{mlp.block}.mlp",
+            kind="mlp",
+            width=mlp.width,
+            producers=mlp.producers,
+            consumer=mlp.consumer,
         )
-    return sites
+        for mlp in mlp_layouts(model)
+    ]
 
 
 def _channel_sites(model: nn.Module) -> list[WidthSite]:
-    # Heads are included: a classifier can be the consumer of the last convolution.
-    layers = [
-        (n, m)
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Conv2d | nn.Linear | nn.BatchNorm2d)
+    return [
+        WidthSite(
+            name=chain.producer,
+            kind="channels",
+            width=chain.channels,
+            producers=(chain.producer,),
+            followers=chain.followers,
+            consumer=chain.consumer,
+        )
+        for chain in channel_chains(model)
     ]
-    sites = []
-    for i, (name, module) in enumerate(layers):
-        if not isinstance(module, nn.Conv2d) or module.groups != 1:
-            continue
-        channels = module.out_channels
-        followers: list[str] = []
-        j = i + 1
-        while j < len(layers) and isinstance(layers[j][1], nn.BatchNorm2d):
-            if layers[j][1].num_features != channels:  # type: ignore[union-attr]
-                break
-            followers.append(layers[j][0])
-            j += 1
-        if j >= len(layers):
-            continue
-        consumer_name, consumer = layers[j]
-        fits = (
-            isinstance(consumer, nn.Conv2d)
-            and consumer.groups == 1
-            and consumer.in_channels == channels
-        ) or (isinstance(consumer, nn.Linear) and consumer.in_features % channels == 0)
-        if fits:
-            sites.append(
-                WidthSite(
-                    name=name,
-                    kind="channels",
-                    width=channels,
-                    producers=(name,),
-                    followers=tuple(followers),
-                    consumer=consumer_name,
-                )
-            )
-    return sites
 
 
 def find_width_sites(model: nn.Module, kinds: Sequence[SiteKind] | None = None) -> list[WidthSite]:
@@ -325,26 +277,28 @@ def find_width_sites(model: nn.Module, kinds: Sequence[SiteKind] | None = None) 
     Transformer sites come block by block, in forward order within a block (attention value
     and query/key widths, then the MLP).
     """
-    kinds = tuple(kinds) if kinds is not None else ("mlp", "attention", "channels")
+    wanted: tuple[str, ...] = (
+        tuple(kinds) if kinds is not None else ("mlp", "attention", "channels")
+    )
     known = {"mlp", "channels", "residual", "attention", "attn_vo", "attn_qk"}
-    unknown = set(kinds) - known
+    unknown = set(wanted) - known
     if unknown:
         raise InvalidOptionError(
             f"unknown site kinds {sorted(unknown)}; use {', '.join(sorted(known))}"
         )
     sites: list[WidthSite] = []
-    if "residual" in kinds:
-        layout = _residual_layout(model)
+    if "residual" in wanted:
+        layout = residual_layout(model)
         sites.append(WidthSite(name="residual_stream", kind="residual", width=layout.width))
     block_sites: list[WidthSite] = []
-    attention_kinds = {"attn_vo", "attn_qk"} if "attention" in kinds else set(kinds)
+    attention_kinds = {"attn_vo", "attn_qk"} if "attention" in wanted else set(wanted)
     block_sites.extend(s for s in _attention_sites(model) if s.kind in attention_kinds)
-    if "mlp" in kinds:
+    if "mlp" in wanted:
         block_sites.extend(_mlp_sites(model))
     # Stable sort: attention before MLP within a block, as the forward pass meets them.
     block_sites.sort(key=lambda s: block_index(s.name) or 0)
     sites.extend(block_sites)
-    if "channels" in kinds and not block_sites:
+    if "channels" in wanted and not block_sites:
         sites.extend(_channel_sites(model))
     return sites
 
@@ -423,8 +377,7 @@ def collect_site_statistics(
         if site.kind == "residual":
             out[site.name] = _residual_statistics(model, listed, site)
     for site in sites:
-        st = out[site.name]
-        if not bool(torch.isfinite(st.second_moment).all()):
+        if not bool(torch.isfinite(out[site.name].second_moment).all()):
             raise NumericalError(
                 f"site {site.name}: its activation statistics contain NaN or Inf; run the model "
                 "in float32 on finite inputs"
@@ -673,7 +626,7 @@ def _select_rows_conv(conv: nn.Conv2d, rows: torch.Tensor) -> ResizedConv2d:
     )
     with torch.no_grad():
         new.weight.copy_(conv.weight[rows])
-        if conv.bias is not None:
+        if conv.bias is not None and new.bias is not None:
             new.bias.copy_(conv.bias[rows])
     return new
 
@@ -686,17 +639,14 @@ def _select_batchnorm(bn: nn.BatchNorm2d, rows: torch.Tensor) -> ResizedBatchNor
         momentum=bn.momentum,
         affine=bn.affine,
         track_running_stats=bn.track_running_stats,
-        device=reference.device,  # type: ignore[union-attr]
-        dtype=reference.dtype,  # type: ignore[union-attr]
+        device=None if reference is None else reference.device,
+        dtype=None if reference is None else reference.dtype,
     )
     with torch.no_grad():
-        if bn.affine:
-            new.weight.copy_(bn.weight[rows])  # type: ignore[index]
-            new.bias.copy_(bn.bias[rows])  # type: ignore[index]
-        if bn.track_running_stats:
-            new.running_mean.copy_(bn.running_mean[rows])  # type: ignore[index,union-attr]
-            new.running_var.copy_(bn.running_var[rows])  # type: ignore[index,union-attr]
-            new.num_batches_tracked.copy_(bn.num_batches_tracked)  # type: ignore[union-attr]
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            source = getattr(bn, name)
+            if source is not None:  # the scalar step count is copied whole
+                getattr(new, name).copy_(source if source.dim() == 0 else source[rows])
     return new
 
 
@@ -706,7 +656,7 @@ def _fold_into_consumer(consumer: nn.Module, r: torch.Tensor, width: int) -> nn.
     if isinstance(consumer, nn.Conv2d):
         w = consumer.weight.detach().to(torch.float64)
         folded = torch.einsum("oc...,ck->ok...", w, r.to(w.device))
-        new: nn.Module = ResizedConv2d(
+        new: ResizedConv2d | ResizedLinear = ResizedConv2d(
             k,
             consumer.out_channels,
             consumer.kernel_size,  # type: ignore[arg-type]
@@ -740,9 +690,10 @@ def _fold_into_consumer(consumer: nn.Module, r: torch.Tensor, width: int) -> nn.
             "must be nn.Linear or nn.Conv2d"
         )
     with torch.no_grad():
-        new.weight.copy_(folded.to(consumer.weight.dtype))  # type: ignore[operator]
-        if consumer.bias is not None:
-            new.bias.copy_(consumer.bias)  # type: ignore[union-attr,operator]
+        new.weight.copy_(folded.to(new.weight.dtype))
+        bias = getattr(consumer, "bias", None)
+        if bias is not None and new.bias is not None:
+            new.bias.copy_(bias)
     return new
 
 
@@ -828,71 +779,22 @@ def residual_width(model: nn.Module, k: int) -> int:
     """
     config = getattr(model, "config", None)
     heads = int(getattr(config, "num_attention_heads", 1) or 1)
-    d = _residual_layout(model).width
+    d = residual_layout(model).width
     return min(d, -(-k // heads) * heads)
 
 
 def residual_site(model: nn.Module) -> WidthSite:
     """The residual stream of a Llama-style model as one site."""
-    return WidthSite(name="residual_stream", kind="residual", width=_residual_layout(model).width)
+    return WidthSite(name="residual_stream", kind="residual", width=residual_layout(model).width)
 
 
 # ---------------------------------------------------------------------------------------------
 # The residual stream (SliceGPT)
 
 
-@dataclass
-class _ResidualLayout:
-    """The layers of a pre-RMSNorm decoder that touch the residual stream."""
-
-    width: int
-    embedding: nn.Embedding
-    head: nn.Linear | None
-    final_norm: nn.Module
-    # (norm, readers of its output) pairs: input_layernorm → q/k/v, post_attention_layernorm → MLP in.
-    norms: list[tuple[nn.Module, list[nn.Linear]]]
-    writers: list[nn.Linear]  # o_proj, down_proj: write into the stream
-    blocks: nn.ModuleList
-    config: Any
-
-
-# ARCH: the Llama family's residual-stream layout (embed_tokens, layers[i].input_layernorm →
-# self_attn.q/k/v_proj, self_attn.o_proj, post_attention_layernorm → mlp.gate/up_proj,
-# mlp.down_proj, norm, lm_head). Lead: move into models/architectures.py as an adapter.
-def _residual_layout(model: nn.Module) -> _ResidualLayout:
-    config = getattr(model, "config", None)
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    supported = {"llama", "mistral", "qwen2"}
-    model_type = getattr(config, "model_type", None)
-    if model_type not in supported or layers is None:
-        raise TargetSelectionError(
-            f"residual-stream slicing supports pre-RMSNorm decoders ({', '.join(sorted(supported))});"
-            f" {type(model).__name__} (model_type {model_type!r}) is not one: cut its MLP width instead"
-        )
-    norms: list[tuple[nn.Module, list[nn.Linear]]] = []
-    writers: list[nn.Linear] = []
-    for layer in layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        norms.append((layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]))
-        norms.append((layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]))
-        writers += [attn.o_proj, mlp.down_proj]
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return _ResidualLayout(
-        width=int(inner.embed_tokens.embedding_dim),
-        embedding=inner.embed_tokens,
-        head=head,
-        final_norm=inner.norm,
-        norms=norms,
-        writers=writers,
-        blocks=layers,
-        config=config,
-    )
-
-
 def _residual_statistics(model: nn.Module, batches: list[Any], site: WidthSite) -> SiteStatistics:
     """The second moment of the residual stream pooled over the embedding and every block output."""
-    layout = _residual_layout(model)
+    layout = residual_layout(model)
     total = torch.zeros(site.width, site.width, dtype=torch.float64)
     count = 0
 
@@ -923,11 +825,11 @@ def _residual_statistics(model: nn.Module, batches: list[Any], site: WidthSite) 
     return SiteStatistics(site.name, total / max(count, 1), count)
 
 
-def _norm_weight(norm: nn.Module) -> torch.Tensor:
+def _norm_scale(norm: nn.Module) -> torch.Tensor:
     weight = getattr(norm, "weight", None)
     if not isinstance(weight, torch.Tensor):
         raise TargetSelectionError(f"{type(norm).__name__} has no scale to fold; not an RMSNorm")
-    return weight.detach().to(torch.float64)
+    return weight
 
 
 def rotate_residual_stream(model: nn.Module, q: torch.Tensor) -> None:
@@ -938,7 +840,7 @@ def rotate_residual_stream(model: nn.Module, q: torch.Tensor) -> None:
     embedding when they were tied (folding the final norm's scale into the head makes them
     differ). The function the model computes is unchanged (SliceGPT, Theorem 1).
     """
-    layout = _residual_layout(model)
+    layout = residual_layout(model)
     d = layout.width
     q = q.to(torch.float64)
     if q.shape != (d, d) or not torch.allclose(
@@ -947,13 +849,13 @@ def rotate_residual_stream(model: nn.Module, q: torch.Tensor) -> None:
         raise InvalidOptionError(f"Q must be an orthogonal {d} × {d} matrix")
 
     def fold_norm(norm: nn.Module, readers: Sequence[nn.Linear]) -> None:
-        scale = _norm_weight(norm)
+        scale = _norm_scale(norm).detach().to(torch.float64)
         for linear in readers:
             w = linear.weight.detach().to(torch.float64)
             # reader(diag(s) n(x)) = (W diag(s)) n(x); in the rotated stream n(Qᵀx) = Qᵀ n(x).
             linear.weight.data = ((w * scale) @ q).to(linear.weight.dtype)
         with torch.no_grad():
-            norm.weight.fill_(1.0)  # type: ignore[union-attr,operator]
+            _norm_scale(norm).fill_(1.0)
 
     for norm, readers in layout.norms:
         fold_norm(norm, readers)
@@ -969,10 +871,10 @@ def rotate_residual_stream(model: nn.Module, q: torch.Tensor) -> None:
     tied = head.weight is layout.embedding.weight
     head_weight = head.weight.detach().to(torch.float64)
     layout.embedding.weight = nn.Parameter((embedding @ q).to(layout.embedding.weight.dtype))
-    final_scale = _norm_weight(layout.final_norm)
+    final_scale = _norm_scale(layout.final_norm).detach().to(torch.float64)
     head.weight = nn.Parameter(((head_weight * final_scale) @ q).to(head.weight.dtype))
     with torch.no_grad():
-        layout.final_norm.weight.fill_(1.0)  # type: ignore[union-attr,operator]
+        _norm_scale(layout.final_norm).fill_(1.0)
     if tied and getattr(layout.config, "tie_word_embeddings", False):
         layout.config.tie_word_embeddings = False
         if hasattr(layout.config, "get_text_config"):
@@ -995,7 +897,7 @@ def slice_residual_stream(model: nn.Module, second_moment: torch.Tensor, k: int)
     ``sqrt(d/k)`` and ``ε`` becomes ``ε·d/k``: then a stream that lies in the kept subspace is
     normalised exactly as before.
     """
-    layout = _residual_layout(model)
+    layout = residual_layout(model)
     d = layout.width
     if not 1 <= k <= d:
         raise PlanError(f"cannot keep {k} of {d} residual directions; keep 1..{d}")
@@ -1029,10 +931,10 @@ def slice_residual_stream(model: nn.Module, second_moment: torch.Tensor, k: int)
     scale = math.sqrt(d / k)
     all_norms = [n for n, _ in layout.norms] + [layout.final_norm]
     for norm in all_norms:
-        weight = norm.weight  # type: ignore[union-attr]
+        weight = _norm_scale(norm)
         norm.weight = nn.Parameter(
             torch.full((k,), scale, dtype=weight.dtype, device=weight.device)
-        )  # type: ignore[union-attr]
+        )
         eps_name = "variance_epsilon" if hasattr(norm, "variance_epsilon") else "eps"
         setattr(norm, eps_name, getattr(norm, eps_name) * d / k)
     config = layout.config
@@ -1152,60 +1054,9 @@ class ReducedSelfAttention(CompressedModule):
         return out.transpose(-3, -2).reshape(*shape, heads * self.v_head_size), None
 
 
-@dataclass(frozen=True)
-class _AttentionLayout:
-    """A BERT-style self-attention: the module holding q/k/v and the output projection."""
-
-    self_name: str
-    output_name: str
-    heads: int
-    qk_head_size: int
-    v_head_size: int
-    scaling: float
-    dropout: float
-
-
-# ARCH: BERT-family encoder attention: `<block>.attention.self` holds `query`, `key`, `value`
-# (nn.Linear, heads concatenated in the output dimension, head-major) and `num_attention_heads`,
-# `attention_head_size`; `<block>.attention.output.dense` reads the concatenated heads. Lead:
-# move `_attention_layouts` into models/architectures.py next to the roles.
-def _attention_layouts(model: nn.Module) -> list[_AttentionLayout]:
-    layouts = []
-    for name, module in model.named_modules():
-        if not name.endswith("attention.self"):
-            continue
-        parts = [getattr(module, p, None) for p in ("query", "key", "value")]
-        if not all(isinstance(p, nn.Linear) for p in parts):
-            continue
-        output_name = name[: -len("self")] + "output.dense"
-        try:
-            output = model.get_submodule(output_name)
-        except AttributeError:
-            continue
-        if not isinstance(output, nn.Linear):
-            continue
-        heads = int(module.num_attention_heads)  # type: ignore[arg-type]
-        if isinstance(module, ReducedSelfAttention):
-            qk, v, scaling, dropout = (
-                module.qk_head_size,
-                module.v_head_size,
-                module.scaling,
-                module.dropout_p,
-            )
-        else:
-            qk = v = int(module.attention_head_size)  # type: ignore[arg-type]
-            scaling = float(getattr(module, "scaling", qk**-0.5))
-            dropout_module = getattr(module, "dropout", None)
-            dropout = float(dropout_module.p) if isinstance(dropout_module, nn.Dropout) else 0.0
-        if getattr(module, "is_decoder", False) or getattr(module, "is_causal", False):
-            continue  # a decoder's cache and causal mask are not handled by the reduced module
-        layouts.append(_AttentionLayout(name, output_name, heads, qk, v, scaling, dropout))
-    return layouts
-
-
 def _attention_sites(model: nn.Module) -> list[WidthSite]:
     sites = []
-    for layout in _attention_layouts(model):
+    for layout in encoder_self_attentions(model):
         prefix = layout.self_name[: -len(".self")]
         sites.append(
             WidthSite(
@@ -1228,8 +1079,8 @@ def _attention_sites(model: nn.Module) -> list[WidthSite]:
     return sites
 
 
-def _layout_of(model: nn.Module, site: WidthSite) -> _AttentionLayout:
-    for layout in _attention_layouts(model):
+def _layout_of(model: nn.Module, site: WidthSite) -> SelfAttentionLayout:
+    for layout in encoder_self_attentions(model):
         if layout.self_name == site.producers[0]:
             return layout
     raise TargetSelectionError(
@@ -1361,20 +1212,21 @@ def attention_head_ranks(
     return out
 
 
-def _reduced_from(module: nn.Module, layout: _AttentionLayout) -> ReducedSelfAttention:
+def _reduced_from(module: nn.Module, layout: SelfAttentionLayout) -> ReducedSelfAttention:
     if isinstance(module, ReducedSelfAttention):
         return module
-    weight = module.query.weight  # type: ignore[union-attr]
+    query = module.query
+    assert isinstance(query, nn.Linear)  # encoder_self_attentions listed only such modules
     new = ReducedSelfAttention(
-        int(module.query.in_features),  # type: ignore[union-attr,arg-type]
+        query.in_features,
         layout.heads,
         layout.qk_head_size,
         layout.v_head_size,
         layout.scaling,
         dropout=layout.dropout,
-        bias=module.query.bias is not None,  # type: ignore[union-attr]
-        device=weight.device,
-        dtype=weight.dtype,
+        bias=query.bias is not None,
+        device=query.weight.device,
+        dtype=query.weight.dtype,
     )
     with torch.no_grad():
         for part in ("query", "key", "value"):
@@ -1424,22 +1276,23 @@ def _cut_attention(
         attention.value = _per_head_rows(attention.value, maps)
         attention.v_head_size = k_head
         output = model.get_submodule(layout.output_name)
-        w = output.weight.detach().to(torch.float64)  # type: ignore[union-attr]
+        assert isinstance(output, nn.Linear)  # encoder_self_attentions checked it
+        w = output.weight.detach().to(torch.float64)
         size = w.shape[1] // heads
         folded = torch.cat(
             [w[:, h * size : (h + 1) * size] @ maps[h].to(w.device) for h in range(heads)], dim=1
         )
         new_output = ResizedLinear(
             heads * k_head,
-            output.out_features,  # type: ignore[arg-type]
-            bias=output.bias is not None,  # type: ignore[union-attr]
+            output.out_features,
+            bias=output.bias is not None,
             device=w.device,
-            dtype=output.weight.dtype,  # type: ignore[union-attr]
+            dtype=output.weight.dtype,
         )
         with torch.no_grad():
             new_output.weight.copy_(folded.to(new_output.weight.dtype))
-            if output.bias is not None:  # type: ignore[union-attr]
-                new_output.bias.copy_(output.bias)  # type: ignore[union-attr,arg-type]
+            if output.bias is not None:
+                new_output.bias.copy_(output.bias)
         _set_submodule(model, layout.output_name, new_output)
     else:
         if statistics.key_moment is None:
