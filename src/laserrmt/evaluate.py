@@ -15,6 +15,7 @@ numbers taken side by side in one process on one machine.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import resource
@@ -444,6 +445,11 @@ def _timed_runs(run: Callable[[], Any], repeats: int, warmup: int) -> list[Any]:
     return [run() for _ in range(repeats)]
 
 
+def _returned_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 def measure_latency(
     model: nn.Module,
     *,
@@ -462,7 +468,7 @@ def measure_latency(
 
     1. *prefill*: one forward pass over the prompt with ``use_cache=True``;
     2. *decode*: ``new_tokens`` steps, each one forward pass of the previous step's argmax
-       token with ``past_key_values`` from the step before.
+       token with the KV cache from the step before.
 
     The loop calls the model's forward directly rather than ``generate``, so the numbers time
     the network, not sampling logic, stopping criteria or logits processors. The first
@@ -483,6 +489,10 @@ def measure_latency(
         0, _vocab_size(model, vocab_size), (1, prompt_tokens), generator=generator
     ).to(device)
 
+    # transformers ≥ 5.23 names the KV cache `cache`; earlier releases `past_key_values`.
+    forward_arguments = inspect.signature(model.forward).parameters
+    cache_argument = "cache" if "cache" in forward_arguments else "past_key_values"
+
     def run() -> tuple[float, float]:
         _synchronize(device)
         start = time.perf_counter()
@@ -490,15 +500,15 @@ def measure_latency(
         token = _logits(out)[:, -1:].argmax(-1)
         _synchronize(device)
         prefilled = time.perf_counter()
-        cache = out.past_key_values
+        cache = _returned_cache(out)
         if cache is None:
             raise InvalidOptionError(
                 "the model returned no KV cache, so cached decoding cannot be timed; use "
                 "measure_forward_latency for models that are not causal LMs"
             )
         for _ in range(new_tokens):
-            out = model(token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, _logits(out)[:, -1:].argmax(-1)
+            out = model(token, use_cache=True, **{cache_argument: cache})
+            cache, token = _returned_cache(out), _logits(out)[:, -1:].argmax(-1)
         _synchronize(device)
         end = time.perf_counter()
         return (prefilled - start) * 1e3, new_tokens / (end - prefilled)

@@ -1019,9 +1019,11 @@ class ReducedSelfAttention(CompressedModule):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         past_key_values: Any = None,
+        cache: Any = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
-        if past_key_values is not None:
+        # transformers < 5.23 passes the key/value cache as `past_key_values`, later as `cache`.
+        if past_key_values is not None or cache is not None:
             raise TargetSelectionError(
                 "ReducedSelfAttention is encoder attention and keeps no key/value cache; run "
                 "the model without past_key_values"
