@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from laserrmt.errors import InvalidOptionError, NumericalError, PlanError, TargetSelectionError
+from laserrmt.models.targets import set_weight_matrix, weight_matrix
 from laserrmt.surgery.registry import CompressedModule, dtype_from_name, dtype_name, register_module
 
 SVD = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -76,30 +77,13 @@ def _bias_of(module: nn.Module) -> torch.Tensor | None:
 
 
 def weight_as_matrix(module: nn.Module, name: str | None = None) -> torch.Tensor:
-    """The module's weight as an out × in matrix (a view where the layout allows, no copy).
+    """The module's weight as a detached out × in view (:func:`laserrmt.models.targets.weight_matrix`).
 
     Raises:
         TargetSelectionError: the module is not a supported layer.
     """
     _check_supported(module, name)
-    weight = _weight_of(module)
-    if isinstance(module, nn.Conv1d | nn.Conv2d):
-        return weight.reshape(weight.shape[0], -1)
-    if isinstance(module, nn.Linear):
-        return weight
-    return weight.t()  # HF Conv1D stores in × out and computes x @ W + b
-
-
-def _write_matrix_(module: nn.Module, matrix: torch.Tensor) -> None:
-    """Copy an out × in matrix into the module's weight, in the module's own layout."""
-    weight = _weight_of(module)
-    with torch.no_grad():
-        if isinstance(module, nn.Conv1d | nn.Conv2d):
-            weight.copy_(matrix.reshape(weight.shape))
-        elif isinstance(module, nn.Linear):
-            weight.copy_(matrix)
-        else:
-            weight.copy_(matrix.t())
+    return weight_matrix(module)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,7 +547,7 @@ def denoise_(
     matrix = weight_as_matrix(module, name)
     reduced = low_rank_weight(matrix, rank, svd=svd, name=name or type(module).__name__)
     original = _weight_of(module).detach().clone()
-    _write_matrix_(module, reduced)
+    set_weight_matrix(module, reduced)
     return original
 
 
