@@ -263,13 +263,11 @@ def mlp_layouts(model: nn.Module) -> list[MLPLayout]:
     by_block: dict[str, dict[str, str]] = {}
     for name, module in model.named_modules():
         role = module_role(name)
-        index = block_index(name)
-        if role is None or index is None or not role.startswith("mlp."):
+        match = _BLOCK.search(name)
+        if match is None or role is None or not role.startswith("mlp."):
             continue
         if not isinstance(module, nn.Linear):
             continue
-        match = _BLOCK.search(name)
-        assert match is not None  # block_index found this very match
         by_block.setdefault(name[: match.end(1)].lstrip("."), {})[role] = name
     layouts = []
     for block, roles in by_block.items():
