@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import mmap
 import statistics
 import time
 from types import SimpleNamespace
@@ -216,11 +217,13 @@ def test_peak_memory_is_at_least_the_current_resident_set():
 
 
 def _allocate_and_free(size: int, hold_s: float = 0.0) -> None:
-    # Fresh pages: large blocks come straight from the OS and count once written to.
-    block = torch.ones(size // 4)
-    block += 1
-    time.sleep(hold_s)
-    del block
+    # An anonymous mapping: fresh pages that count once written to, whatever the allocator
+    # holds (a tensor may reuse freed, still-resident heap that earlier tests left behind).
+    with mmap.mmap(-1, size) as mapping:
+        pages = torch.frombuffer(mapping, dtype=torch.uint8)
+        pages.fill_(1)
+        time.sleep(hold_s)
+        del pages
 
 
 def test_track_peak_memory_sees_a_short_lived_allocation_through_the_kernel_counter():
