@@ -150,7 +150,7 @@ def test_module_role_table(name, role):
 )
 def test_mlp_layouts_name_producers_and_consumer(build, block, producers, consumer, width):
     layouts = mlp_layouts(build())
-    assert [m.block for m in layouts] == [block[:-1] + "0", block]
+    assert [m.name for m in layouts] == [block[:-1] + "0", block]
     last = layouts[-1]
     assert last.producers == tuple(f"{block}.{p}" for p in producers)
     assert (last.consumer, last.width) == (f"{block}.{consumer}", width)

@@ -245,20 +245,24 @@ def is_causal_lm(model: nn.Module) -> bool:
 
 
 @dataclass(frozen=True)
-class MLPLayout:
-    """A transformer block's MLP: the layers that compute its hidden units and the one reading them."""
+class UnitLayout:
+    """Layers that compute a hidden width unit by unit, and the layer that reads it.
 
-    block: str
-    """The block's module name, e.g. ``model.layers.3``."""
+    A transformer MLP (:func:`mlp_layouts`): ``name`` is its block (``model.layers.3``),
+    ``producers`` are ``(gate, up)`` of a gated MLP or ``(fc_in,)`` of a plain one, ``consumer``
+    is ``down`` or ``fc_out``. A CNN chain (:func:`channel_chains`): ``name`` is the convolution,
+    ``followers`` the BatchNorm layers over its channels, ``consumer`` the layer reading them.
+    """
+
+    name: str
     producers: tuple[str, ...]
-    """``(gate, up)`` of a gated MLP, ``(fc_in,)`` of a plain one."""
     consumer: str
-    """``down`` or ``fc_out``."""
     width: int
-    """The number of hidden units (the consumer's input features)."""
+    """The number of units (hidden neurons, channels)."""
+    followers: tuple[str, ...] = ()
 
 
-def mlp_layouts(model: nn.Module) -> list[MLPLayout]:
+def mlp_layouts(model: nn.Module) -> list[UnitLayout]:
     """Every block's MLP whose layers are ``nn.Linear`` with recognised roles, in module order."""
     by_block: dict[str, dict[str, str]] = {}
     for name, module in model.named_modules():
@@ -280,21 +284,11 @@ def mlp_layouts(model: nn.Module) -> list[MLPLayout]:
             continue
         reader = model.get_submodule(consumer)
         assert isinstance(reader, nn.Linear)  # only nn.Linear entered by_block
-        layouts.append(MLPLayout(block, producers, consumer, int(reader.in_features)))
+        layouts.append(UnitLayout(block, producers, consumer, int(reader.in_features)))
     return layouts
 
 
-@dataclass(frozen=True)
-class ChannelChain:
-    """A convolution, the BatchNorm layers over its channels, and the layer reading them."""
-
-    producer: str
-    followers: tuple[str, ...]
-    consumer: str
-    channels: int
-
-
-def channel_chains(model: nn.Module) -> list[ChannelChain]:
+def channel_chains(model: nn.Module) -> list[UnitLayout]:
     """Plain CNN chains: each ``Conv2d`` (groups = 1) and the next layer in registration order.
 
     After optional ``BatchNorm2d`` layers over the same channels, the next ``Conv2d`` or
@@ -331,7 +325,7 @@ def channel_chains(model: nn.Module) -> list[ChannelChain]:
             and consumer.in_channels == channels
         ) or (isinstance(consumer, nn.Linear) and consumer.in_features % channels == 0)
         if fits:
-            chains.append(ChannelChain(name, tuple(followers), consumer_name, channels))
+            chains.append(UnitLayout(name, (name,), consumer_name, channels, tuple(followers)))
     return chains
 
 

@@ -71,6 +71,7 @@ from laserrmt.errors import (
 )
 from laserrmt.models.architectures import (
     SelfAttentionLayout,
+    UnitLayout,
     block_index,
     channel_chains,
     encoder_self_attentions,
@@ -233,30 +234,17 @@ class WidthSite:
         )
 
 
-def _mlp_sites(model: nn.Module) -> list[WidthSite]:
+def _unit_sites(kind: SiteKind, layouts: list[UnitLayout], suffix: str = "") -> list[WidthSite]:
     return [
         WidthSite(
-            name=f"{mlp.block}.mlp",
-            kind="mlp",
-            width=mlp.width,
-            producers=mlp.producers,
-            consumer=mlp.consumer,
+            name=u.name + suffix,
+            kind=kind,
+            width=u.width,
+            producers=u.producers,
+            followers=u.followers,
+            consumer=u.consumer,
         )
-        for mlp in mlp_layouts(model)
-    ]
-
-
-def _channel_sites(model: nn.Module) -> list[WidthSite]:
-    return [
-        WidthSite(
-            name=chain.producer,
-            kind="channels",
-            width=chain.channels,
-            producers=(chain.producer,),
-            followers=chain.followers,
-            consumer=chain.consumer,
-        )
-        for chain in channel_chains(model)
+        for u in layouts
     ]
 
 
@@ -294,12 +282,12 @@ def find_width_sites(model: nn.Module, kinds: Sequence[SiteKind] | None = None) 
     attention_kinds = {"attn_vo", "attn_qk"} if "attention" in wanted else set(wanted)
     block_sites.extend(s for s in _attention_sites(model) if s.kind in attention_kinds)
     if "mlp" in wanted:
-        block_sites.extend(_mlp_sites(model))
+        block_sites.extend(_unit_sites("mlp", mlp_layouts(model), ".mlp"))
     # Stable sort: attention before MLP within a block, as the forward pass meets them.
     block_sites.sort(key=lambda s: block_index(s.name) or 0)
     sites.extend(block_sites)
     if "channels" in wanted and not block_sites:
-        sites.extend(_channel_sites(model))
+        sites.extend(_unit_sites("channels", channel_chains(model)))
     return sites
 
 
