@@ -13,7 +13,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerFast
 
 from laserrmt.errors import ModelLoadError, OutputExistsError
-from laserrmt.plan import CompressionPlan
+from laserrmt.plan import CompressionPlan, ModuleDecision
 from laserrmt.surgery import io as surgery_io
 from laserrmt.surgery.apply import apply_plan
 from laserrmt.surgery.io import load, load_into, save_compressed, write_compressed
@@ -239,3 +239,74 @@ def test_load_with_dtype_casts(tmp_path):
     out = save_compressed(tiny_llama(), tmp_path / "out")
     model, _ = load(out, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain transformers: a folder it cannot rebuild is refused, never filled with random layers
+
+
+def _factorized(model: nn.Module) -> nn.Module:
+    apply_plan(model, block_plan(model), progress=False)
+    return model
+
+
+def _int8(model: nn.Module) -> nn.Module:
+    from laserrmt.surgery.quantize import quantize_model_int8
+
+    quantize_model_int8(model)
+    return model
+
+
+def _width_cut(model: nn.Module) -> nn.Module:
+    """One MLP of the tiny Llama cut from 128 to 96 units (registered resized layers)."""
+    import laserrmt.surgery.width  # noqa: F401 - registers the resized layers
+    from laserrmt.surgery.registry import registered_modules
+
+    resized = registered_modules()["ResizedLinear"]
+    mlp = model.model.layers[0].mlp
+    with torch.no_grad():
+        for name, rows, cols in (("gate_proj", 96, 64), ("up_proj", 96, 64), ("down_proj", 64, 96)):
+            layer = resized(cols, rows, bias=False)
+            layer.weight.copy_(getattr(mlp, name).weight[:rows, :cols])
+            setattr(mlp, name, layer)
+    return model
+
+
+def _untied(model: nn.Module) -> nn.Module:
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach() * 3)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("change", "tied"),
+    [(_factorized, False), (_int8, False), (_width_cut, False), (_untied, True)],
+    ids=["factorized", "int8", "width-cut", "untied-but-config-ties"],
+)
+def test_plain_transformers_refuses_a_folder_it_would_fill_at_random(tmp_path, change, tied):
+    import transformers
+
+    model = change(tiny_llama(tied=tied))
+    out = save_compressed(model, tmp_path / "out")
+    for auto in (transformers.AutoConfig, transformers.AutoModelForCausalLM, transformers.AutoModel):
+        with pytest.raises(ValueError, match="model type `laserrmt`"):
+            auto.from_pretrained(out)
+    loaded, _ = load(out)
+    assert type(loaded.config) is type(model.config)
+    assert (_logits(loaded) - _logits(model)).abs().max().item() <= 1e-5
+
+
+def test_plain_transformers_loads_a_denoised_folder(tmp_path):
+    import transformers
+
+    model = tiny_llama()
+    decisions = [
+        ModuleDecision(name, tuple(m.weight.shape), min(m.weight.shape), 4, "denoise")
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and ".layers." in name
+    ]
+    apply_plan(model, CompressionPlan.from_decisions(decisions, method="test"), progress=False)
+    out = save_compressed(model, tmp_path / "out")
+    plain = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    expected = _logits(model)
+    assert (_logits(plain) - expected).abs().max().item() <= 1e-5
+    assert (_logits(load(out)[0]) - expected).abs().max().item() <= 1e-5

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from laserrmt.errors import InvalidOptionError, LaserRMTError
 
@@ -40,6 +41,32 @@ def parse_size(text: str) -> int:
     if size <= 0:
         raise InvalidOptionError(f"--target-size {text!r}: the size must be positive")
     return size
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr and exit status 2.
+
+    argparse gives subcommand parsers the class of their parent, so every subcommand has it too.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"laserrmt: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    # Accepted before and after the subcommand. A subcommand sets them only when given, since
+    # its defaults would otherwise overwrite what was given before it.
+    default: Any = False if top else argparse.SUPPRESS
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", default=default, help="no progress bars"
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="also log what laserrmt and transformers do (INFO level)",
+    )
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -137,12 +164,16 @@ def _add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from laserrmt import __version__
+
+    parser = _ArgumentParser(
         prog="laserrmt",
         description="Compress neural networks with Random Matrix Theory.",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"laserrmt {__version__}")
+    _add_output_arguments(parser, top=True)
+    # No metavar: argparse then lists the commands in the error for a missing or unknown one.
+    commands = parser.add_subparsers(required=True)
 
     analyze = commands.add_parser(
         "analyze",
@@ -150,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Singular-value spectrum of every weight matrix against the Marchenko–Pastur "
         "law: noise level, signal rank, SNR, entropy, stable rank, power-law α.",
     )
+    _add_output_arguments(analyze, top=False)
     _add_model_arguments(analyze)
     analyze.add_argument("--out", required=True, help="output folder (written atomically)")
     analyze.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -189,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="compress a model, evaluate it before and after, save it and write report.html",
         description="Analysis → plan → surgery → evaluation → saved model folder and report.",
     )
+    _add_output_arguments(compress, top=False)
     _add_model_arguments(compress)
     compress.add_argument("--out", required=True, help="output model folder (written atomically)")
     compress.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -330,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="perplexity, parameters, size, peak memory and CPU latency of a model",
         description="Evaluate a model or a laserrmt output folder under the pinned protocol.",
     )
+    _add_output_arguments(evaluate, top=False)
     _add_model_arguments(evaluate)
     _add_evaluation_arguments(evaluate)
     evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -727,7 +761,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+        if args.quiet and args.verbose:
+            parser.error("argument -v/--verbose: not allowed with argument -q/--quiet")
+    except SystemExit as exc:  # after --help, --version or a usage error (already printed)
+        return exc.code if isinstance(exc.code, int) else 2
+    if args.verbose:
+        _log_verbosely()
     try:
         return int(args.run(args))
     except LaserRMTError as exc:
@@ -736,6 +777,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("laserrmt: interrupted; outputs of this run were not written", file=sys.stderr)
         return 130
+
+
+def _log_verbosely() -> None:
+    import transformers
+
+    logging.basicConfig(level=logging.INFO, format="laserrmt: %(name)s: %(message)s")
+    transformers.logging.set_verbosity_info()
 
 
 if __name__ == "__main__":

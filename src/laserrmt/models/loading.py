@@ -73,7 +73,8 @@ class LoadedModel:
 
     ``kind`` is ``"folder"``, ``"gguf"``, ``"default"`` or ``"hub"``; ``path`` is the folder or
     file that was read (the cache folder for the default model, ``None`` for a hub download);
-    ``source`` describes it for reports.
+    ``source`` describes it for reports, and says so when the model was loaded without the head
+    its config names (a checkpoint that ships only the base model's weights).
     """
 
     model: nn.Module
@@ -98,6 +99,9 @@ def load_model(
     ``"auto"`` follows ``config.architectures`` (``*ForCausalLM`` / ``*LMHeadModel``,
     ``*ForSequenceClassification``, ``*ForMaskedLM``, else the bare model);
     ``"causal-lm"``, ``"sequence-classification"``, ``"masked-lm"`` and ``"base"`` force one.
+    With ``"auto"``, a checkpoint that holds the base model's weights but not its head's (the
+    usual layout of sentence-embedding encoders) loads as the base model (``AutoModel``); one
+    line on stderr and ``source`` say so.
     ``trust_remote_code`` allows models that ship their own Python code (it runs that code).
     """
     if task not in TASKS:
@@ -137,13 +141,14 @@ def _load_folder(
     folder: Path, task: str, trust_remote_code: bool, dtype: torch.dtype
 ) -> LoadedModel:
     config = _read_config(folder)
-    _check_remote_code(config, str(folder), trust_remote_code)
     if (folder / "laserrmt.json").is_file():
-        # A folder laserrmt wrote: its compressed layers are not the architecture's own.
+        # A folder laserrmt wrote: its compressed layers are not the architecture's own, and its
+        # config's model_type may be laserrmt's. It runs no code from the folder.
         from laserrmt.surgery.io import load
 
         model, tokenizer = load(folder, dtype=dtype)
         return LoadedModel(model, tokenizer, f"{folder} (compressed by laserrmt)", folder, "folder")
+    _check_remote_code(config, str(folder), trust_remote_code)
     weights = [folder / name for name in _WEIGHT_FILES if (folder / name).is_file()]
     if not weights:
         found = sorted(p.name for p in folder.iterdir())[:6]
@@ -155,17 +160,18 @@ def _load_folder(
         if file.suffix == ".safetensors":
             _check_safetensors(file)
     auto_class = _auto_class(task, config.get("architectures"), config.get("model_type"))
-    model = _from_pretrained(
+    model, note = _from_pretrained(
         auto_class,
         str(folder),
         where=str(folder),
+        base_if_headless=task == "auto",
         dtype=dtype,
         trust_remote_code=trust_remote_code,
         local_files_only=True,
     )
     tokenizer = _load_tokenizer(folder, trust_remote_code)
     return LoadedModel(
-        model=model, tokenizer=tokenizer, source=str(folder), path=folder, kind="folder"
+        model=model, tokenizer=tokenizer, source=f"{folder}{note}", path=folder, kind="folder"
     )
 
 
@@ -341,9 +347,60 @@ def _from_pretrained(
     location: str,
     *,
     where: str,
-    hint: str = "check the files or pick another --task",
+    hint: str = "check the files",
+    base_if_headless: bool = False,
     **kwargs: Any,
-) -> nn.Module:
+) -> tuple[nn.Module, str]:
+    """The model, and a note for ``source`` (empty unless it was loaded without its head).
+
+    With ``base_if_headless``, a checkpoint that has every weight of the base model but none of
+    the head's loads as the base model (``AutoModel``) instead of being refused.
+    """
+    model, missing = _read_pretrained(
+        auto_class, location, where=where, hint=hint, quiet=base_if_headless, **kwargs
+    )
+    if not missing:
+        return model.eval(), ""
+    # A randomly initialised layer would be analysed and compressed as if it were trained.
+    prefix = getattr(model, "base_model_prefix", "")
+    only_head = bool(prefix) and hasattr(model, prefix)
+    only_head = only_head and not any(key.startswith(f"{prefix}.") for key in missing)
+    if only_head and base_if_headless:
+        import transformers
+
+        base, base_missing = _read_pretrained(
+            transformers.AutoModel, location, where=where, hint=hint, **kwargs
+        )
+        head, used = type(model).__name__, type(base).__name__
+        if not base_missing:
+            note = f" (as {used}: the checkpoint has no weights for the head of {head})"
+            _notify(f"{where} has no weights for the head of {head}; loaded it as {used}")
+            return base.eval(), note
+        model, missing, only_head = base, base_missing, False
+    advice = (
+        "the checkpoint holds only the base model: load it with task='auto' or task='base'"
+        if only_head
+        else "the checkpoint does not match its config.json: copy or save the model again"
+    )
+    raise ModelLoadError(
+        f"{where} lacks weights for {len(missing)} parameter(s) of {type(model).__name__} "
+        f"(e.g. {missing[0]}); {advice}"
+    )
+
+
+def _read_pretrained(
+    auto_class: Any, location: str, *, where: str, hint: str, quiet: bool = False, **kwargs: Any
+) -> tuple[nn.Module, list[str]]:
+    """``from_pretrained`` with every failure as one line: the model and its missing weights.
+
+    ``quiet`` hides transformers' load report, which would list a missing head as "newly
+    initialized" even when the caller then loads the base model instead.
+    """
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    if quiet:
+        transformers_logging.set_verbosity_error()
     try:
         model, info = auto_class.from_pretrained(location, output_loading_info=True, **kwargs)
     except ModelLoadError:
@@ -360,22 +417,9 @@ def _from_pretrained(
         raise ModelLoadError(
             f"could not load {where} as {auto_class.__name__} ({_first_line(exc)}); {hint}"
         ) from None
-    missing = sorted(info.get("missing_keys") or [])
-    if missing:
-        # A randomly initialised layer would be analysed and compressed as if it were trained.
-        prefix = getattr(model, "base_model_prefix", "")
-        only_head = bool(prefix) and hasattr(model, prefix)
-        only_head = only_head and not any(key.startswith(f"{prefix}.") for key in missing)
-        advice = (
-            "the checkpoint was saved for another task: pick another --task"
-            if only_head
-            else "the checkpoint does not match its config.json: copy or save the model again"
-        )
-        raise ModelLoadError(
-            f"{where} lacks weights for {len(missing)} parameter(s) of {type(model).__name__} "
-            f"(e.g. {missing[0]}); {advice}"
-        )
-    return model.eval()
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    return model, sorted(info.get("missing_keys") or [])
 
 
 def _load_tokenizer(folder: Path, trust_remote_code: bool) -> Any | None:
@@ -410,15 +454,22 @@ def _load_hub(repo_id: str, task: str, trust_remote_code: bool, dtype: torch.dty
         ) from None
     _check_remote_code(config.to_dict(), repo_id, trust_remote_code)
     auto_class = _auto_class(task, config.architectures, config.model_type)
-    model = _from_pretrained(
-        auto_class, repo_id, where=repo_id, dtype=dtype, trust_remote_code=trust_remote_code
+    model, note = _from_pretrained(
+        auto_class,
+        repo_id,
+        where=repo_id,
+        base_if_headless=task == "auto",
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
     )
     try:
         tokenizer = AutoTokenizer.from_pretrained(repo_id, trust_remote_code=trust_remote_code)
     except Exception as exc:
         logger.warning("%s: no tokenizer loaded (%s)", repo_id, _first_line(exc))
         tokenizer = None
-    return LoadedModel(model=model, tokenizer=tokenizer, source=repo_id, path=None, kind="hub")
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, source=f"{repo_id}{note}", path=None, kind="hub"
+    )
 
 
 # --------------------------------------------------------------------------- GGUF
@@ -453,7 +504,7 @@ def _read_gguf(path: Path, task: str, dtype: torch.dtype) -> tuple[nn.Module, An
     folder, name = str(path.parent), path.name
     auto_class = _auto_class("causal-lm" if task == "auto" else task, None, None)
     try:
-        model = _from_pretrained(
+        model, _ = _from_pretrained(
             auto_class,
             folder,
             where=str(path),

@@ -3,7 +3,12 @@
 A saved folder holds:
 
 ``config.json`` (and ``generation_config.json``)
-    The transformers configuration, when the model has one.
+    The transformers configuration, when the model has one. When plain transformers would not
+    rebuild the saved model from it (compressed modules, or tensors or ties the configured
+    architecture does not have), its ``model_type`` is :data:`MODEL_TYPE` and the family's own
+    one is kept under :data:`BASE_MODEL_TYPE_KEY`: ``AutoConfig`` and ``AutoModel*`` then refuse
+    the folder with an error instead of filling the compressed layers with random weights.
+    :func:`load` restores the family's type.
 ``model.safetensors``
     The state dict. Factorized layers are stored as their factors, so the file shrinks by what
     the factorization removed; tensors shared by several names (tied embeddings) are stored
@@ -50,6 +55,11 @@ FORMAT_VERSION = 1
 METADATA_FILE = "laserrmt.json"
 WEIGHTS_FILE = "model.safetensors"
 _TOKENIZER_MARKERS = ("tokenizer_config.json", "tokenizer.json")
+CONFIG_FILE = "config.json"
+#: ``model_type`` of a folder that only :func:`load` rebuilds; unknown to transformers.
+MODEL_TYPE = "laserrmt"
+#: Where such a ``config.json`` keeps the model family's own ``model_type``.
+BASE_MODEL_TYPE_KEY = "laserrmt_base_model_type"
 
 
 def save_compressed(
@@ -117,7 +127,7 @@ def load(
     """
     folder = Path(path)
     meta = _read_metadata(folder)
-    if not (folder / "config.json").is_file():
+    if not (folder / CONFIG_FILE).is_file():
         raise ModelLoadError(
             f"{folder} has no config.json, so the model is not a transformers model; build the "
             "architecture yourself and call laserrmt.surgery.io.load_into(model, path)"
@@ -127,10 +137,7 @@ def load(
 
     import transformers
 
-    try:
-        config = transformers.AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"config.json in {folder} cannot be read: {exc}") from None
+    config = _read_config(folder)
     saved_dtype = dtype_from_name(meta.get("dtype", "float32"))
     model = model_cls._from_config(config, dtype=saved_dtype)
     if (folder / "generation_config.json").is_file() and hasattr(model, "generation_config"):
@@ -143,7 +150,8 @@ def load(
     tokenizer = None
     if any((folder / marker).is_file() for marker in _TOKENIZER_MARKERS):
         try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+            # Given the config: the tokenizer would otherwise read config.json on its own.
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, config=config)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"tokenizer files in {folder} cannot be read: {exc}") from None
     return model, tokenizer
@@ -268,6 +276,8 @@ def _write_folder(
     config = _hf_config(model)
     if config is not None:
         config.save_pretrained(folder)
+        if metadata["modules"] or not _rebuilt_by_transformers(model, config):
+            _mark_config(folder / CONFIG_FILE)
         generation = getattr(model, "generation_config", None)
         if generation is not None and hasattr(generation, "save_pretrained"):
             generation.save_pretrained(folder)
@@ -289,6 +299,38 @@ def _hf_config(model: nn.Module) -> Any | None:
         del config.quantization_config
     config.architectures = [type(model).__name__]
     return config
+
+
+def _rebuilt_by_transformers(model: nn.Module, config: Any) -> bool:
+    """Whether ``from_pretrained`` would rebuild ``model`` from ``config`` and the saved tensors.
+
+    It does when the configured architecture has the same tensors (names and shapes) and ties
+    the same ones: then every saved tensor lands where it belongs and nothing stays random.
+    """
+    try:
+        with torch.device("meta"):  # shapes only, no memory
+            fresh = type(model)._from_config(config)  # type: ignore[operator]
+    except Exception:  # an architecture transformers cannot build: only load() can
+        return False
+    shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    fresh_shapes = {k: tuple(t.shape) for k, t in fresh.state_dict().items()}
+    return shapes == fresh_shapes and _ties(model) == _ties(fresh)
+
+
+def _ties(model: nn.Module) -> set[frozenset[str]]:
+    """The groups of parameter names that share one tensor."""
+    groups: dict[int, set[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), set()).add(name)
+    return {frozenset(names) for names in groups.values() if len(names) > 1}
+
+
+def _mark_config(file: Path) -> None:
+    """Give ``config.json`` a ``model_type`` transformers refuses, keeping the family's own."""
+    config = json.loads(file.read_text(encoding="utf-8"))
+    config[BASE_MODEL_TYPE_KEY] = config["model_type"]
+    config["model_type"] = MODEL_TYPE
+    file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def distinct_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -364,6 +406,31 @@ def _read_metadata(folder: Path) -> dict[str, Any]:
             "install that laserrmt version to load it"
         )
     return meta
+
+
+def _read_config(folder: Path) -> Any:
+    """The transformers config in ``folder``, with the family's ``model_type`` restored."""
+    import transformers
+
+    file = folder / CONFIG_FILE
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{file} cannot be read as JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{file} must hold a JSON object")
+    if data.get("model_type") == MODEL_TYPE:
+        data["model_type"] = data.pop(BASE_MODEL_TYPE_KEY, None)
+    model_type = data.get("model_type")
+    if not isinstance(model_type, str) or model_type not in transformers.CONFIG_MAPPING:
+        raise ModelLoadError(
+            f"{file} names model_type {model_type!r}, unknown to transformers "
+            f"{transformers.__version__}; upgrade transformers"
+        )
+    try:
+        return transformers.CONFIG_MAPPING[model_type].from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{file} cannot be read: {exc}") from None
 
 
 def _transformers_class(name: object, folder: Path) -> Any:

@@ -20,11 +20,16 @@ To add a module type::
 
 The config must be JSON-serializable and hold everything that fixes the shapes and dtypes of
 the module's parameters and buffers, since those are what the saved state dict is loaded into.
+
+A module of laserrmt that defines registered classes must be listed in :data:`BUILTIN_MODULES`:
+the registry imports those before every lookup, so that a folder loads in a fresh process
+whatever the caller imported.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from importlib import import_module
 from typing import Any, TypeVar
 
 import torch
@@ -33,6 +38,13 @@ from torch import nn
 from laserrmt.errors import ModelLoadError
 
 _REGISTRY: dict[str, type[CompressedModule]] = {}
+
+#: The modules of laserrmt that register compressed module types.
+BUILTIN_MODULES = (
+    "laserrmt.surgery.lowrank",
+    "laserrmt.surgery.quantize",
+    "laserrmt.surgery.width",
+)
 
 C = TypeVar("C", bound="type[CompressedModule]")
 
@@ -62,8 +74,15 @@ def register_module(cls: C) -> C:
     return cls
 
 
+def _import_builtin_modules() -> None:
+    # Imported at lookup time, not at the top: these modules import this one.
+    for name in BUILTIN_MODULES:
+        import_module(name)
+
+
 def registered_modules() -> dict[str, type[CompressedModule]]:
-    """A copy of the registry: class name → class."""
+    """A copy of the registry, laserrmt's own types included: class name → class."""
+    _import_builtin_modules()
     return dict(_REGISTRY)
 
 
@@ -73,10 +92,11 @@ def module_class(type_name: str) -> type[CompressedModule]:
     Raises:
         ModelLoadError: no such type (the file was written by a newer or extended laserrmt).
     """
+    registry = registered_modules()
     try:
-        return _REGISTRY[type_name]
+        return registry[type_name]
     except KeyError:
-        known = ", ".join(sorted(_REGISTRY)) or "none"
+        known = ", ".join(sorted(registry)) or "none"
         raise ModelLoadError(
             f"unknown compressed module type {type_name!r} (known: {known}); "
             "upgrade laserrmt or import the extension that defines it"
