@@ -286,7 +286,10 @@ def test_a_size_budget_from_the_command_line(capsys, tiny_folder, tmp_path):
 @pytest.mark.parametrize(
     ("argv", "fragments"),
     [
-        (["compress", "m", "--out", "o", "--eval-windows", "abc"], ["--eval-windows", "int", "abc"]),
+        (
+            ["compress", "m", "--out", "o", "--eval-windows", "abc"],
+            ["--eval-windows", "int", "abc"],
+        ),
         (["analyze", "m", "--out", "o", "--alpha", "often"], ["--alpha", "float", "often"]),
         (["-q", "analyze", "m", "--out", "o", "--tau"], ["--tau", "expected one argument"]),
         (["analyze", "m"], ["required", "--out"]),

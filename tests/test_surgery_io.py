@@ -287,7 +287,11 @@ def test_plain_transformers_refuses_a_folder_it_would_fill_at_random(tmp_path, c
 
     model = change(tiny_llama(tied=tied))
     out = save_compressed(model, tmp_path / "out")
-    for auto in (transformers.AutoConfig, transformers.AutoModelForCausalLM, transformers.AutoModel):
+    for auto in (
+        transformers.AutoConfig,
+        transformers.AutoModelForCausalLM,
+        transformers.AutoModel,
+    ):
         with pytest.raises(ValueError, match="model type `laserrmt`"):
             auto.from_pretrained(out)
     loaded, _ = load(out)
