@@ -782,8 +782,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _log_verbosely() -> None:
     import transformers
 
-    logging.basicConfig(level=logging.INFO, format="laserrmt: %(name)s: %(message)s")
-    transformers.logging.set_verbosity_info()
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logger = logging.getLogger("laserrmt")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    transformers.logging.set_verbosity_info()  # transformers has a handler of its own
 
 
 if __name__ == "__main__":

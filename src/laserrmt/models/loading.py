@@ -294,7 +294,7 @@ def _check_pickle(file: Path) -> None:
 
 
 def _pickle_refusal(file: Path | str, exc: BaseException) -> str:
-    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
+    if any(_refused_pickle(e) for e in _exception_chain(exc)):
         return (
             f"refused to unpickle {file}: it holds Python objects beyond tensors, and unpickling "
             "them could run arbitrary code; re-save the weights as safetensors with code you trust"
@@ -302,6 +302,20 @@ def _pickle_refusal(file: Path | str, exc: BaseException) -> str:
     return (
         f"{file} is not a readable PyTorch checkpoint ({_first_line(exc)}); copy or save it again"
     )
+
+
+def _refused_pickle(exc: BaseException) -> bool:
+    return isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc)
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and its causes: transformers 4.x wraps torch's refusal in an ``OSError``."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
 
 
 # --------------------------------------------------------------------------- classes and calls
