@@ -310,6 +310,7 @@ def _rebuilt_by_transformers(model: nn.Module, config: Any) -> bool:
     try:
         with torch.device("meta"):  # shapes only, no memory
             fresh = type(model)._from_config(config)  # type: ignore[attr-defined]
+            fresh.tie_weights()  # as from_pretrained does; _from_config does not in some 5.x
     except Exception:  # an architecture transformers cannot build: only load() can
         return False
     shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}
