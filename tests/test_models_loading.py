@@ -117,6 +117,22 @@ def test_a_checkpoint_without_its_head_loads_as_the_base_model(tmp_path, capsys,
         torch.testing.assert_close(loaded.model(IDS).last_hidden_state, expected, rtol=0, atol=0)
 
 
+def test_checkpoint_tensors_the_model_does_not_use_are_reported(tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    model = tiny_llama()
+    folder = tmp_path / "extra"
+    model.config.save_pretrained(folder)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    state["model.layers.7.mlp.up_proj.weight"] = torch.zeros(128, 64)  # a block the config lacks
+    save_file(state, str(folder / "model.safetensors"))
+    with caplog.at_level("WARNING", logger="laserrmt.models.loading"):
+        load_model(folder)
+    (record,) = [r for r in caplog.records if r.name == "laserrmt.models.loading"]
+    assert "1 tensor(s)" in record.getMessage()
+    assert "model.layers.7.mlp.up_proj.weight" in record.getMessage()
+
+
 def test_analyze_takes_a_checkpoint_without_its_head(tmp_path, capsys):
     from laserrmt.cli import main
 

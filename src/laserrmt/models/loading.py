@@ -370,10 +370,18 @@ def _from_pretrained(
     With ``base_if_headless``, a checkpoint that has every weight of the base model but none of
     the head's loads as the base model (``AutoModel``) instead of being refused.
     """
-    model, missing = _read_pretrained(
+    model, missing, unused = _read_pretrained(
         auto_class, location, where=where, hint=hint, quiet=base_if_headless, **kwargs
     )
     if not missing:
+        if unused and base_if_headless:  # transformers' own report was hidden
+            logger.warning(
+                "%s: %d tensor(s) of the checkpoint are not used by %s (e.g. %s)",
+                where,
+                len(unused),
+                type(model).__name__,
+                unused[0],
+            )
         return model.eval(), ""
     # A randomly initialised layer would be analysed and compressed as if it were trained.
     prefix = getattr(model, "base_model_prefix", "")
@@ -382,7 +390,7 @@ def _from_pretrained(
     if only_head and base_if_headless:
         import transformers
 
-        base, base_missing = _read_pretrained(
+        base, base_missing, _ = _read_pretrained(
             transformers.AutoModel, location, where=where, hint=hint, **kwargs
         )
         head, used = type(model).__name__, type(base).__name__
@@ -404,8 +412,9 @@ def _from_pretrained(
 
 def _read_pretrained(
     auto_class: Any, location: str, *, where: str, hint: str, quiet: bool = False, **kwargs: Any
-) -> tuple[nn.Module, list[str]]:
-    """``from_pretrained`` with every failure as one line: the model and its missing weights.
+) -> tuple[nn.Module, list[str], list[str]]:
+    """``from_pretrained`` with every failure as one line: the model, the names of its weights
+    the checkpoint lacks, and the names of checkpoint tensors it does not use.
 
     ``quiet`` hides transformers' load report, which would list a missing head as "newly
     initialized" even when the caller then loads the base model instead.
@@ -433,7 +442,7 @@ def _read_pretrained(
         ) from None
     finally:
         transformers_logging.set_verbosity(verbosity)
-    return model, sorted(info.get("missing_keys") or [])
+    return model, sorted(info.get("missing_keys") or []), sorted(info.get("unexpected_keys") or [])
 
 
 def _load_tokenizer(folder: Path, trust_remote_code: bool) -> Any | None:
