@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from laserrmt.errors import InvalidOptionError
+from laserrmt.evaluate import count_parameters
 from laserrmt.methods.rmt_kd import STATE_FILE, rmt_kd
-from laserrmt.surgery.width import count_parameters
 from tiny_models import tiny_bert, tiny_cnn
 
 
@@ -44,16 +44,16 @@ OPTIONS = {
 
 def test_cuts_shrink_the_model_and_leave_the_input_alone() -> None:
     model = tiny_cnn()
-    before = count_parameters(model)
+    before = count_parameters(model)["params_total"]
     calib, train = _data()
     result = rmt_kd(model, calib, train, _accuracy(train), **OPTIONS)
-    assert count_parameters(model) == before
+    assert count_parameters(model)["params_total"] == before
     assert [r.site for r in result.records] == ["features.0", "features.2"]
     kept = [r for r in result.records if r.status == "kept"]
     assert kept, result.records
     for r in kept:
         assert r.k < r.d and r.parameters_after < r.parameters_before
-    assert result.parameters_after == count_parameters(result.model) < before
+    assert result.parameters_after == count_parameters(result.model)["params_total"] < before
     assert result.model(calib[0][0]).shape == (16, 10)
 
 
@@ -112,7 +112,7 @@ def test_a_cut_that_costs_too_much_is_reverted() -> None:
         tiny_cnn(),
         calib,
         train,
-        lambda m: float(count_parameters(m)),
+        lambda m: float(count_parameters(m)["params_total"]),
         **{**OPTIONS, "tolerance": 0.0},
     )
     cut = [r for r in result.records if r.status not in ("full", "skipped-floor")]
@@ -213,7 +213,7 @@ def test_sliced_attention_cuts_with_a_revert_resume_to_the_uninterrupted_run(tmp
 
     # Every cut in block 0 costs parameters there and is reverted; cuts in block 1 are kept.
     def validate(model: torch.nn.Module) -> float:
-        return float(count_parameters(model.bert.encoder.layer[0]))
+        return float(count_parameters(model.bert.encoder.layer[0])["params_total"])
 
     options = {
         **OPTIONS,
@@ -266,7 +266,11 @@ def test_classification_end_to_end_saves_the_model_it_returns(tmp_path) -> None:
     )
     kept = {r.kind for r in result.records if r.status == "kept"}
     assert {"attn_vo", "attn_qk", "mlp"} <= kept, result.records
-    assert result.parameters_after < result.parameters_before == count_parameters(model)
+    assert (
+        result.parameters_after
+        < result.parameters_before
+        == count_parameters(model)["params_total"]
+    )
     assert result.settings["label_names"][0] == "business"
     loaded, _ = laserrmt.load(tmp_path / "kd")
     batch = tokenizer(
@@ -275,4 +279,4 @@ def test_classification_end_to_end_saves_the_model_it_returns(tmp_path) -> None:
     with torch.no_grad():
         expected = result.model.eval()(**batch).logits
         assert torch.allclose(loaded(**batch).logits, expected, atol=1e-6, rtol=0)
-    assert count_parameters(loaded) == result.parameters_after
+    assert count_parameters(loaded)["params_total"] == result.parameters_after

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from laserrmt.errors import PlanError, TargetSelectionError
+from laserrmt.evaluate import count_parameters
 from laserrmt.surgery.io import load, load_into, save_compressed
 from laserrmt.surgery.width import (
     ReducedSelfAttention,
@@ -18,7 +19,6 @@ from laserrmt.surgery.width import (
     ResizedLinear,
     activation_rank,
     collect_site_statistics,
-    count_parameters,
     cut_width,
     find_width_sites,
     query_key_maps,
@@ -94,12 +94,14 @@ def test_channel_cut_removes_the_parameters_it_should() -> None:
     model = _bn_cnn()
     sites = find_width_sites(model)
     stats = collect_site_statistics(model, IMAGES, sites, progress=False)
-    before = count_parameters(model)
+    before = count_parameters(model)["params_total"]
     cut = cut_width(model, sites[1], stats[sites[1].name], 5)
     # Conv 8→12 loses 7 filters (8·9 + 1 each), BN 2 per channel, Linear 7·16 inputs per output.
     removed = 7 * (8 * 9 + 1) + 7 * 2 + 10 * 7 * 16
     assert cut.parameters_before == before
-    assert before - cut.parameters_after == removed == before - count_parameters(model)
+    assert (
+        before - cut.parameters_after == removed == before - count_parameters(model)["params_total"]
+    )
     assert model(IMAGES[0]).shape == (8, 10)
 
 
@@ -157,9 +159,11 @@ TOKENS = [
 
 
 @pytest.mark.parametrize(
-    ("build", "per_unit"), [(tiny_llama, 3 * 64), (lambda: tiny_bert(num_labels=3), 2 * 32 + 1)]
+    ("build", "per_unit", "new_bias"),
+    # Llama's down projection has no bias: the cut gives it one (the reconstruction's intercept).
+    [(tiny_llama, 3 * 64, 64), (lambda: tiny_bert(num_labels=3), 2 * 32 + 1, 0)],
 )
-def test_mlp_width_exact_when_kept_and_smaller_when_cut(build, per_unit: int) -> None:
+def test_mlp_width_exact_when_kept_and_smaller_when_cut(build, per_unit: int, new_bias: int) -> None:
     model = build()
     reference = model(TOKENS[0]).logits
     sites = find_width_sites(model, ["mlp"])
@@ -171,7 +175,7 @@ def test_mlp_width_exact_when_kept_and_smaller_when_cut(build, per_unit: int) ->
     assert _rel(full(TOKENS[0]).logits, reference) <= 1e-5
     site = sites[0]
     cut = cut_width(model, site, stats[site.name], site.width - 10)
-    assert cut.parameters_before - cut.parameters_after == 10 * per_unit
+    assert cut.parameters_before - cut.parameters_after == 10 * per_unit - new_bias
     assert isinstance(model.get_submodule(site.consumer), ResizedLinear)
     assert model(TOKENS[0]).logits.shape == reference.shape
 
@@ -193,7 +197,7 @@ def test_residual_slicing_shrinks_the_stream_and_reloads(tmp_path) -> None:
     full = copy.deepcopy(model)
     cut_width(full, sites[0], stats["residual_stream"], 64)
     assert _rel(full(TOKENS[0]).logits, reference) <= 1e-5
-    before = count_parameters(model)
+    before = count_parameters(model)["params_total"]
     cut = cut_width(model, sites[0], stats["residual_stream"], 48)
     assert model.config.hidden_size == 48
     # Every matrix touching the stream loses 16 columns or rows; norms lose 16 entries each.
@@ -220,7 +224,7 @@ def test_a_width_reduced_cnn_saves_and_loads_back_identically(tmp_path) -> None:
     save_compressed(model, tmp_path / "cnn")
     loaded = load_into(BNCNN(), tmp_path / "cnn").eval()
     assert torch.equal(loaded(IMAGES[1]), expected)
-    assert count_parameters(loaded) == count_parameters(model)
+    assert count_parameters(loaded)["params_total"] == count_parameters(model)["params_total"]
 
 
 def test_a_width_reduced_transformer_saves_and_loads_back_identically(tmp_path) -> None:
@@ -298,7 +302,7 @@ def test_a_planted_value_subspace_is_found_and_cut_exactly() -> None:
     model = tiny_bert(num_labels=3)
     _plant_value_subspace(model, 3)
     reference = model(**MASKED).logits
-    before = count_parameters(model)
+    before = count_parameters(model)["params_total"]
     for site in [s for s in find_width_sites(model) if s.kind == "attn_vo"]:
         stats = collect_site_statistics(model, TOKENS, [site], progress=False)[site.name]
         decision = site_rank(model, site, stats)
@@ -307,7 +311,7 @@ def test_a_planted_value_subspace_is_found_and_cut_exactly() -> None:
         cut_width(model, site, stats, decision.rank)
     assert _rel(model(**MASKED).logits, reference) <= 1e-5
     # Per block: value loses 4 heads × 5 rows (32 weights + 1 bias), output 20 columns of 32.
-    assert before - count_parameters(model) == 2 * (20 * 33 + 20 * 32)
+    assert before - count_parameters(model)["params_total"] == 2 * (20 * 33 + 20 * 32)
 
 
 def test_query_key_cut_removes_the_hand_counted_parameters_and_reloads(tmp_path) -> None:
