@@ -12,6 +12,7 @@ from torch import nn
 
 from laserrmt.errors import PlanError, TargetSelectionError
 from laserrmt.evaluate import count_parameters
+from laserrmt.models.widths import WidthSite
 from laserrmt.surgery.io import load, load_into, save_compressed
 from laserrmt.surgery.width import (
     ReducedSelfAttention,
@@ -163,7 +164,9 @@ TOKENS = [
     # Llama's down projection has no bias: the cut gives it one (the reconstruction's intercept).
     [(tiny_llama, 3 * 64, 64), (lambda: tiny_bert(num_labels=3), 2 * 32 + 1, 0)],
 )
-def test_mlp_width_exact_when_kept_and_smaller_when_cut(build, per_unit: int, new_bias: int) -> None:
+def test_mlp_width_exact_when_kept_and_smaller_when_cut(
+    build, per_unit: int, new_bias: int
+) -> None:
     model = build()
     reference = model(TOKENS[0]).logits
     sites = find_width_sites(model, ["mlp"])
@@ -343,3 +346,83 @@ def test_activation_analysis_reports_the_planted_widths_and_writes_a_report(tmp_
     saved = json.loads((out / "activations.json").read_text())
     assert [s["k"] for s in saved["sites"]] == [r["k"] for r in records]
     assert (out / "kept_fraction.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# The activation-rank rule: centred covariance, effective sample size of correlated tokens
+
+
+def _identity_site(d: int) -> tuple[nn.Module, WidthSite]:
+    """A model whose single "MLP" site sees its input unchanged: planted activations go in."""
+    model = nn.Sequential(nn.Identity(), nn.Linear(d, 2)).eval()
+    return model, WidthSite("planted", "mlp", d, producers=("0",), consumer="1")
+
+
+def _ar1_tokens(rng: np.random.Generator, batches: int, tokens: int, d: int, rho: float):
+    """Unit-variance AR(1) noise along the tokens, independent across units and sequences."""
+    from scipy.signal import lfilter
+
+    shocks = rng.standard_normal((batches, 4, tokens, d)) * np.sqrt(1 - rho**2)
+    shocks[:, :, 0] /= np.sqrt(1 - rho**2)  # a stationary start
+    x = lfilter([1.0], [1.0, -rho], shocks, axis=2)
+    return [torch.from_numpy(b).float() for b in x]
+
+
+D, TOKENS_PER_SEQUENCE = 256, 512  # 8 batches × 4 sequences × 512 tokens = 16384 rows
+
+
+def test_a_mean_is_not_a_signal_direction() -> None:
+    """Pure unit noise plus a mean of 0.5 per unit: the uncentred second moment has a spike at
+    1 + 0.25·256 = 65 (far above the MP edge ≈ 1.27); the covariance has none."""
+    model, site = _identity_site(D)
+    rng = np.random.default_rng(0)
+    batches = [
+        torch.from_numpy(rng.standard_normal((4, TOKENS_PER_SEQUENCE, D)) + 0.5).float()
+        for _ in range(8)
+    ]
+    stats = collect_site_statistics(model, batches, [site], progress=False)["planted"]
+    assert torch.allclose(stats.mean, torch.full((D,), 0.5, dtype=torch.float64), atol=0.03)
+    assert site_rank(model, site, stats).rank == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_correlated_tokens_of_pure_noise_keep_no_direction(seed: int) -> None:
+    """AR(1) tokens (ρ = 0.6), independent units: treated as 16384 independent rows, mp_fit
+    keeps dozens of the 256 noise directions; with the effective sample size none (asserted
+    for each of three seeds; 0 in 5 of 5 seeds when the bound was chosen)."""
+    model, site = _identity_site(D)
+    batches = _ar1_tokens(np.random.default_rng(seed), 8, TOKENS_PER_SEQUENCE, D, 0.6)
+    stats = collect_site_statistics(model, batches, [site], progress=False)["planted"]
+    # Bartlett's small-d/n limit is n / 2.125; the MP edge of d/n = 1/64 asks a little more.
+    assert 16384 / 2.4 < stats.n_effective < 16384 / 2.125
+    assert site_rank(model, site, stats).rank == 0
+
+
+def test_planted_signal_directions_are_recovered_above_noise_with_a_mean() -> None:
+    model, site = _identity_site(D)
+    rng = np.random.default_rng(3)
+    basis = np.linalg.qr(rng.standard_normal((D, 5)))[0]
+    batches = [
+        torch.from_numpy(
+            rng.standard_normal((4, TOKENS_PER_SEQUENCE, D))
+            + 2.0 * rng.standard_normal((4, TOKENS_PER_SEQUENCE, 5)) @ basis.T
+            + 0.5
+        ).float()
+        for _ in range(8)
+    ]
+    stats = collect_site_statistics(model, batches, [site], progress=False)["planted"]
+    assert stats.n_effective == pytest.approx(16384, rel=0.01)  # independent tokens
+    assert site_rank(model, site, stats).rank == 5
+
+
+def test_effective_sample_size_reduces_to_bartlett_and_to_n() -> None:
+    from laserrmt.rmt.activations import effective_sample_size, truncated_autocorrelation
+
+    rho = 0.6 ** np.arange(1, 40)
+    # d/n → 0: the MP edge's excess 2·sqrt(d·Σρ²/n) is Bartlett's variance factor (1+ρ²)/(1−ρ²).
+    n = 10**9
+    assert effective_sample_size(n, 16, [rho]) == pytest.approx(n / 2.125, rel=0.01)
+    assert effective_sample_size(5000, 64, []) == 5000
+    # Lags within two standard errors of zero are noise: the sequence stops at the first one.
+    kept = truncated_autocorrelation([0.5, 0.2, 0.001, 0.3], [10**4] * 4)
+    assert kept.tolist() == [0.5, 0.2]

@@ -26,7 +26,11 @@ from torch import nn
 from laserrmt.errors import InvalidOptionError, NumericalError, PlanError, TargetSelectionError
 from laserrmt.models.architectures import residual_layout
 from laserrmt.models.widths import WidthSite, attention_layout
-from laserrmt.rmt.activations import activation_rank, correlation_factor, effective_sample_size
+from laserrmt.rmt.activations import (
+    activation_rank,
+    effective_sample_size,
+    truncated_autocorrelation,
+)
 from laserrmt.stats.forward import Hook, run_forward
 
 __all__ = [
@@ -120,7 +124,7 @@ class _Moments:
     def n_effective(self, mean: torch.Tensor, variance: torch.Tensor) -> float:
         # Dead units (zero variance) have no autocorrelation to speak of.
         live = variance > 1e-12 * float(variance.max()) if variance.numel() else variance > 0
-        factors = []
+        axes = []
         for axis, lags in self.lags.items():
             used = self.pairs[axis] > 0
             if not bool(live.any()) or not bool(used.any()):
@@ -130,8 +134,8 @@ class _Moments:
             # Σ (h_t − μ)(h_{t+k} − μ) / pairs, per unit, with the mean of all rows.
             lagged = (product - mean * (first + second)) / pairs[:, None] + mean * mean
             rho = (lagged[:, live] / variance[live]).mean(dim=1)
-            factors.append(correlation_factor(rho.numpy(), pairs.numpy()))
-        return effective_sample_size(self.count, factors)
+            axes.append(truncated_autocorrelation(rho.numpy(), pairs.numpy()))
+        return effective_sample_size(self.count, int(mean.numel()), axes)
 
     def statistics(self, site: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         n = max(self.count, 1)
