@@ -10,7 +10,7 @@ import torch
 from laserrmt.errors import InvalidOptionError
 from laserrmt.evaluate import count_parameters
 from laserrmt.methods.rmt_kd import STATE_FILE, rmt_kd
-from tiny_models import tiny_bert, tiny_cnn
+from tiny_models import tiny_bert, tiny_cnn, tiny_llama
 
 
 def _data() -> tuple[list, list]:
@@ -280,3 +280,135 @@ def test_classification_end_to_end_saves_the_model_it_returns(tmp_path) -> None:
         expected = result.model.eval()(**batch).logits
         assert torch.allclose(loaded(**batch).logits, expected, atol=1e-6, rtol=0)
     assert count_parameters(loaded)["params_total"] == result.parameters_after
+
+
+# ---------------------------------------------------------------------------------------------
+# The width decision as a plan: saved, loaded, replayed
+
+
+def _replay_cases():
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, 264, (2, 32), generator=g) for _ in range(3)]
+    labelled = [{"input_ids": i, "labels": torch.zeros(2, dtype=torch.long)} for i in ids]
+    images = [
+        (torch.randn(16, 1, 8, 8, generator=g), torch.zeros(16, dtype=torch.long)) for _ in range(2)
+    ]
+    return [
+        ("llama", lambda: tiny_llama(tie_word_embeddings=False), ids, "causal-lm",
+         ["mlp", "residual_stream"]),
+        ("bert", lambda: tiny_bert(num_labels=3), labelled, "classification",
+         ["attention", "mlp"]),
+        ("cnn", tiny_cnn, images, "classification", None),
+    ]  # fmt: skip
+
+
+def _outputs(model: torch.nn.Module, x) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The logits, and for a transformer the last hidden state (a tiny random classifier's
+    logits are ~0.01, too small to show a difference of 1e-5 on their own)."""
+    extra = {"output_hidden_states": True} if hasattr(model, "config") else {}
+    with torch.no_grad():
+        out = model(**x, **extra) if isinstance(x, dict) else model(x, **extra)
+    if not extra:
+        return out, None
+    return out.logits, out.hidden_states[-1]
+
+
+@pytest.mark.parametrize(
+    ("name", "build", "calibration", "task", "sites"),
+    _replay_cases(),
+    ids=["llama", "bert", "cnn"],
+)
+def test_a_saved_width_plan_replays_the_run_on_a_fresh_model(
+    tmp_path, name, build, calibration, task, sites
+) -> None:
+    from laserrmt.distill import model_inputs
+    from laserrmt.plan import WidthPlan, load_plan
+    from laserrmt.surgery.apply import apply_plan
+
+    result = rmt_kd(
+        build(),
+        calibration,
+        calibration,
+        lambda m: 0.0,
+        task=task,
+        sites=sites,
+        steps_per_cut=0,
+        tolerance=float("inf"),
+        floor=0.0,
+        progress=False,
+    )
+    kept = [r for r in result.records if r.status == "kept"]
+    assert len(kept) == len(result.plan) >= 2 and not result.plan.trained
+    path = result.plan.save(tmp_path / "width_plan.json")
+    plan = load_plan(path)
+    assert isinstance(plan, WidthPlan) and plan.to_dict() == result.plan.to_dict()
+    assert [d.kept_width for d in plan] == [r.k for r in kept]
+
+    fresh = build()
+    inputs = [model_inputs(b, task) for b in calibration]
+    x = inputs[0]
+    original, _ = _outputs(fresh, x)
+    cuts = apply_plan(fresh, plan, calibration=inputs, progress=False)
+    assert [c.width_after for c in cuts] == [d.kept_width for d in plan]
+    assert count_parameters(fresh)["params_total"] == result.parameters_after
+    (logits, hidden), (run_logits, run_hidden) = _outputs(fresh, x), _outputs(result.model, x)
+    assert not torch.allclose(logits, original, atol=1e-6, rtol=0)  # the cuts changed it…
+    assert torch.allclose(logits, run_logits, atol=1e-5, rtol=0)  # …exactly as the run did
+    if hidden is not None:
+        assert torch.allclose(hidden, run_hidden, atol=1e-5, rtol=0)
+
+
+def test_a_width_plan_replays_hand_edited_units_and_refuses_what_it_cannot_rebuild() -> None:
+    from laserrmt.distill import model_inputs
+    from laserrmt.errors import PlanError
+    from laserrmt.plan import WidthPlan
+    from laserrmt.surgery.apply import apply_plan
+
+    calib, train = _data()
+    inputs = [model_inputs(b, "classification") for b in calib]
+    result = rmt_kd(
+        tiny_cnn(), calib, train, _accuracy(train), **{**OPTIONS, "tolerance": float("inf")}
+    )
+    assert result.plan.trained  # distilled after each cut: the weights are not in the plan
+    with pytest.raises(PlanError, match="distilled"):
+        apply_plan(tiny_cnn(), result.plan, calibration=inputs, progress=False)
+
+    data = result.plan.to_dict()
+    data["trained"] = ""
+    first = data["sites"][0]
+    first["kept"] = list(range(first["kept_width"]))  # the first units, whatever the rule says
+    plan = WidthPlan.from_dict(data)
+    model = tiny_cnn()
+    reference = model.features[0].weight.detach().clone()
+    apply_plan(model, plan, calibration=inputs, progress=False)
+    assert torch.equal(model.features[0].weight, reference[: first["kept_width"]])
+    with pytest.raises(PlanError, match="calibration batches"):
+        apply_plan(tiny_cnn(), plan, calibration=inputs[:1], progress=False)
+    with pytest.raises(PlanError, match="calibration"):
+        apply_plan(tiny_cnn(), plan, progress=False)
+    with pytest.raises(PlanError, match="does not have"):
+        apply_plan(tiny_bert(num_labels=3), plan, calibration=inputs, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragment"),
+    [
+        (lambda s: s.update(kept_width=0), "outside 1.."),
+        (lambda s: s.update(kept=[0, 0, 1, 2][: s["kept_width"]]), "distinct units"),
+        (lambda s: s.update(kind="rows"), "unknown kind"),
+        (lambda s: s.update(colour="red"), "unknown field"),
+    ],
+)
+def test_a_hand_edited_width_plan_is_validated(edit, fragment) -> None:
+    from laserrmt.errors import PlanError
+    from laserrmt.plan import WidthPlan
+
+    calib, train = _data()
+    data = rmt_kd(
+        tiny_cnn(), calib, train, _accuracy(train), **{**OPTIONS, "tolerance": float("inf")}
+    ).plan.to_dict()
+    edit(data["sites"][0])
+    with pytest.raises(PlanError, match=fragment):
+        WidthPlan.from_dict(data)
+    with pytest.raises(PlanError, match="format_version"):
+        WidthPlan.from_dict({**data, "format_version": 99})
