@@ -412,3 +412,31 @@ def test_a_hand_edited_width_plan_is_validated(edit, fragment) -> None:
         WidthPlan.from_dict(data)
     with pytest.raises(PlanError, match="format_version"):
         WidthPlan.from_dict({**data, "format_version": 99})
+
+
+@pytest.mark.slow  # two RMT-KD passes over the pinned calibration text
+def test_compress_plan_replays_an_rmt_kd_run_from_the_command_line(tmp_path, capsys) -> None:
+    import laserrmt
+    from laserrmt.cli import main
+    from tiny_models import save_tiny, tiny_tokenizer
+
+    folder = save_tiny(tiny_llama(tie_word_embeddings=False), tmp_path / "m", tiny_tokenizer())
+    common = ["--quiet", "compress", str(folder), "--no-eval"]
+    kd, replay = tmp_path / "kd", tmp_path / "replay"
+    args = ["--method", "rmt-kd", "--steps-per-cut", "0", "--tolerance", "100", "--out", str(kd)]
+    assert main([*common, *args]) == 0
+    assert main([*common, "--plan", str(kd / "width_plan.json"), "--out", str(replay)]) == 0
+    out = capsys.readouterr().out
+    assert "cuts replayed" in out and "fewer" in out
+    ids = torch.randint(0, 264, (1, 24), generator=torch.Generator().manual_seed(0))
+    (run, _), (again, _) = laserrmt.load(kd), laserrmt.load(replay)
+    with torch.no_grad():
+        assert torch.allclose(again(ids).logits, run(ids).logits, atol=1e-5, rtol=0)
+
+    # A distilled run's plan is refused in one line, before any work.
+    plan = json.loads((kd / "width_plan.json").read_text())
+    plan["trained"] = "RMT-KD distilled for 2 steps after each cut"
+    (tmp_path / "trained.json").write_text(json.dumps(plan))
+    code = main([*common, "--plan", str(tmp_path / "trained.json"), "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "distilled" in err

@@ -549,6 +549,14 @@ class WidthPlan:
     def __iter__(self) -> Iterator[WidthDecision]:
         return iter(self.decisions)
 
+    def check_replayable(self) -> None:
+        """Raise :class:`PlanError` when the cuts alone do not rebuild the run's model."""
+        if self.trained:
+            raise PlanError(
+                f"this width plan cannot rebuild its model: {self.trained}; load the saved "
+                "model folder instead, or make the plan without training (--steps-per-cut 0)"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready mapping; ``"kind": "width"`` tells it from a :class:`CompressionPlan`."""
         return {

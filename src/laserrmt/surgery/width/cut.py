@@ -39,10 +39,6 @@ class WidthCut:
         return asdict(self)
 
 
-def _parameters(model: nn.Module) -> int:
-    return count_parameters(model)["params_total"]
-
-
 def cut_width(
     model: nn.Module,
     site: WidthSite,
@@ -70,7 +66,7 @@ def cut_width(
         )
     if not 1 <= k <= site.width:
         raise PlanError(f"site {site.name}: cannot keep {k} of {site.width}; keep 1..{site.width}")
-    before = _parameters(model)
+    before = count_parameters(model)["params_total"]
     if site.kind in ("attn_vo", "attn_qk"):
         k_head, width = cut_attention(model, site, statistics, k)
         units = list(range(k_head))
@@ -81,7 +77,8 @@ def cut_width(
     else:
         units = cut_units(model, site, statistics, k, kept)
         width = k
-    return WidthCut(site.name, site.kind, site.width, width, units, before, _parameters(model))
+    after = count_parameters(model)["params_total"]
+    return WidthCut(site.name, site.kind, site.width, width, units, before, after)
 
 
 def apply_width_plan(
@@ -102,11 +99,7 @@ def apply_width_plan(
         PlanError: the plan says the run also trained the model (its weights are not in a plan),
             no or other calibration batches, or a site the model does not have.
     """
-    if plan.trained:
-        raise PlanError(
-            f"this width plan cannot rebuild its model: {plan.trained}; load the saved model "
-            "folder instead, or make the plan without training"
-        )
+    plan.check_replayable()
     for decision in plan.decisions:
         for name in (*decision.producers, *decision.followers, decision.consumer):
             try:
