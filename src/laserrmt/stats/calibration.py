@@ -9,8 +9,10 @@ For a module seen with feature rows ``x_t`` (one per token, or per spatial posit
 convolution) the statistics are the Gram matrix ``G = Σ_t x_tᵀ x_t`` (float64, n × n), the
 number of rows and their mean. ``G`` is what activation-aware factorization needs
 (SVD-LLM, Wang et al., ICLR 2025: ``‖W X − W′X‖_F`` is governed by ``XᵀX``); ``G / n`` is the
-activation second moment ``C = X Xᵀ / n`` whose spectrum RMT-KD (arXiv 2509.15724, step 1)
-fits to Marchenko–Pastur; :meth:`ActivationStatistics.covariance` centres it.
+activation second moment ``C = X Xᵀ / n``; :meth:`ActivationStatistics.covariance` centres it.
+(RMT-KD's width spectra have their own statistics, :mod:`laserrmt.stats.activations`.)
+
+The passes over the whole model go through :func:`laserrmt.stats.forward.run_forward`.
 
 Models with a list of repeated blocks (:func:`find_blocks`) are calibrated **block by block**,
 as GPTQ and llm-compressor do: the inputs of every block are captured once, then each block in
@@ -96,7 +98,7 @@ class ActivationStatistics:
         return int(self.gram.shape[0])
 
     def second_moment(self) -> torch.Tensor:
-        """``G / n``: the uncentred activation matrix ``C = X Xᵀ / n`` of RMT-KD (float64)."""
+        """``G / n``: the uncentred activation matrix ``C = X Xᵀ / n`` (float64)."""
         return self.gram / self.n_samples
 
     def covariance(self) -> torch.Tensor:

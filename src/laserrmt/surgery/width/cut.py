@@ -127,7 +127,7 @@ def apply_width_plan(
     for decision in tqdm(plan.decisions, desc="width cuts", disable=not progress):
         site = WidthSite(
             decision.site,
-            decision.kind,  # type: ignore[arg-type]  # validated by WidthDecision
+            decision.kind,
             decision.width,
             decision.producers,
             decision.followers,

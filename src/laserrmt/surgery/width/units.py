@@ -151,8 +151,13 @@ def _fold_into_consumer(
     """The consumer reading ``k`` units: input columns times ``R`` (d × k), plus the consumer's
     response to ``intercept`` (d) in its bias when there is one."""
     k = r.shape[1]
+    if not isinstance(consumer, nn.Conv2d | nn.Linear):
+        raise TargetSelectionError(
+            f"a {type(consumer).__name__} cannot absorb a width cut; the consumer of a site "
+            "must be nn.Linear or nn.Conv2d"
+        )
     w = consumer.weight.detach().to(torch.float64)
-    bias = getattr(consumer, "bias", None)
+    bias = consumer.bias
     if isinstance(consumer, nn.Conv2d):
         folded = torch.einsum("oc...,ck->ok...", w, r.to(w.device))
         new: ResizedConv2d | ResizedLinear = ResizedConv2d(
@@ -169,7 +174,7 @@ def _fold_into_consumer(
             dtype=consumer.weight.dtype,
         )
         shift = None
-    elif isinstance(consumer, nn.Linear):
+    else:
         positions = consumer.in_features // width
         # Flattened channels (CNN → Linear) are [C, positions] in C order; tokens have 1 position.
         grouped = w.reshape(w.shape[0], width, positions)
@@ -183,11 +188,6 @@ def _fold_into_consumer(
             bias=bias is not None or shift is not None,
             device=consumer.weight.device,
             dtype=consumer.weight.dtype,
-        )
-    else:
-        raise TargetSelectionError(
-            f"a {type(consumer).__name__} cannot absorb a width cut; the consumer of a site "
-            "must be nn.Linear or nn.Conv2d"
         )
     with torch.no_grad():
         new.weight.copy_(folded.to(new.weight.dtype))
