@@ -136,6 +136,63 @@ def test_the_mp_rule_finds_a_planted_activation_dimension() -> None:
         assert activation_rank(second_moment, n, estimator=estimator).rank == r
 
 
+def test_units_in_an_affine_subspace_are_rebuilt_exactly_through_the_linear_consumer_bias() -> None:
+    """16 units = W z + b with z in 3 dimensions: a 3-dimensional subspace shifted off the
+    origin. The covariance has rank 3 and a Linear consumer takes the intercept in its bias, so
+    3 kept units rebuild all 16 exactly (through the origin it would take 4)."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Identity(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        model[0].bias.uniform_(1.0, 2.0)
+    site = WidthSite("units", "mlp", 16, producers=("0",), consumer="2")
+    batches = [torch.randn(64, 3, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    reference = model(batches[0])
+    stats = collect_site_statistics(model, batches, [site], progress=False)["units"]
+    cut_width(model, site, stats, 3)
+    assert model[2].in_features == 3
+    assert _rel(model(batches[0]), reference) <= 1e-5
+
+
+def test_a_convolution_consumer_needs_one_more_channel_for_the_mean() -> None:
+    """A zero-padded convolution cannot take an intercept: channels in a 3-dimensional subspace
+    shifted off the origin are rebuilt exactly from 4 kept channels, not from 3."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 12, 3, padding=1), nn.Conv2d(12, 4, 3, padding=1))
+    with torch.no_grad():
+        mixing, base = torch.randn(12, 3), torch.randn(3, 1, 3, 3)
+        model[0].weight.copy_(torch.einsum("cr,rihw->cihw", mixing, base))
+        model[0].bias.uniform_(1.0, 2.0)
+    model.eval()
+    site = find_width_sites(model)[0]
+    stats = collect_site_statistics(model, IMAGES, [site], progress=False)[site.name]
+    reference = model(IMAGES[0])
+    three, four = copy.deepcopy(model), model
+    cut_width(three, site, stats, 3)
+    cut_width(four, site, stats, 4)
+    assert _rel(three(IMAGES[0]), reference) > 1e-3
+    assert _rel(four(IMAGES[0]), reference) <= 1e-5
+
+
+@pytest.mark.parametrize(("consumer", "expected"), [("conv", 4), ("linear", 3)])
+def test_the_mean_costs_a_kept_channel_only_where_no_bias_can_take_it(consumer, expected) -> None:
+    """64 channels: 3 planted directions + unit noise + a mean of 0.5, independent pixels. The
+    MP count on the covariance is 3; a convolution reader keeps one more for the mean."""
+    rng = np.random.default_rng(4)
+    basis = np.linalg.qr(rng.standard_normal((64, 3)))[0]
+    images = []
+    for _ in range(4):
+        x = rng.standard_normal((16, 16, 16, 64)) + 0.5
+        x += 3.0 * rng.standard_normal((16, 16, 16, 3)) @ basis.T
+        images.append(torch.from_numpy(x).float().movedim(-1, 1))
+    reader = nn.Conv2d(64, 2, 3, padding=1) if consumer == "conv" else nn.Linear(64 * 256, 2)
+    head = [reader] if consumer == "conv" else [nn.Flatten(), reader]
+    model = nn.Sequential(nn.Identity(), *head).eval()
+    site = WidthSite("planted", "channels", 64, producers=("0",), consumer=str(len(head)))
+    stats = collect_site_statistics(model, images, [site], progress=False)["planted"]
+    assert stats.n_effective == pytest.approx(16384, rel=0.02)  # independent pixels
+    assert site_rank(model, site, stats).rank == expected
+
+
 def test_reconstruction_is_identity_when_everything_is_kept() -> None:
     c = torch.randn(6, 6, dtype=torch.float64)
     c = c @ c.T
@@ -288,8 +345,10 @@ def test_query_key_maps_keep_the_products_at_full_rank_and_on_a_subspace() -> No
     assert torch.allclose((q3 @ a) @ (k @ b).T, q3 @ k.T, atol=1e-8 * float((q3 @ k.T).abs().max()))
 
 
-def _plant_value_subspace(model: nn.Module, rank: int) -> None:
-    """Make every head's values span only ``rank`` directions (a rank-``rank`` V per head)."""
+def _plant_value_subspace(model: nn.Module, rank: int, *, affine: bool = False) -> None:
+    """Make every head's values span only ``rank`` directions (a rank-``rank`` V per head);
+    ``affine``: leave the bias alone, so the values lie in ``bias + span`` (a subspace that
+    does not contain the origin)."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for layer in model.bert.encoder.layer:
@@ -298,12 +357,16 @@ def _plant_value_subspace(model: nn.Module, rank: int) -> None:
             for h in range(4):
                 basis = torch.linalg.qr(torch.randn(8, rank, generator=g))[0]
                 heads[h] = basis @ basis.T @ heads[h]
-                value.bias.view(4, 8)[h] = basis @ basis.T @ value.bias.view(4, 8)[h]
+                if not affine:
+                    value.bias.view(4, 8)[h] = basis @ basis.T @ value.bias.view(4, 8)[h]
+                else:
+                    value.bias.view(4, 8)[h] += 0.5
 
 
-def test_a_planted_value_subspace_is_found_and_cut_exactly() -> None:
+@pytest.mark.parametrize("affine", [False, True])
+def test_a_planted_value_subspace_is_found_and_cut_exactly(affine: bool) -> None:
     model = tiny_bert(num_labels=3)
-    _plant_value_subspace(model, 3)
+    _plant_value_subspace(model, 3, affine=affine)
     reference = model(**MASKED).logits
     before = count_parameters(model)["params_total"]
     for site in [s for s in find_width_sites(model) if s.kind == "attn_vo"]:
