@@ -73,6 +73,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path) -> None:
     assert resumed.finished
     strip = lambda rs: [{k: v for k, v in r.to_dict().items() if k != "wall_s"} for r in rs]  # noqa: E731
     assert strip(resumed.records) == strip(whole.records)
+    assert resumed.plan.to_dict() == whole.plan.to_dict() and len(whole.plan) >= 1
     x = calib[0][0]
     assert torch.equal(resumed.model(x), whole.model(x))
     # Only the newest model folder is kept beside the state.

@@ -102,7 +102,10 @@ class _Moments:
 
     def add(self, x: torch.Tensor) -> None:
         """``x``: units on the last axis, batch first, the axes between are sequence axes."""
-        x = x.detach().to("cpu", torch.float64)
+        # Accumulate where the activations are (a GPU model sums on the GPU).
+        x = x.detach().to(torch.float64)
+        if self.gram.device != x.device:
+            self.gram, self.total = self.gram.to(x.device), self.total.to(x.device)
         rows = x.reshape(-1, x.shape[-1])
         self.gram.addmm_(rows.T, rows)
         self.total += rows.sum(dim=0)
@@ -110,7 +113,7 @@ class _Moments:
         for axis in range(1, x.dim() - 1):
             length = x.shape[axis]
             lags = self.lags.setdefault(
-                axis, torch.zeros(MAX_LAG, 3, x.shape[-1], dtype=torch.float64)
+                axis, torch.zeros(MAX_LAG, 3, x.shape[-1], dtype=torch.float64, device=x.device)
             )
             pairs = self.pairs.setdefault(axis, torch.zeros(MAX_LAG, dtype=torch.float64))
             for k in range(1, min(MAX_LAG, length - 1) + 1):
@@ -138,6 +141,8 @@ class _Moments:
         return effective_sample_size(self.count, int(mean.numel()), axes)
 
     def statistics(self, site: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        self.gram, self.total = self.gram.cpu(), self.total.cpu()
+        self.lags = {axis: lags.cpu() for axis, lags in self.lags.items()}
         n = max(self.count, 1)
         moment = (self.gram + self.gram.T) / (2 * n)
         mean = self.total / n
