@@ -284,7 +284,8 @@ def attention_head_ranks(
 ) -> list[tuple[int, float, float]]:
     """Per head ``(k, sigma, edge)``: directions of the head's covariance above the MP edge
     (``attn_qk``: the smaller of the query and key counts, since ``rank(Q Kᵀ) ≤ min(rank Q,
-    rank K)``)."""
+    rank K)``). Every head uses the site's effective sample size, matched to the edge at the
+    width of all heads; at small width/samples ratios both are Bartlett's ``n / Σρ(k)²``."""
     n = statistics.independent_rows
     out = []
     if site.kind == "attn_vo":
