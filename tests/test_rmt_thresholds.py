@@ -22,6 +22,7 @@ from laserrmt.rmt import (
     sigma_median_matching,
     tracy_widom_edge,
 )
+from laserrmt.rmt.null import tracy_widom_level
 
 
 def planted_matrix(
@@ -126,7 +127,11 @@ def test_edges_are_the_documented_formulas(
     assert mp.edge == pytest.approx(marchenko_pastur_edge(shape, sigma))
     assert mp.rank == int(np.sum(s > mp.edge))
     tw = choose_rank(s, shape, "tw", alpha=0.01)
-    assert tw.edge == pytest.approx(tracy_widom_edge(shape, sigma, alpha=0.01))
+    # σ̂ estimated: the level carries σ̂'s spread, so it sits above Johnstone's known-σ level.
+    assert tw.edge == pytest.approx(sigma * math.sqrt(tracy_widom_level(shape, 0.01)))
+    assert tw.edge > tracy_widom_edge(shape, sigma, alpha=0.01)
+    known = choose_rank(s, shape, "tw", alpha=0.01, sigma=sigma)
+    assert known.edge == pytest.approx(tracy_widom_edge(shape, sigma, alpha=0.01))
     assert tw.options["alpha"] == 0.01
     gd = choose_rank(s, shape, "gd")
     assert gd.edge == pytest.approx(gavish_donoho_omega(0.25) * np.median(s))

@@ -119,15 +119,33 @@ def sigma_veraart(s: Any, shape: tuple[int, int]) -> float:
     p − P values passes, i.e. the noise set is the *largest* consistent c, and σ̂² is its mean.
     (Growing c from the bottom and stopping at the first failure does not work for β near 1:
     there the few smallest eigenvalues, near λ₋ = 0, fail the test although they are noise.)
+
+    Only noise sets holding at least half of the values are candidates, the majority-noise
+    premise that median matching also makes. Without that floor a tiny set at the bottom always
+    passes (c = 0 trivially), and a bulk wider than any MP law, e.g. noise whose rows have
+    different scales, collapsed to it: σ̂ ≈ 0.0003 on a 500×500 matrix with rows scaled by
+    U(0.5, 1.5), which keeps 499 of 500 values. When no majority set passes, the consistency
+    search has no answer; σ̂² is then the mean of the values at or below the MP edge of σ̂
+    itself, the fixed point reached from the mean of all values (each step drops the values
+    above the current edge and can only lower the mean, so it stops within p steps). That
+    reads the average noise variance of a heteroscedastic bulk and leaves spikes out.
     """
-    values, big, _, _ = check_spectrum(s, shape)
+    values, big, small, beta = check_spectrum(s, shape)
     lam = np.sort(values * values / big)
     count = np.arange(1, lam.size + 1)
     means = np.cumsum(lam) / count
     consistent = lam - lam[0] <= 4.0 * np.sqrt(count / big) * means
-    # c = 0 always passes (0 ≤ 4·sqrt(1/N)·L[0]), so there is a consistent set.
-    c = int(np.flatnonzero(consistent)[-1])
-    return math.sqrt(float(means[c]))
+    consistent[: (small + 1) // 2 - 1] = False
+    if np.any(consistent):
+        return math.sqrt(float(means[int(np.flatnonzero(consistent)[-1])]))
+    upper = (1.0 + math.sqrt(beta)) ** 2
+    var = float(means[-1])
+    while True:
+        below = lam[lam <= upper * var]
+        trimmed = float(below.mean()) if below.size else 0.0
+        if trimmed >= var:
+            return math.sqrt(var)
+        var = trimmed
 
 
 def sigma_laserrmt_iqr(s: Any) -> float:
