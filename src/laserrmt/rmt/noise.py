@@ -125,10 +125,11 @@ def sigma_veraart(s: Any, shape: tuple[int, int]) -> float:
     passes (c = 0 trivially), and a bulk wider than any MP law, e.g. noise whose rows have
     different scales, collapsed to it: σ̂ ≈ 0.0003 on a 500×500 matrix with rows scaled by
     U(0.5, 1.5), which keeps 499 of 500 values. When no majority set passes, the consistency
-    search has no answer; σ̂² is then the mean of the values at or below the MP edge of σ̂
-    itself, the fixed point reached from the mean of all values (each step drops the values
-    above the current edge and can only lower the mean, so it stops within p steps). That
-    reads the average noise variance of a heteroscedastic bulk and leaves spikes out.
+    search has no answer, and σ̂² is the mean of the values at or below the MP edge
+    (1 + √β)²·m̄ of the mean m̄ of all values. For noise with a variance profile the mean
+    eigenvalue is the average entry variance (tr WWᵀ / (Np)), the natural σ² of such a bulk;
+    the cut drops the spikes standing above it, which would inflate m̄. (Iterating the cut to a
+    fixed point would not stop there: on a bulk wider than MP each step trims its top again.)
     """
     values, big, small, beta = check_spectrum(s, shape)
     lam = np.sort(values * values / big)
@@ -138,14 +139,8 @@ def sigma_veraart(s: Any, shape: tuple[int, int]) -> float:
     consistent[: (small + 1) // 2 - 1] = False
     if np.any(consistent):
         return math.sqrt(float(means[int(np.flatnonzero(consistent)[-1])]))
-    upper = (1.0 + math.sqrt(beta)) ** 2
-    var = float(means[-1])
-    while True:
-        below = lam[lam <= upper * var]
-        trimmed = float(below.mean()) if below.size else 0.0
-        if trimmed >= var:
-            return math.sqrt(var)
-        var = trimmed
+    below = lam[lam <= (1.0 + math.sqrt(beta)) ** 2 * means[-1]]
+    return math.sqrt(float(below.mean()))
 
 
 def sigma_laserrmt_iqr(s: Any) -> float:
