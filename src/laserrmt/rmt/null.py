@@ -110,11 +110,19 @@ def tracy_widom_level(
     """The level L with :func:`edge_false_positive_rate` (shape, L, estimator) = α.
 
     The edge of the ``"tw"`` rule with estimated σ is σ̂·sqrt(L). P(L) falls strictly from
-    (almost) 1 to 0 as L goes from 0 to far above μ, so the root is unique.
+    (almost) 1 to 0 as L goes from 0 to far above μ, so the root is unique. Cached per shape.
     """
     big, small, _ = check_shape(shape)
+    if not (0.0 < float(alpha) < 1.0):
+        raise InvalidOptionError(f"alpha is a significance level in (0, 1); got {alpha!r}")
+    sigma_ratio_draws(shape, estimator, **options)  # validates the estimator
+    return _level(big, small, float(alpha), estimator, tuple(sorted(options.items())))
+
+
+@lru_cache(maxsize=256)
+def _level(big: int, small: int, alpha: float, estimator: str, options: tuple[Any, ...]) -> float:
     mu, scale = johnstone_centering(big, small)
-    ratios = sigma_ratio_draws(shape, estimator, **options)
+    ratios = _ratio_draws(big, small, estimator, options)
 
     def excess(level: float) -> float:
         return float(np.mean(1.0 - tracy_widom_cdf((ratios * level - mu) / scale))) - alpha
