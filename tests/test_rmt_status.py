@@ -21,7 +21,9 @@ def planted_model() -> nn.Sequential:
     gen = torch.Generator().manual_seed(0)
     model = nn.Sequential(nn.Linear(100, 200), nn.Linear(300, 1), nn.Linear(80, 120))
     with torch.no_grad():
-        model[0].weight.copy_(torch.randn(200, 70, generator=gen) @ torch.randn(70, 100, generator=gen))
+        model[0].weight.copy_(
+            torch.randn(200, 70, generator=gen) @ torch.randn(70, 100, generator=gen)
+        )
         u, _ = torch.linalg.qr(torch.randn(120, 3, generator=gen))
         v, _ = torch.linalg.qr(torch.randn(80, 3, generator=gen))
         noise = 0.02 * torch.randn(120, 80, generator=gen)

@@ -15,9 +15,9 @@ from laserrmt.rmt import (
     THRESHOLD_METHODS,
     RankChoice,
     choose_rank,
+    edge_false_positive_rate,
     gavish_donoho_lambda,
     gavish_donoho_omega,
-    edge_false_positive_rate,
     gavish_donoho_threshold,
     johnstone_centering,
     marchenko_pastur_edge,
@@ -318,7 +318,7 @@ def test_mp_edge_false_positive_rate_is_the_stated_one(noise_spectra: np.ndarray
     level = (math.sqrt(100) + math.sqrt(100)) ** 2
     kept = np.array([choose_rank(s, NOISE_SHAPE, "mp").rank for s in noise_spectra])
     stated = edge_false_positive_rate(NOISE_SHAPE, level)
-    assert 0.18 <= stated <= 0.23  # the range the docs give
+    assert 0.18 <= stated <= 0.22  # the range the docs give
     # 0.01 more for the 200 null draws the stated rate is computed from.
     assert abs(np.mean(kept > 0) - stated) <= binomial_band(stated, kept.size) + 0.01
     # With σ known the rate is Tracy–Widom's alone, 1 − F₁((edge² − μ)/σ_TW) ≈ 14 %.
@@ -348,7 +348,8 @@ def noise_free(shape: tuple[int, int], rank: int, seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("method", ["mp", "tw", "gd"])
 @pytest.mark.parametrize("estimator", ["median", "mp_fit", "veraart"])
 @pytest.mark.parametrize(
-    ("shape", "rank", "noise"), [((200, 200), 150, 0.0), ((100, 200), 70, 0.0), ((200, 200), 150, 1e-3)]
+    ("shape", "rank", "noise"),
+    [((200, 200), 150, 0.0), ((100, 200), 70, 0.0), ((200, 200), 150, 1e-3)],
 )
 def test_a_matrix_of_rank_above_half_is_not_cut(
     shape: tuple[int, int], rank: int, noise: float, method: str, estimator: str

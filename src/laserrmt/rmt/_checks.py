@@ -54,8 +54,9 @@ def check_values(values: Any, name: str = "singular values") -> np.ndarray:
     try:
         arr = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError):
+        kind = getattr(values, "dtype", type(values).__name__)
         raise InvalidOptionError(
-            f"{name} must be real numbers (a float array or tensor); got {getattr(values, 'dtype', type(values).__name__)}"
+            f"{name} must be real numbers (a float array or tensor); got {kind}"
         ) from None
     if arr.ndim != 1:
         raise InvalidOptionError(f"{name} must be a 1-D array; got an array of shape {arr.shape}")

@@ -33,11 +33,11 @@ __all__ = [
     "marchenko_pastur_bulk",
     "marchenko_pastur_edge",
     "marchenko_pastur_lower_edge",
-    "mp_share_below_bulk",
     "mp_cdf",
     "mp_density",
     "mp_median",
     "mp_quantile",
+    "mp_share_below_bulk",
     "mp_support",
 ]
 
@@ -175,7 +175,6 @@ def marchenko_pastur_edge(shape: tuple[int, int], sigma: float = 1.0) -> float:
 def marchenko_pastur_lower_edge(shape: tuple[int, int], sigma: float = 1.0) -> float:
     """The lower end σ(√N − √p) of the noise singular values (0 for a square matrix)."""
     return marchenko_pastur_bulk(shape, sigma)[0]
-
 
 
 def mp_share_below_bulk(singular_values: Any, shape: tuple[int, int], sigma: float) -> float:
