@@ -314,6 +314,13 @@ def test_tw_with_estimated_sigma_keeps_a_noise_direction_with_probability_alpha(
     assert abs(np.mean(kept > 0) - 0.05) <= binomial_band(0.05, kept.size)
 
 
+def test_tw_level_holds_on_wide_noise_at_another_alpha() -> None:
+    x = np.random.default_rng(21).standard_normal((1500, 60, 120))
+    spectra = np.sqrt(np.clip(np.linalg.eigvalsh(x @ np.swapaxes(x, 1, 2)), 0.0, None))[:, ::-1]
+    kept = np.array([choose_rank(s, (60, 120), "tw", alpha=0.1).rank for s in spectra])
+    assert abs(np.mean(kept > 0) - 0.1) <= binomial_band(0.1, kept.size)
+
+
 def test_mp_edge_false_positive_rate_is_the_stated_one(noise_spectra: np.ndarray) -> None:
     level = (math.sqrt(100) + math.sqrt(100)) ** 2
     kept = np.array([choose_rank(s, NOISE_SHAPE, "mp").rank for s in noise_spectra])

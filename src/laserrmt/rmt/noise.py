@@ -10,7 +10,8 @@ scale-equivariant (σ̂(c·s) = c·σ̂(s)) and does not depend on the orientati
 * :func:`sigma_mp_fit` (WeightWatcher; RMT-KD, arXiv 2509.15724): quantile start, then a
   least-squares fit of the eigenvalue histogram to the MP law.
 * :func:`sigma_veraart` (Veraart et al., NeuroImage 2016, MP-PCA): the largest set of small
-  eigenvalues whose spread matches the MP width of its own mean; self-consistent.
+  eigenvalues, at least half of them, whose spread matches the MP width of its own mean;
+  self-consistent.
 * :func:`sigma_laserrmt_iqr`: the original laserRMT project's IQR/1.349. Not consistent for
   MP spectra; a reproduction mode only.
 """

@@ -196,7 +196,8 @@ def choose_rank(
     """Choose how many singular values of an m×n matrix are signal.
 
     Args:
-        singular_values: all min(m, n) singular values, any order (sorted here).
+        singular_values: all min(m, n) singular values, any order (sorted here): a numpy
+            array, a sequence, or a torch tensor of any dtype (bfloat16 included).
         shape: ``(m, n)`` of the matrix.
         method: one of :data:`THRESHOLD_METHODS` (see the module docstring).
         sigma: known noise entry scale; when ``None`` it is estimated with ``estimator``.
@@ -212,7 +213,8 @@ def choose_rank(
         quantile, bins: options of the ``mp_fit`` estimator.
 
     Returns:
-        A :class:`RankChoice`.
+        A :class:`RankChoice`; its ``status`` says whether the rule could judge the spectrum
+        (``"too_short"``, ``"no_bulk"``: full rank, nothing removed; see the module docstring).
 
     Raises:
         InvalidOptionError: unknown method or estimator, an option out of range, or a spectrum
