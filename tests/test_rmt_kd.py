@@ -292,7 +292,7 @@ def _replay_cases():
     ids = [torch.randint(0, 264, (2, 32), generator=g) for _ in range(3)]
     labelled = [{"input_ids": i, "labels": torch.zeros(2, dtype=torch.long)} for i in ids]
     images = [
-        (torch.randn(16, 1, 8, 8, generator=g), torch.zeros(16, dtype=torch.long)) for _ in range(2)
+        (torch.randn(64, 1, 8, 8, generator=g), torch.zeros(64, dtype=torch.long)) for _ in range(2)
     ]
     return [
         ("llama", lambda: tiny_llama(tie_word_embeddings=False), ids, "causal-lm",

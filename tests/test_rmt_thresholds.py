@@ -416,3 +416,13 @@ def test_a_bfloat16_tensor_is_accepted_like_its_float64_values() -> None:
     with pytest.raises(InvalidOptionError, match="real numbers") as info:
         choose_rank(np.array(["a", "b"]), (2, 2))
     assert "\n" not in str(info.value)
+
+
+def test_values_at_the_data_precision_are_exact_zeros_not_a_missing_bulk():
+    # A noise-free rank-3 site of float32 activations: five values are rounding, one of them
+    # clipped to an exact 0 (a negative eigenvalue). At float64 precision only that one is a
+    # zero, a minority: no bulk. At the data's precision all five are: rank 3.
+    s = np.array([1.0, 0.82, 0.55, 1.5e-7, 1.4e-7, 6.5e-8, 3.5e-8, 0.0])
+    assert choose_rank(s, (8, 72), "mp").status == "no_bulk"
+    choice = choose_rank(s, (8, 72), "mp", eps=float(np.finfo(np.float32).eps))
+    assert (choice.status, choice.rank) == ("ok", 3)

@@ -138,6 +138,7 @@ def activation_rank(
     *,
     tau: float = 0.5,
     estimator: str = "mp_fit",
+    eps: float = float(np.finfo(np.float32).eps),
 ) -> RankChoice:
     """The number of directions of an activation covariance above the Marchenko–Pastur bulk.
 
@@ -148,7 +149,9 @@ def activation_rank(
     rounded down). The singular values of the ``d × n`` centred activation matrix are
     ``sqrt(n · λ)``, so this is :func:`~laserrmt.rmt.thresholds.choose_rank` with the MP rule on
     shape ``(d, n)``; ``tau`` is the quantile the bulk fit starts from (RMT-KD's compression
-    knob) and ``estimator`` the noise estimator (``"mp_fit"`` or ``"veraart"``).
+    knob) and ``estimator`` the noise estimator (``"mp_fit"`` or ``"veraart"``). ``eps`` is the
+    relative precision of the activations (float32 by default; a bfloat16 model's are
+    coarser): directions below it are exact zeros, the bulk of a noise-free low-rank site.
     """
     c = np.asarray(second_moment, dtype=np.float64)
     if c.ndim != 2 or c.shape[0] != c.shape[1]:
@@ -160,5 +163,10 @@ def activation_rank(
     d, n = c.shape[0], max(int(n_samples), 1)
     # With fewer (effective) samples than features MP has only n non-zero eigenvalues.
     return choose_rank(
-        np.sqrt(n * eigenvalues[: min(d, n)]), (d, n), "mp", estimator=estimator, quantile=tau
+        np.sqrt(n * eigenvalues[: min(d, n)]),
+        (d, n),
+        "mp",
+        estimator=estimator,
+        quantile=tau,
+        eps=eps,
     )

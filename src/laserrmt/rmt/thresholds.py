@@ -192,6 +192,7 @@ def choose_rank(
     fraction: float | None = None,
     quantile: float = 0.5,
     bins: int | None = None,
+    eps: float = float(np.finfo(np.float64).eps),
 ) -> RankChoice:
     """Choose how many singular values of an m×n matrix are signal.
 
@@ -211,6 +212,10 @@ def choose_rank(
         fraction: share of the rank kept by ``"fixed"``, in (0, 1]; the rank is
             fraction·p rounded half up, at least 1. Only ``"fixed"`` takes it.
         quantile, bins: options of the ``mp_fit`` estimator.
+        eps: the relative precision of the numbers the spectrum was computed from
+            (``numpy.finfo(dtype).eps`` of the weights or activations, float64 by default):
+            values below ``s_max · max(shape) · eps`` are exact zeros at that precision
+            (numpy's matrix-rank tolerance), never noise.
 
     Returns:
         A :class:`RankChoice`; its ``status`` says whether the rule could judge the spectrum
@@ -291,7 +296,7 @@ def choose_rank(
         options = {**options, "alpha": alpha, "tw_quantile": tracy_widom_quantile(1.0 - alpha)}
     if small < MIN_SPECTRUM:
         return RankChoice(small, float(sigma_hat), 0.0, method, options, "too_short")
-    if sigma is None and not _has_noise_bulk(s, shape):
+    if sigma is None and not _has_noise_bulk(s, shape, eps):
         return RankChoice(small, float(sigma_hat), 0.0, method, options, "no_bulk")
 
     if method == "mp":
@@ -311,7 +316,7 @@ def choose_rank(
     return RankChoice(rank, float(sigma_hat), float(edge), method, options)
 
 
-def _has_noise_bulk(s: np.ndarray, shape: tuple[int, int]) -> bool:
+def _has_noise_bulk(s: np.ndarray, shape: tuple[int, int], eps: float) -> bool:
     """Whether the descending spectrum ``s`` has the noise bulk that an estimated σ̂ presumes.
 
     The bulk is read at the median-matching scale whatever the rule's estimator: the question
@@ -324,7 +329,7 @@ def _has_noise_bulk(s: np.ndarray, shape: tuple[int, int]) -> bool:
     # Exact zeros (numpy's matrix-rank tolerance) are no noise value. As the majority they are
     # the bulk (σ̂ ≈ 0 and the rule keeps the non-zero values, the exact rank); as a minority
     # the median, hence σ̂, is read off signal values.
-    nonzero = int(np.count_nonzero(s > s[0] * max(shape) * np.finfo(np.float64).eps))
+    nonzero = int(np.count_nonzero(s > s[0] * max(shape) * eps))
     if nonzero < small:
         return nonzero <= small / 2
     return mp_share_below_bulk(s, shape, sigma_median_matching(s, shape)) <= MAX_SHARE_BELOW_BULK
