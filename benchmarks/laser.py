@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import write_result
-from laserrmt.compress import CompressSettings, compress
+from laserrmt.pipeline import CompressSettings, compress
 from laserrmt.data.text import PROTOCOL, evaluation_windows
 from laserrmt.evaluate import count_parameters, measure_latency, perplexity
 from laserrmt.models.loading import default_model_folder, load_model

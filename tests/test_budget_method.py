@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import laserrmt
-from laserrmt.compress import compress
+from laserrmt.pipeline import compress
 from laserrmt.data.text import calibration_windows
 from laserrmt.errors import BudgetError, InvalidOptionError
 from laserrmt.evaluate import count_parameters, size_on_disk

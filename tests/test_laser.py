@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from laserrmt.analyze import analyze_model
-from laserrmt.compress import CompressSettings, compress
+from laserrmt.pipeline import CompressSettings, compress
 from laserrmt.data.text import calibration_windows
 from laserrmt.errors import InvalidOptionError
 from laserrmt.evaluate import count_parameters

@@ -4,7 +4,7 @@ The seed's "global budget → inter-layer allocation → intra-layer optimisatio
 inputs give every target its input Gram matrix (streamed block by block); each weight is
 decomposed in the space that matches its output error (SVD-LLM whitening, ASVD scaling, FWSVD
 Fisher weighting, or none); the tail energies of those spectra are the loss curves from which
-:func:`laserrmt.budget.allocate_ranks` removes directions globally, least weighted loss per
+:func:`laserrmt.allocation.allocate_ranks` removes directions globally, least weighted loss per
 parameter saved first. ``allocation="uniform"`` gives every matrix the same ratio instead (the
 SVD-LLM / ASVD recipe), for comparison at equal size.
 """
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from laserrmt.budget import (
+from laserrmt.allocation import (
     Allocation,
     LossCurve,
     allocate_ranks,

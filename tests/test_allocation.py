@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from laserrmt.budget import (
+from laserrmt.allocation import (
     LossCurve,
     allocate_ranks,
     allocation_to_plan,
