@@ -88,7 +88,12 @@ def test_plain_svd_at_the_same_ranks_is_a_different_model(svdllm_run):
 @pytest.mark.parametrize("whiten", ["asvd", "fisher"])
 def test_other_whitenings_replay_the_same_model(whiten, tmp_path):
     model, result = compress(
-        tiny_llama(), tiny_tokenizer(), whiten=whiten, seed=5, fisher_windows=1, progress=False,
+        tiny_llama(),
+        tiny_tokenizer(),
+        whiten=whiten,
+        seed=5,
+        fisher_windows=1,
+        progress=False,
         **RUN,
     )
     path = result.plan.save(tmp_path / "plan.json")
