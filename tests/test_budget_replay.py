@@ -9,32 +9,20 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
 import laserrmt
 from laserrmt.cli import main
-from laserrmt.data import text
 from laserrmt.errors import PlanError
 from laserrmt.pipeline import CompressSettings, compress
 from laserrmt.plan import CompressionPlan
+from tests.small_text import small_calibration_split  # noqa: F401  (fixture)
 from tests.tiny_models import save_tiny, tiny_llama, tiny_tokenizer
 
-# A few thousand words of seeded text stand in for the calibration split: the replay path is the
-# same (windows drawn with the recorded seed, their hash checked) without tokenizing 85 articles.
-_WORDS = np.random.default_rng(0).choice(
-    ["the", "model", "of", "a", "rank", "noise", "and", "matrix", "is", "to", "spectrum", "in"],
-    size=6000,
-)
-SMALL_SPLIT = [" ".join(_WORDS[:3000]) + ".", " ".join(_WORDS[3000:]) + "."]
-
-
 @pytest.fixture(scope="module", autouse=True)
-def small_calibration_split():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(text, "calibration_texts", lambda: list(SMALL_SPLIT))
-        yield
+def _small_split(small_calibration_split):
+    """Calibration windows from a small split (see tests/small_text.py)."""
 
 
 IDS = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(7))
