@@ -8,11 +8,14 @@ articles per call (about 5 s each with the byte-level test tokenizer).
 from __future__ import annotations
 
 import string
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 
 from laserrmt.data import text
+
 
 def _words(rng: np.random.Generator, count: int) -> str:
     # every printable ASCII character, so the byte-level inputs span more than a hidden size
@@ -25,9 +28,9 @@ _RNG = np.random.default_rng(0)
 SMALL_SPLIT = [_words(_RNG, 1500), _words(_RNG, 1500)]
 
 
-@pytest.fixture(scope="module")
-def small_calibration_split():
-    """Replace the calibration split by :data:`SMALL_SPLIT` for a test module."""
+@contextmanager
+def small_calibration_split() -> Iterator[None]:
+    """Within the block, the calibration split is :data:`SMALL_SPLIT`."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(text, "calibration_texts", lambda: list(SMALL_SPLIT))
         yield

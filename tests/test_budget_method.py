@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import laserrmt
-from laserrmt.pipeline import compress
 from laserrmt.data.text import calibration_windows
 from laserrmt.errors import BudgetError, InvalidOptionError
 from laserrmt.evaluate import count_parameters, size_on_disk
 from laserrmt.methods.budget import planned_weight_bytes
 from laserrmt.methods.objectives import make_objective
 from laserrmt.models.targets import find_targets
+from laserrmt.pipeline import compress
 from laserrmt.plan import CompressionPlan, ModuleDecision
 from laserrmt.surgery.apply import apply_plan
 from laserrmt.surgery.io import weight_bytes

@@ -17,12 +17,15 @@ from laserrmt.cli import main
 from laserrmt.errors import PlanError
 from laserrmt.pipeline import CompressSettings, compress
 from laserrmt.plan import CompressionPlan
-from tests.small_text import small_calibration_split  # noqa: F401  (fixture)
+from tests.small_text import small_calibration_split
 from tests.tiny_models import save_tiny, tiny_llama, tiny_tokenizer
 
+
 @pytest.fixture(scope="module", autouse=True)
-def _small_split(small_calibration_split):
+def _small_split():
     """Calibration windows from a small split (see tests/small_text.py)."""
+    with small_calibration_split():
+        yield
 
 
 IDS = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(7))

@@ -18,7 +18,7 @@ import torch
 from laserrmt.data.text import calibration_windows
 from laserrmt.pipeline import compress
 from laserrmt.surgery.lowrank import LowRankLinear
-from tests.small_text import small_calibration_split  # noqa: F401  (fixture)
+from tests.small_text import small_calibration_split
 from tests.tiny_models import tiny_llama, tiny_tokenizer
 
 WINDOWS = {"calibration_windows": 4, "window": 64, "seed": 1}  # 256 tokens: full-rank Grams
@@ -47,7 +47,14 @@ def _output_error(x, weight, approximation):
     return float(((x @ (weight - approximation).T) ** 2).sum())
 
 
-def test_installed_factors_lose_exactly_the_truncated_whitened_energy(small_calibration_split):
+@pytest.fixture(scope="module", autouse=True)
+def _small_split():
+    """Calibration windows from a small split (see tests/small_text.py)."""
+    with small_calibration_split():
+        yield
+
+
+def test_installed_factors_lose_exactly_the_truncated_whitened_energy():
     tokenizer = tiny_tokenizer()
     original = tiny_llama()
     model, result = compress(

@@ -9,10 +9,10 @@ import torch
 
 import laserrmt
 from laserrmt.cli import main
-from laserrmt.pipeline import compress
 from laserrmt.data.text import evaluation_windows
 from laserrmt.evaluate import count_parameters, perplexity, weights_bytes
 from laserrmt.models.loading import load_model
+from laserrmt.pipeline import compress
 from laserrmt.surgery.lowrank import LowRankLinear
 
 pytestmark = pytest.mark.slow
