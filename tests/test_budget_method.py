@@ -21,9 +21,17 @@ from laserrmt.surgery.apply import apply_plan
 from laserrmt.surgery.io import weight_bytes
 from laserrmt.surgery.lowrank import LowRankLinear
 from laserrmt.surgery.quantize import Int8Linear, Int8LowRankLinear, quantize_model_int8
+from tests.small_text import small_calibration_split
 from tests.tiny_models import tiny_bert, tiny_gemma, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 SMALL = {"calibration_windows": 2, "window": 64, "progress": False}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _small_split():
+    """Calibration windows from a small split (see tests/small_text.py)."""
+    with small_calibration_split():
+        yield
 
 
 def outputs(model, ids):

@@ -172,8 +172,12 @@ def compress(
     """Compress ``model`` in place and return it with what was decided.
 
     ``settings`` (or keyword overrides of its fields) choose the method; a saved ``plan`` skips
-    the decision and is applied as it is. ``tokenizer`` is needed by methods that measure on
-    calibration text (the loop).
+    the decision and is applied as it is, its factors recomputed as the plan records them
+    (whitened ones on the calibration windows it names, whatever this call's seed and window
+    counts). Healing and quantization are not part of a plan: they follow ``settings``, so a
+    replay with the run's ``heal_steps``, ``heal_lr``, calibration options and ``quantize``
+    gives the run's model. ``tokenizer`` is needed by methods that measure on calibration text
+    (the loop, budget, healing, and replaying a whitened plan).
     """
     settings = replace(settings or CompressSettings(), **overrides)
     settings.validate()

@@ -15,6 +15,10 @@ Every weight is seen as an ``m × n`` (out × in) matrix. Three modes exist:
 ``keep``
     Leave the matrix alone.
 
+A rank fixes a plain truncated SVD, but not an activation-aware one (SVD-LLM, ASVD, FWSVD), whose
+factors come from calibration statistics: the plan's :class:`FactorSource` records how they are
+computed, so that a saved plan rebuilds the same model or refuses to.
+
 Factorizing pays only when ``k(m + n) < m·n``, i.e. ``k < m·n / (m + n)``
 (see :func:`factorize_pays`); :func:`resolve_mode` turns a requested mode into the one that
 makes sense for a given rank and says why.
