@@ -183,3 +183,15 @@ def test_refusal_is_a_laserrmt_error_on_the_command_line(capsys, tmp_path, svdll
     errors = [line for line in err.splitlines() if line.startswith("laserrmt: error:")]
     assert len(errors) == 1 and "calibration" in errors[0], err
     assert "Traceback" not in err
+
+
+def test_healing_and_int8_after_a_replay_follow_the_same_settings():
+    """Healing and quantization are not in the plan; with the run's settings a replay heals
+    and quantizes to the identical model (healing is seeded)."""
+    settings = CompressSettings(seed=3, heal_steps=2, quantize="int8", **RUN)
+    model, result = compress(tiny_llama(), tiny_tokenizer(), settings=settings, progress=False)
+    plan = CompressionPlan.from_dict(json.loads(result.plan.to_json()))
+    replayed, _ = compress(
+        tiny_llama(), tiny_tokenizer(), settings=settings, plan=plan, progress=False
+    )
+    assert torch.equal(logits(replayed), logits(model))
