@@ -326,15 +326,10 @@ def _replay(model: nn.Module, tokenizer: Any, plan: CompressionPlan, progress: b
                 f"the plan's factors were computed on calibration source {record['source']!r}, "
                 f"which this laserrmt cannot read (it knows {CALIBRATION_SOURCE!r})"
             )
-        windows = _calibration_windows(
-            tokenizer,
-            replace(
-                CompressSettings(),
-                calibration_windows=record["n_windows"],
-                window=record["window"],
-                seed=record["seed"],
-            ),
+        recorded = CompressSettings(
+            calibration_windows=record["n_windows"], window=record["window"], seed=record["seed"]
         )
+        windows = _calibration_windows(tokenizer, recorded)
         cache = replay_factors(model, plan, windows, progress=progress)
     apply_plan(model, plan, svd_cache=cache, progress=progress)
 
