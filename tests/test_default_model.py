@@ -9,10 +9,10 @@ import torch
 
 import laserrmt
 from laserrmt.cli import main
-from laserrmt.compress import compress
 from laserrmt.data.text import evaluation_windows
 from laserrmt.evaluate import count_parameters, perplexity
 from laserrmt.models.loading import load_model
+from laserrmt.pipeline import compress
 from laserrmt.surgery.io import weight_bytes
 from laserrmt.surgery.lowrank import LowRankLinear
 

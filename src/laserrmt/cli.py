@@ -470,10 +470,10 @@ def _analyze_activations(args: argparse.Namespace, loaded: Any) -> int:
 def run_compress(args: argparse.Namespace) -> int:
     import json
 
-    from laserrmt.compress import CompressSettings, compress
     from laserrmt.models.loading import load_model
     from laserrmt.models.targets import find_targets, select_targets
     from laserrmt.outputs import atomic_output_dir, check_output_dir
+    from laserrmt.pipeline import CompressSettings, compress
     from laserrmt.plan import WidthPlan, load_plan
     from laserrmt.report.compression import comparison_markdown, compression_report
     from laserrmt.surgery.io import write_compressed

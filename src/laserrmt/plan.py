@@ -15,6 +15,10 @@ Every weight is seen as an ``m × n`` (out × in) matrix. Three modes exist:
 ``keep``
     Leave the matrix alone.
 
+A rank fixes a plain truncated SVD, but not an activation-aware one (SVD-LLM, ASVD, FWSVD), whose
+factors come from calibration statistics: the plan's :class:`FactorSource` records how they are
+computed, so that a saved plan rebuilds the same model or refuses to.
+
 Factorizing pays only when ``k(m + n) < m·n``, i.e. ``k < m·n / (m + n)``
 (see :func:`factorize_pays`); :func:`resolve_mode` turns a requested mode into the one that
 makes sense for a given rank and says why.
@@ -210,6 +214,115 @@ class ModuleDecision:
         )
 
 
+#: Fields a calibration record needs for a replay to draw the same windows again.
+CALIBRATION_FIELDS = ("source", "n_windows", "window", "seed", "tokens_sha256")
+
+
+@dataclass(frozen=True)
+class FactorSource:
+    """How the factors of a plan's ``factorize`` and ``denoise`` decisions are computed.
+
+    The rank alone does not fix a truncation: an activation-aware method (SVD-LLM, ASVD, FWSVD;
+    :mod:`laserrmt.surgery.whiten`) truncates a weighted SVD whose weights come from calibration
+    data. A plan records that data's source, so that replaying the plan recomputes the same
+    statistics and rebuilds the same model, or refuses (:meth:`missing`).
+
+    Attributes:
+        whiten: ``"none"`` (plain SVD of the weight, needs nothing) or the whitening method.
+        floor: the relative floor the whitening ran with.
+        calibration: where the calibration windows came from: ``source`` (a name a replay
+            knows how to read), ``n_windows``, ``window``, ``seed`` and ``tokens_sha256`` (of
+            the windows' token ids, which a replay checks: another tokenizer gives other
+            windows). ``None`` when the factors need no data or their data cannot be named.
+        fisher_windows: with ``whiten="fisher"``, how many of the windows gave the Fisher.
+    """
+
+    whiten: str = "none"
+    floor: float | None = None
+    calibration: dict[str, Any] | None = None
+    fisher_windows: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.whiten, str) or not self.whiten:
+            raise PlanError(f"factors: whiten {self.whiten!r} is not a method name")
+        if self.floor is not None and (
+            isinstance(self.floor, bool)
+            or not isinstance(self.floor, int | float)
+            or not 0 < self.floor < 1
+        ):
+            raise PlanError(f"factors: floor {self.floor!r} is not a number in (0, 1)")
+        if self.calibration is not None and not isinstance(self.calibration, dict):
+            raise PlanError("factors: calibration must be a JSON object")
+        if self.fisher_windows is not None and not (
+            _is_int(self.fisher_windows) and self.fisher_windows >= 1
+        ):
+            raise PlanError(f"factors: fisher_windows {self.fisher_windows!r} is not a count ≥ 1")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.whiten != "none"
+
+    def missing(self) -> str | None:
+        """Why a replay cannot recompute these factors (one line), or ``None`` when it can."""
+        if not self.needs_calibration:
+            return None
+        what = f"factors whitened with {self.whiten!r}"
+        if self.calibration is None:
+            return (
+                f"the plan's {what} do not record the calibration data they were computed on; "
+                "regenerate the plan with laserrmt compress"
+            )
+        absent = [key for key in CALIBRATION_FIELDS if key not in self.calibration]
+        if self.floor is None:
+            absent.append("floor")
+        if self.whiten == "fisher" and self.fisher_windows is None:
+            absent.append("fisher_windows")
+        if absent:
+            return (
+                f"the plan's {what} lack {', '.join(absent)} of their calibration record; "
+                "regenerate the plan with laserrmt compress"
+            )
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "whiten": self.whiten,
+            "floor": self.floor,
+            "calibration": None if self.calibration is None else dict(self.calibration),
+            "fisher_windows": self.fisher_windows,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> FactorSource:
+        if not isinstance(data, Mapping):
+            raise PlanError(f"plan 'factors' must be a JSON object, got {type(data).__name__}")
+        known = {"whiten", "floor", "calibration", "fisher_windows"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PlanError(
+                f"plan 'factors' has unknown field(s) {', '.join(unknown)}; "
+                f"allowed: {', '.join(sorted(known))}"
+            )
+        calibration = data.get("calibration")
+        return cls(
+            whiten=data.get("whiten", "none"),
+            floor=data.get("floor"),
+            calibration=dict(calibration) if isinstance(calibration, Mapping) else calibration,
+            fisher_windows=data.get("fisher_windows"),
+        )
+
+    @classmethod
+    def inferred(cls, decisions: Iterable[ModuleDecision]) -> FactorSource:
+        """For a plan saved without ``factors``: plain SVD, unless a decision says its factors
+        were whitened (budget plans of laserrmt ≤ 0.1 record it in their extras); then a source
+        without calibration, which :meth:`missing` refuses rather than replaying plain SVD."""
+        for decision in decisions:
+            whiten = decision.extras.get("whiten", "none")
+            if decision.mode != "keep" and whiten != "none":
+                return cls(whiten=str(whiten))
+        return cls()
+
+
 @dataclass
 class CompressionPlan:
     """An ordered mapping from module name to :class:`ModuleDecision`, with its provenance.
@@ -218,11 +331,13 @@ class CompressionPlan:
         decisions: module name → decision, in application order.
         method: the method that produced the plan (``"laser"``, ``"budget"``, ``"manual"``...).
         settings: the options it ran with (JSON-serializable).
+        factors: how the factors are computed (plain SVD unless a method whitened them).
     """
 
     decisions: dict[str, ModuleDecision]
     method: str = "manual"
     settings: dict[str, Any] = field(default_factory=dict)
+    factors: FactorSource = field(default_factory=FactorSource)
 
     def __post_init__(self) -> None:
         for name, decision in self.decisions.items():
@@ -237,6 +352,7 @@ class CompressionPlan:
         decisions: Iterable[ModuleDecision],
         method: str = "manual",
         settings: Mapping[str, Any] | None = None,
+        factors: FactorSource | None = None,
     ) -> CompressionPlan:
         """Build a plan from decisions in order; a module named twice is an error."""
         ordered: dict[str, ModuleDecision] = {}
@@ -244,7 +360,7 @@ class CompressionPlan:
             if decision.module in ordered:
                 raise PlanError(f"module {decision.module} appears twice in the plan")
             ordered[decision.module] = decision
-        return cls(ordered, method, dict(settings or {}))
+        return cls(ordered, method, dict(settings or {}), factors or FactorSource())
 
     def __len__(self) -> int:
         return len(self.decisions)
@@ -293,6 +409,7 @@ class CompressionPlan:
             "format_version": PLAN_FORMAT_VERSION,
             "method": self.method,
             "settings": dict(self.settings),
+            "factors": self.factors.to_dict(),
             "modules": {name: d.to_dict() for name, d in self.decisions.items()},
         }
 
@@ -314,7 +431,12 @@ class CompressionPlan:
         if not isinstance(settings, Mapping):
             raise PlanError("plan 'settings' must be a JSON object")
         decisions = {name: ModuleDecision.from_dict(name, d) for name, d in modules.items()}
-        return cls(decisions, str(data.get("method", "manual")), dict(settings))
+        factors = (
+            FactorSource.from_dict(data["factors"])
+            if "factors" in data
+            else FactorSource.inferred(decisions.values())
+        )
+        return cls(decisions, str(data.get("method", "manual")), dict(settings), factors)
 
     def to_json(self) -> str:
         """Readable JSON (indent 2, UTF-8 characters kept) for saving and editing by hand."""

@@ -22,7 +22,7 @@ Every function returns ``{module name: score}`` normalised to mean 1 over the mo
 scores (for ``attention``: over the attention matrices; the others are 1, so the overall mean
 is 1 too). Scores that are all equal, including all zero, mean "no preference" and give 1
 everywhere. The scores are weights on each matrix's loss in
-:func:`laserrmt.budget.allocate_ranks`.
+:func:`laserrmt.allocation.allocate_ranks`.
 """
 
 from __future__ import annotations
