@@ -37,9 +37,11 @@ from laserrmt.surgery.width import (
     WidthCut,
     WidthSite,
     activation_rank,
+    attention_head_ranks,
     collect_site_statistics,
     cut_width,
     find_width_sites,
+    query_key_maps,
     reconstruction_matrix,
     select_units,
     site_rank,
@@ -439,7 +441,7 @@ def test_gated_mlp_cut_below_the_planted_width_has_the_least_squares_error() -> 
 
 
 class ConvChain(nn.Module):
-    def __init__(self, d: int, *, pool: bool, head: str, kernel: int = 3) -> None:
+    def __init__(self, d: int, *, pool: bool, head: str, kernel: int = 3, out: int = 5) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(2, d, 3, padding=1), nn.BatchNorm2d(d), nn.ReLU()]
         if pool:
@@ -447,7 +449,7 @@ class ConvChain(nn.Module):
         self.features = nn.Sequential(*layers)
         side = 4 if pool else 8
         self.reader: nn.Module = (
-            nn.Conv2d(d, 5, kernel, padding=kernel // 2)
+            nn.Conv2d(d, out, kernel, padding=kernel // 2)
             if head == "conv"
             else nn.Sequential(nn.Flatten(), nn.Linear(d * side * side, 5))
         )
@@ -457,13 +459,13 @@ class ConvChain(nn.Module):
 
 
 def planted_chain(
-    planted: Planted, seed: int, *, pool: bool, head: str, kernel: int = 3
+    planted: Planted, seed: int, *, pool: bool, head: str, kernel: int = 3, out: int = 5
 ) -> ConvChain:
     """Copies duplicate their parent's filter and running statistics and scale its BN affine
     part (ReLU and max pooling commute with a positive scale); dead channels have BN weight 0
     and a negative shift. Zero padding of the reading convolution stays exact (0 = a · 0)."""
     torch.manual_seed(seed)
-    net = ConvChain(planted.d, pool=pool, head=head, kernel=kernel)
+    net = ConvChain(planted.d, pool=pool, head=head, kernel=kernel, out=out)
     conv, bn = net.features[0], net.features[1]
     magnitudes = unit_magnitudes(planted.k, seed)
     with torch.no_grad():
@@ -559,6 +561,38 @@ def test_conv_chain_cut_below_the_planted_width_has_the_least_squares_error() ->
     assert measured == pytest.approx(expected, rel=1e-3)
 
 
+def test_two_planted_sites_cut_one_after_the_other_are_exact() -> None:
+    """As the RMT-KD loop does: cut one site, collect the next one's statistics on the cut model
+    (its producer is now the folded consumer of the first cut), cut it too."""
+    first, second = plant(12, 4, 20, dead=2), plant(10, 3, 21, dead=1)
+    chain = planted_chain(first, 20, pool=True, head="conv", out=second.d)
+    net = nn.Sequential(chain, nn.ReLU(), nn.Flatten(), nn.Linear(second.d * 16, 3)).eval()
+    reader = chain.reader
+    assert isinstance(reader, nn.Conv2d)
+    with torch.no_grad():  # the reader's channels: positive copies of its filters, or dead
+        for j in range(second.d):
+            p = int(second.parent[j])
+            if p < 0:
+                reader.weight[j], reader.bias[j] = 0.0, -1.0
+            elif p != j:
+                reader.weight[j] = second.scale[j] * reader.weight[p]
+                reader.bias[j] = second.scale[j] * reader.bias[p]
+    fresh = images(52, count=1)[0]
+    reference = net(fresh)
+    before = sum(p.numel() for p in net.parameters())
+    kept = []
+    for planted in (first, second):
+        site = find_width_sites(net)[0 if planted is first else 1]
+        stats = collect_site_statistics(net, images(0), [site], progress=False)[site.name]
+        kept.append(cut_width(net, site, stats, planted.k).kept)
+    assert kept == [first.kept, second.kept]
+    # First cut: 8 filters of 2×3×3 + bias, 8 BN pairs, 8 input channels of the reader's 10
+    # filters; second: 7 reader filters (now 4×3×3) + bias, 7 × 16 inputs of the 3 outputs.
+    removed = 8 * (2 * 9 + 1) + 8 * 2 + 10 * 8 * 9 + 7 * (4 * 9 + 1) + 3 * 7 * 16
+    assert before - sum(p.numel() for p in net.parameters()) == removed
+    assert rel(net(fresh), reference) < 1e-5
+
+
 # ---------------------------------------------------------------------------------------------
 # The width decision: planted spikes above the Marchenko–Pastur bulk
 
@@ -619,3 +653,41 @@ def test_site_rank_of_a_unit_site_is_the_activation_rank() -> None:
     # The edge separates: the kept eigenvalues' singular values √(nλ) lie above it, the rest below.
     singular = np.sqrt(n * np.clip(np.linalg.eigvalsh(c.numpy())[::-1], 0, None))
     assert singular[1] > decision.edge > singular[2]
+
+
+@pytest.mark.parametrize("k", range(1, 6))
+def test_query_key_maps_reach_the_eckart_young_error(k: int) -> None:
+    """Over all query-key pairs of the samples, ``mean (qᵀk − qᵀ A Bᵀ k)²`` is at least the
+    squared singular values of ``Q Kᵀ / n`` beyond ``k``, and the maps attain it."""
+    rng = np.random.default_rng(k)
+    d, n = 6, 300
+    q = torch.from_numpy(rng.standard_normal((n, d)) @ rng.standard_normal((d, d)))
+    key = torch.from_numpy(rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) + 0.5)
+    a, b = query_key_maps(second_moment(q), second_moment(key), k)
+    assert a.shape == b.shape == (d, k)
+    products = q @ key.T
+    measured = float(((products - (q @ a) @ (key @ b).T) ** 2).mean())
+    tail = torch.linalg.svdvals(products)[k:]
+    assert measured == pytest.approx(float((tail**2).sum()) / n**2, rel=1e-6)
+
+
+def test_attention_head_ranks_count_each_head_and_take_the_smaller_of_query_and_key() -> None:
+    """Three heads of 40 with planted spike counts; a query-key head can keep no more than the
+    smaller of its query and key counts (``rank(Q Kᵀ) ≤ min``)."""
+    n, heads = 2000, 3
+    query_spikes, key_spikes = [1, 3, 2], [2, 1, 2]
+
+    def moment(counts: list[int], seed: int) -> torch.Tensor:
+        return torch.block_diag(
+            *[spiked(40, n, SPIKES[:c], seed + h, sigma=0.3) for h, c in enumerate(counts)]
+        )
+
+    vo = WidthSite(name="a.vo", kind="attn_vo", width=120, producers=("a",), consumer="o")
+    stats = SiteStatistics(vo.name, moment(query_spikes, 0), n)
+    ranks = attention_head_ranks(vo, stats, heads, tau=0.5, estimator="mp_fit")
+    assert [r[0] for r in ranks] == query_spikes
+    assert all(r[1] == pytest.approx(0.3, rel=0.05) for r in ranks)
+    qk = WidthSite(name="a.qk", kind="attn_qk", width=120, producers=("a",), consumer="a")
+    stats = SiteStatistics(qk.name, moment(query_spikes, 0), n, key_moment=moment(key_spikes, 10))
+    ranks = attention_head_ranks(qk, stats, heads, tau=0.5, estimator="mp_fit")
+    assert [r[0] for r in ranks] == [1, 1, 2]
