@@ -116,12 +116,24 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).detach().norm() / b.detach().norm())
 
 
-def schur_error(c: torch.Tensor, w: torch.Tensor, kept: list[int]) -> float:
-    """``E‖W (h − R h_S)‖²`` at the least-squares ``R``: ``tr(W (C − C_{:S} C_SS⁻¹ C_{S:}) Wᵀ)``."""
-    c = c.to(torch.float64)
+def schur_error(rows: torch.Tensor, w: torch.Tensor, kept: list[int], *, centred: bool) -> float:
+    """``E‖W (h − ĥ)‖²`` over the sample ``rows`` of ``h`` at the least-squares ``ĥ`` from
+    ``h_S``: ``tr(W (C − C_{:S} C_SS⁻¹ C_{S:}) Wᵀ)``, with ``C`` the second moment (regression
+    through the origin) or, ``centred``, the covariance (regression with an intercept)."""
+    rows = rows.to(torch.float64)
+    if centred:
+        rows = rows - rows.mean(0)
+    c = second_moment(rows)
     w = w.to(torch.float64)
     residual = c - c[:, kept] @ torch.linalg.solve(c[kept][:, kept], c[kept, :])
     return float(torch.trace(w @ residual @ w.T))
+
+
+def with_intercept(statistics: SiteStatistics) -> bool:
+    """Whether a cut read by an ``nn.Linear`` regresses with an intercept (folded into its
+    bias): it can when the statistics carry the units' mean. Both are least squares; they
+    differ in what the dropped units are regressed on."""
+    return getattr(statistics, "mean", None) is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,8 +336,8 @@ def test_relu_mlp_cut_below_the_planted_width_has_the_least_squares_error(
     k: int, seed: int
 ) -> None:
     """Keeping fewer units than are independent: the consumer's output error on the calibration
-    inputs is ``tr(W (C − C_{:S} C_SS⁻¹ C_{S:}) Wᵀ)``, computed from activations collected here,
-    for the units the cut chose and for units given by hand."""
+    inputs is the least-squares error of the dropped units (:func:`schur_error`), computed from
+    activations collected here, for the units the cut chose and for units given by hand."""
     planted = plant(20, 6, seed, dead=2)
     net = planted_mlp(planted, nn.ReLU())
     site = mlp_site(net)
@@ -348,7 +360,7 @@ def test_relu_mlp_cut_below_the_planted_width_has_the_least_squares_error(
             outputs = [mlp_cut(x) for x in calibration]
         error = torch.cat([(o - r).double() for o, r in zip(outputs, reference, strict=True)])
         measured = float((error**2).sum(1).mean())
-        expected = schur_error(c, w, cut.kept)
+        expected = schur_error(hidden, w, cut.kept, centred=with_intercept(stats))
         assert expected > 1e-4  # something really is lost
         assert measured == pytest.approx(expected, rel=1e-3)
         if kept is not None:
@@ -394,8 +406,11 @@ def test_gated_mlp_cut_to_the_planted_width_is_exact() -> None:
     before = sum(p.numel() for p in model.parameters())
     cut = cut_width(model, site, stats, planted.k)
     assert cut.kept == planted.kept
-    # gate and up lose (d − k) rows of 64, down (d − k) columns of 64.
-    assert before - sum(p.numel() for p in model.parameters()) == (128 - 16) * 3 * 64
+    # gate and up lose (d − k) rows of 64, down (d − k) columns of 64; down gains a bias of 64
+    # when the cut regresses with an intercept (the Llama MLP has none).
+    gained = 64 if with_intercept(stats) else 0
+    assert model.model.layers[0].mlp.down_proj.in_features == planted.k
+    assert before - sum(p.numel() for p in model.parameters()) == (128 - 16) * 3 * 64 - gained
     assert rel(model(FRESH_TOKENS).logits, reference) < 1e-5
 
 
@@ -420,7 +435,7 @@ def test_gated_mlp_cut_below_the_planted_width_has_the_least_squares_error() -> 
         for batch in LLAMA_TOKENS:
             model(batch)
     handle.remove()
-    c = second_moment(torch.cat(inputs_seen))
+    hidden = torch.cat(inputs_seen)
     w = down.weight.detach().clone()
     stats = collect_site_statistics(model, LLAMA_TOKENS, [site], progress=False)[site.name]
     cut = cut_width(model, site, stats, 9)
@@ -431,7 +446,7 @@ def test_gated_mlp_cut_below_the_planted_width_has_the_least_squares_error() -> 
     handle.remove()
     error = torch.cat(outputs["after"]) - torch.cat(outputs["before"])
     measured = float((error**2).sum(1).mean())
-    expected = schur_error(c, w, cut.kept)
+    expected = schur_error(hidden, w, cut.kept, centred=with_intercept(stats))
     assert expected > 1e-3 * float(torch.cat(outputs["before"]).pow(2).sum(1).mean())
     assert measured == pytest.approx(expected, rel=1e-3)
 
@@ -550,13 +565,14 @@ def test_conv_chain_cut_below_the_planted_width_has_the_least_squares_error() ->
     with torch.no_grad():
         hidden = torch.cat([net.features(x) for x in calibration])
         reference = torch.cat([net(x) for x in calibration])
-    c = second_moment(hidden.movedim(1, -1).reshape(-1, 16))
+    rows = hidden.movedim(1, -1).reshape(-1, 16)
     w = net.reader.weight.detach()[:, :, 0, 0].clone()
     cut = cut_planted_chain(net, planted, 3)
     with torch.no_grad():
         error = (torch.cat([net(x) for x in calibration]) - reference).double()
     measured = float((error**2).sum(1).mean())
-    expected = schur_error(c, w, cut.kept)
+    # Zero padding is not the mean: a convolution reader regresses through the origin.
+    expected = schur_error(rows, w, cut.kept, centred=False)
     assert expected > 1e-3 * float((reference.double() ** 2).sum(1).mean())
     assert measured == pytest.approx(expected, rel=1e-3)
 
