@@ -707,3 +707,37 @@ def test_attention_head_ranks_count_each_head_and_take_the_smaller_of_query_and_
     stats = SiteStatistics(qk.name, moment(query_spikes, 0), n, key_moment=moment(key_spikes, 10))
     ranks = attention_head_ranks(qk, stats, heads, tau=0.5, estimator="mp_fit")
     assert [r[0] for r in ranks] == [1, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# The residual stream: planted in a k-dimensional subspace
+
+
+def test_residual_stream_in_a_planted_subspace_is_sliced_exactly() -> None:
+    """Embedding rows and every write to the stream (``o_proj``, ``down_proj``) lie in a random
+    12-dimensional subspace, so the stream does too: slicing to 12 directions must keep the
+    logits, and every matrix touching the stream loses ``64 − 12`` rows or columns."""
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(3)
+    basis = torch.linalg.qr(torch.randn(64, 12, generator=g))[0]
+    projection = basis @ basis.T
+    with torch.no_grad():
+        embedding = model.model.embed_tokens.weight
+        embedding.copy_(embedding @ projection)
+        for layer in model.model.layers:
+            for writer in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                writer.weight.copy_(projection @ writer.weight)
+    reference = model(FRESH_TOKENS).logits
+    before = sum(p.numel() for p in model.parameters())
+    (site,) = find_width_sites(model, ["residual"])
+    stats = collect_site_statistics(model, LLAMA_TOKENS, [site], progress=False)[site.name]
+    cut = cut_width(model, site, stats, 12)
+    assert cut.width_after == model.config.hidden_size == 12
+    assert rel(model(FRESH_TOKENS).logits, reference) < 1e-5
+    gone = 64 - 12
+    # q (64 out), k and v (32 out) and gate/up (128 out) lose columns; o_proj and down rows
+    # (64 and 128 wide); two norms per block, the final norm; the tied 264 × 64 embedding
+    # becomes an embedding and a separate head of 264 × 12 each.
+    per_block = gone * (64 + 32 + 32) + gone * 64 + gone * 2 * 128 + gone * 128 + 2 * gone
+    removed = 2 * per_block + gone + 264 * 64 - 2 * 264 * 12
+    assert before - sum(p.numel() for p in model.parameters()) == removed
