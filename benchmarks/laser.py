@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import write_result
-from laserrmt.compress import CompressSettings, compress
 from laserrmt.data.text import PROTOCOL, evaluation_windows
 from laserrmt.evaluate import count_parameters, measure_latency, perplexity
 from laserrmt.models.loading import default_model_folder, load_model
 from laserrmt.models.targets import find_targets
+from laserrmt.pipeline import CompressSettings, compress
 from laserrmt.report.html import markdown_table
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import write_result
-from laserrmt.budget import LossCurve, allocate_ranks, allocation_to_plan
+from laserrmt.allocation import LossCurve, allocate_ranks, allocation_to_plan
 from laserrmt.data.text import (
     PROTOCOL,
     calibration_windows,

@@ -28,10 +28,10 @@ from torch import nn
 
 from benchmarks.common import RESULTS, write_result
 from laserrmt.data.classification import mnist_subset
+from laserrmt.evaluate import count_parameters
 from laserrmt.methods.rmt_kd import RMTKDResult, rmt_kd
 from laserrmt.models.architectures import block_index
 from laserrmt.report.html import markdown_table
-from laserrmt.surgery.width import count_parameters
 
 SECTION_ORDER = (
     "MNIST CNN: channels",
@@ -464,7 +464,7 @@ def run_lm(quick: bool, tau: float, steps: int) -> tuple[str, str]:
             (
                 label,
                 f"{ppl:.3f}",
-                count_parameters(compressed),
+                count_parameters(compressed)["params_total"],
                 f"{100 * plan.params_removed() / params_targets:.2f}",
                 *speed_ups(compressed),
                 f"{seconds:.0f}",

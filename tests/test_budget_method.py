@@ -9,21 +9,29 @@ import pytest
 import torch
 
 import laserrmt
-from laserrmt.compress import compress
 from laserrmt.data.text import calibration_windows
 from laserrmt.errors import BudgetError, InvalidOptionError
 from laserrmt.evaluate import count_parameters, size_on_disk
-from laserrmt.methods.budget import planned_weight_bytes
+from laserrmt.methods.budget import planned_weight_bytes, uniform_plan
 from laserrmt.methods.objectives import make_objective
 from laserrmt.models.targets import find_targets
+from laserrmt.pipeline import compress
 from laserrmt.plan import CompressionPlan, ModuleDecision
 from laserrmt.surgery.apply import apply_plan
 from laserrmt.surgery.io import weight_bytes
 from laserrmt.surgery.lowrank import LowRankLinear
 from laserrmt.surgery.quantize import Int8Linear, Int8LowRankLinear, quantize_model_int8
+from tests.small_text import small_calibration_split
 from tests.tiny_models import tiny_bert, tiny_gemma, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 SMALL = {"calibration_windows": 2, "window": 64, "progress": False}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _small_split():
+    """Calibration windows from a small split (see tests/small_text.py)."""
+    with small_calibration_split():
+        yield
 
 
 def outputs(model, ids):
@@ -65,6 +73,23 @@ def test_uniform_and_global_allocations_remove_the_same_budget():
         assert {d.extras["whiten"] for d in result.plan} == {"svdllm"}
     assert removed["global"] == pytest.approx(0.25, abs=0.02)
     assert removed["uniform"] == pytest.approx(0.25, abs=0.05)
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.25, 0.6])
+def test_uniform_ratio_gives_each_matrix_the_largest_rank_removing_its_share(ratio):
+    targets = find_targets(tiny_llama())
+    plan = uniform_plan(targets, ratio, {t.name: {} for t in targets}, None)
+    for target in targets:
+        (m, n), decision = target.shape, plan[target.name]
+        # the largest k with k(m + n) ≤ (1 − ratio)·m·n, by counting up
+        k = 0
+        while (k + 1) * (m + n) <= (1 - ratio) * m * n:
+            k += 1
+        if k >= 1 and k * (m + n) < m * n:
+            assert (decision.mode, decision.rank) == ("factorize", k), target.name
+            assert m * n - decision.params_after >= ratio * m * n
+        else:
+            assert decision.mode == "keep"
 
 
 def test_healing_brings_the_factors_closer_to_the_dense_model():

@@ -271,3 +271,24 @@ def test_smollm2_tokenizer_gives_the_pinned_windows():
     assert torch.equal(windows, every[:32])
     assert int(windows.max()) < len(tokenizer)
     assert calibration_windows(tokenizer).shape == (32, 512)
+
+
+def test_token_ids_are_reused_only_for_the_same_tokenizer_definition(monkeypatch):
+    monkeypatch.setattr(text, "_TOKEN_CACHE", {})
+    sample = "hello world, " * 20
+    first = text._token_ids(tiny_tokenizer(), sample)
+    assert list(first) == tiny_tokenizer()(sample, add_special_tokens=False)["input_ids"]
+
+    calls = []
+    again = tiny_tokenizer()
+    original = type(again).__call__
+    monkeypatch.setattr(
+        type(again), "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    )
+    assert list(text._token_ids(again, sample)) == list(first)
+    assert calls == []  # same definition: served from the cache
+
+    extended = tiny_tokenizer()
+    extended.add_tokens(["hello"])
+    ids = text._token_ids(extended, sample)
+    assert calls == [1] and len(ids) < len(first)  # another definition is tokenized anew

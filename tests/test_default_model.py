@@ -9,10 +9,11 @@ import torch
 
 import laserrmt
 from laserrmt.cli import main
-from laserrmt.compress import compress
 from laserrmt.data.text import evaluation_windows
-from laserrmt.evaluate import count_parameters, perplexity, weights_bytes
+from laserrmt.evaluate import count_parameters, perplexity
 from laserrmt.models.loading import load_model
+from laserrmt.pipeline import compress
+from laserrmt.surgery.io import weight_bytes
 from laserrmt.surgery.lowrank import LowRankLinear
 
 pytestmark = pytest.mark.slow
@@ -66,7 +67,7 @@ def test_compress_save_reload_and_evaluate(default_model, tmp_path):
         after = reloaded(windows[:1]).logits
     assert (before - after).abs().max().item() <= 1e-5
     # Smaller on disk by the removed parameters (fp32), up to the file's header.
-    expected = weights_bytes(default_model.model) - 4 * result.plan.params_removed()
+    expected = weight_bytes(default_model.model) - 4 * result.plan.params_removed()
     assert abs((out / "model.safetensors").stat().st_size - expected) < 1_000_000
 
     dense = perplexity(default_model.model, windows, progress=False).perplexity

@@ -33,8 +33,8 @@ from laserrmt.evaluate import (
     perplexity,
     size_on_disk,
     track_peak_memory,
-    weights_bytes,
 )
+from laserrmt.surgery.io import weight_bytes
 from tests.tiny_models import (
     TINY_VOCAB_SIZE,
     save_tiny,
@@ -147,7 +147,7 @@ def test_tied_head_is_counted_once():
         count_parameters(untied, ["model.embed_tokens", "lm_head"])["params_targets"]
         == 2 * embedding
     )
-    assert weights_bytes(tied) == 4 * total_tied
+    assert weight_bytes(tied) == 4 * total_tied
 
 
 def test_distinct_parameters_sharing_memory_count_once_and_disjoint_views_both():
@@ -191,7 +191,7 @@ def test_int8_weight_buffers_count_as_weights():
     after = count_parameters(model, names)
     assert after["params_total"] == before["params_total"]
     assert after["params_targets"] == before["params_targets"] == 128 * 64
-    assert weights_bytes(model) < weights_bytes(tiny_llama())
+    assert weight_bytes(model) < weight_bytes(tiny_llama())
 
 
 def test_size_on_disk_of_a_file_a_folder_and_its_weight_files(tmp_path):
@@ -363,7 +363,7 @@ def test_evaluate_model_without_latency_uses_the_state_dict_size():
     assert (
         result.prefill_ms is None and result.decode_tokens_per_s is None and result.latency is None
     )
-    assert result.size_bytes == weights_bytes(model)
+    assert result.size_bytes == weight_bytes(model)
     assert result.size_source == "state dict in memory"
 
 

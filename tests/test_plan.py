@@ -10,7 +10,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from laserrmt.errors import LaserRMTError, PlanError
-from laserrmt.plan import CompressionPlan, ModuleDecision, factorize_pays, resolve_mode
+from laserrmt.plan import (
+    CompressionPlan,
+    FactorSource,
+    ModuleDecision,
+    factorize_pays,
+    resolve_mode,
+)
 
 
 def _plan() -> CompressionPlan:
@@ -168,3 +174,30 @@ def test_resolve_mode_factorizes_exactly_when_it_saves(m, n, data):
     if mode == "factorize":
         d = ModuleDecision("x", (m, n), min(m, n), k, mode)
         assert d.params_after < d.params_before
+
+
+def test_factor_source_round_trips_and_rejects_unknown_fields(tmp_path):
+    calibration = {"source": "s", "n_windows": 2, "window": 64, "seed": 3, "tokens_sha256": "ab"}
+    plan = _plan()
+    plan.factors = FactorSource("svdllm", 1e-8, calibration)
+    loaded = CompressionPlan.load(plan.save(tmp_path / "plan.json"))
+    assert loaded.factors == plan.factors and loaded.factors.missing() is None
+    data = plan.to_dict()
+    data["factors"]["cache"] = {}
+    with pytest.raises(PlanError, match="unknown field"):
+        CompressionPlan.from_dict(data)
+    data["factors"] = {"whiten": "svdllm", "floor": 2.0}
+    with pytest.raises(PlanError, match="floor"):
+        CompressionPlan.from_dict(data)
+
+
+def test_a_plan_without_factors_is_plain_svd_unless_its_decisions_were_whitened():
+    data = _plan().to_dict()
+    del data["factors"]
+    assert CompressionPlan.from_dict(data).factors == FactorSource()
+    data["modules"]["model.layers.1.mlp.down_proj"]["extras"] = {"whiten": "asvd"}
+    factors = CompressionPlan.from_dict(data).factors
+    assert factors.whiten == "asvd" and "do not record the calibration" in factors.missing()
+    # a kept matrix has no factors, whatever its extras say
+    data["modules"]["model.layers.1.mlp.down_proj"]["mode"] = "keep"
+    assert CompressionPlan.from_dict(data).factors == FactorSource()

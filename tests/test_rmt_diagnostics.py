@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -109,7 +110,18 @@ def test_spectrum_diagnostics_row_is_plain_and_consistent() -> None:
     assert choice.rank == 1 and row["n_spikes"] == 1
     assert row["snr"] == pytest.approx(s[0] / s[1:].sum())
     assert row["mp_softrank"] == pytest.approx((choice.edge / s[0]) ** 2)
-    assert row["alpha"] > 1.0
+
+
+@pytest.mark.parametrize(("alpha", "seed"), [(2.0, 0), (3.5, 1)])
+def test_spectrum_diagnostics_alpha_of_a_planted_pareto_spectrum(alpha: float, seed: int) -> None:
+    # Eigenvalues s²/N drawn from density ∝ x^{-α} on x ≥ 1: the row's α must be that α.
+    rng = np.random.default_rng(seed)
+    shape = (1500, 3000)
+    eigenvalues = rng.random(1500) ** (-1.0 / (alpha - 1.0))
+    s = np.sqrt(3000 * eigenvalues)
+    row = spectrum_diagnostics(s, shape, choose_rank(s, shape, "fixed", fraction=0.5))
+    # Standard error of the MLE is (α − 1)/√n ≈ 0.03-0.07 here; the KS x_min search adds a little.
+    assert row["alpha"] == pytest.approx(alpha, abs=0.2)
 
 
 def test_spectrum_diagnostics_for_fixed_counts_the_kept_values() -> None:
@@ -137,7 +149,7 @@ def test_spectrum_diagnostics_rejects_a_foreign_choice() -> None:
     shape=st.sampled_from([(8, 8), (20, 10), (10, 30), (50, 25)]),
     true_rank=st.integers(1, 8),
 )
-def test_entropy_in_unit_interval_and_stable_rank_below_rank(
+def test_entropy_matches_an_independent_computation_and_stable_rank_is_below_rank(
     seed: int, shape: tuple[int, int], true_rank: int
 ) -> None:
     rng = np.random.default_rng(seed)
@@ -147,5 +159,39 @@ def test_entropy_in_unit_interval_and_stable_rank_below_rank(
     s = np.linalg.svd(w, compute_uv=False)
     numerical_rank = int(np.sum(s > s[0] * 1e-10))
     assert numerical_rank == k
-    assert 0.0 <= spectral_entropy(s) <= 1.0
-    assert 1.0 - 1e-12 <= stable_rank(s) <= numerical_rank + 1e-9
+    # scipy normalises s² itself; base p gives the entropy divided by log p.
+    expected = scipy.stats.entropy(s * s, base=len(s))
+    assert spectral_entropy(s) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert spectral_entropy(s, normalized=False) == pytest.approx(
+        scipy.stats.entropy(s * s), rel=1e-9, abs=1e-12
+    )
+    assert 1.0 - 1e-9 <= stable_rank(s) <= k + 1e-9
+
+
+def test_entropy_of_a_planted_spectrum_by_hand() -> None:
+    # k equal values and p − k zeros: p_i = 1/k on k values, H = log k, normalised log k / log p.
+    s = np.concatenate([np.full(6, 3.0), np.zeros(26)])
+    assert spectral_entropy(s) == pytest.approx(math.log(6) / math.log(32), rel=1e-12)
+    # s² = (9, 4, 4, 1, 1, 1) / 20 by hand.
+    s = np.array([3.0, 2.0, 2.0, 1.0, 1.0, 1.0])
+    p = np.array([9, 4, 4, 1, 1, 1]) / 20
+    by_hand = -sum(q * math.log(q) for q in p) / math.log(6)
+    assert spectral_entropy(s) == pytest.approx(by_hand, rel=1e-12)
+
+
+def test_entropy_is_not_clipped_into_the_unit_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Entropy normalised by log(number of positive values) (a plausible slip) exceeds 1 once
+    # zeros are present, and so does entropy of s instead of s² on some spectra: a clip to
+    # [0, 1] would hide both. The function divides by log p and never clips: a flat spectrum
+    # with zeros is below 1 by exactly log k / log p, and bad input raises instead of clipping.
+    s = np.concatenate([np.ones(4), np.zeros(12)])
+    assert spectral_entropy(s) == pytest.approx(0.5, rel=1e-12)
+    assert spectral_entropy(s, normalized=False) == pytest.approx(math.log(4), rel=1e-12)
+    with pytest.raises(NumericalError):
+        spectral_entropy(np.array([1.0, -1.0, 0.5]))
+    with pytest.raises(NumericalError):
+        spectral_entropy(np.array([1.0, np.nan, 0.5]))
+    # A normaliser half the right size (as a slip would give) must show as entropy 2, not 1.
+    log = math.log
+    monkeypatch.setattr(math, "log", lambda x: 0.5 * log(x))
+    assert spectral_entropy(np.ones(16)) == pytest.approx(2.0, rel=1e-12)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from laserrmt.errors import InvalidOptionError
+from laserrmt.evaluate import count_parameters
 from laserrmt.methods.rmt_kd import STATE_FILE, rmt_kd
-from laserrmt.surgery.width import count_parameters
-from tiny_models import tiny_bert, tiny_cnn
+from tiny_models import tiny_bert, tiny_cnn, tiny_llama
 
 
 def _data() -> tuple[list, list]:
@@ -44,16 +44,16 @@ OPTIONS = {
 
 def test_cuts_shrink_the_model_and_leave_the_input_alone() -> None:
     model = tiny_cnn()
-    before = count_parameters(model)
+    before = count_parameters(model)["params_total"]
     calib, train = _data()
     result = rmt_kd(model, calib, train, _accuracy(train), **OPTIONS)
-    assert count_parameters(model) == before
+    assert count_parameters(model)["params_total"] == before
     assert [r.site for r in result.records] == ["features.0", "features.2"]
     kept = [r for r in result.records if r.status == "kept"]
     assert kept, result.records
     for r in kept:
         assert r.k < r.d and r.parameters_after < r.parameters_before
-    assert result.parameters_after == count_parameters(result.model) < before
+    assert result.parameters_after == count_parameters(result.model)["params_total"] < before
     assert result.model(calib[0][0]).shape == (16, 10)
 
 
@@ -73,6 +73,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path) -> None:
     assert resumed.finished
     strip = lambda rs: [{k: v for k, v in r.to_dict().items() if k != "wall_s"} for r in rs]  # noqa: E731
     assert strip(resumed.records) == strip(whole.records)
+    assert resumed.plan.to_dict() == whole.plan.to_dict() and len(whole.plan) >= 1
     x = calib[0][0]
     assert torch.equal(resumed.model(x), whole.model(x))
     # Only the newest model folder is kept beside the state.
@@ -112,7 +113,7 @@ def test_a_cut_that_costs_too_much_is_reverted() -> None:
         tiny_cnn(),
         calib,
         train,
-        lambda m: float(count_parameters(m)),
+        lambda m: float(count_parameters(m)["params_total"]),
         **{**OPTIONS, "tolerance": 0.0},
     )
     cut = [r for r in result.records if r.status not in ("full", "skipped-floor")]
@@ -213,7 +214,7 @@ def test_sliced_attention_cuts_with_a_revert_resume_to_the_uninterrupted_run(tmp
 
     # Every cut in block 0 costs parameters there and is reverted; cuts in block 1 are kept.
     def validate(model: torch.nn.Module) -> float:
-        return float(count_parameters(model.bert.encoder.layer[0]))
+        return float(count_parameters(model.bert.encoder.layer[0])["params_total"])
 
     options = {
         **OPTIONS,
@@ -266,7 +267,11 @@ def test_classification_end_to_end_saves_the_model_it_returns(tmp_path) -> None:
     )
     kept = {r.kind for r in result.records if r.status == "kept"}
     assert {"attn_vo", "attn_qk", "mlp"} <= kept, result.records
-    assert result.parameters_after < result.parameters_before == count_parameters(model)
+    assert (
+        result.parameters_after
+        < result.parameters_before
+        == count_parameters(model)["params_total"]
+    )
     assert result.settings["label_names"][0] == "business"
     loaded, _ = laserrmt.load(tmp_path / "kd")
     batch = tokenizer(
@@ -275,4 +280,164 @@ def test_classification_end_to_end_saves_the_model_it_returns(tmp_path) -> None:
     with torch.no_grad():
         expected = result.model.eval()(**batch).logits
         assert torch.allclose(loaded(**batch).logits, expected, atol=1e-6, rtol=0)
-    assert count_parameters(loaded) == result.parameters_after
+    assert count_parameters(loaded)["params_total"] == result.parameters_after
+
+
+# ---------------------------------------------------------------------------------------------
+# The width decision as a plan: saved, loaded, replayed
+
+
+def _replay_cases():
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, 264, (2, 32), generator=g) for _ in range(3)]
+    labelled = [{"input_ids": i, "labels": torch.zeros(2, dtype=torch.long)} for i in ids]
+    images = [
+        (torch.randn(64, 1, 8, 8, generator=g), torch.zeros(64, dtype=torch.long)) for _ in range(2)
+    ]
+    return [
+        ("llama", lambda: tiny_llama(tie_word_embeddings=False), ids, "causal-lm",
+         ["mlp", "residual_stream"]),
+        ("bert", lambda: tiny_bert(num_labels=3), labelled, "classification",
+         ["attention", "mlp"]),
+        ("cnn", tiny_cnn, images, "classification", None),
+    ]  # fmt: skip
+
+
+def _outputs(model: torch.nn.Module, x) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The logits, and for a transformer the last hidden state (a tiny random classifier's
+    logits are ~0.01, too small to show a difference of 1e-5 on their own)."""
+    extra = {"output_hidden_states": True} if hasattr(model, "config") else {}
+    with torch.no_grad():
+        out = model(**x, **extra) if isinstance(x, dict) else model(x, **extra)
+    if not extra:
+        return out, None
+    return out.logits, out.hidden_states[-1]
+
+
+@pytest.mark.parametrize(
+    ("name", "build", "calibration", "task", "sites"),
+    _replay_cases(),
+    ids=["llama", "bert", "cnn"],
+)
+def test_a_saved_width_plan_replays_the_run_on_a_fresh_model(
+    tmp_path, name, build, calibration, task, sites
+) -> None:
+    from laserrmt.distill import model_inputs
+    from laserrmt.plan import WidthPlan, load_plan
+    from laserrmt.surgery.apply import apply_plan
+
+    result = rmt_kd(
+        build(),
+        calibration,
+        calibration,
+        lambda m: 0.0,
+        task=task,
+        sites=sites,
+        steps_per_cut=0,
+        tolerance=float("inf"),
+        floor=0.0,
+        progress=False,
+    )
+    kept = [r for r in result.records if r.status == "kept"]
+    assert len(kept) == len(result.plan) >= 2 and not result.plan.trained
+    path = result.plan.save(tmp_path / "width_plan.json")
+    plan = load_plan(path)
+    assert isinstance(plan, WidthPlan) and plan.to_dict() == result.plan.to_dict()
+    assert [d.kept_width for d in plan] == [r.k for r in kept]
+
+    fresh = build()
+    inputs = [model_inputs(b, task) for b in calibration]
+    x = inputs[0]
+    original, _ = _outputs(fresh, x)
+    cuts = apply_plan(fresh, plan, calibration=inputs, progress=False)
+    assert [c.width_after for c in cuts] == [d.kept_width for d in plan]
+    assert count_parameters(fresh)["params_total"] == result.parameters_after
+    (logits, hidden), (run_logits, run_hidden) = _outputs(fresh, x), _outputs(result.model, x)
+    assert not torch.allclose(logits, original, atol=1e-6, rtol=0)  # the cuts changed it…
+    assert torch.allclose(logits, run_logits, atol=1e-5, rtol=0)  # …exactly as the run did
+    if hidden is not None:
+        assert torch.allclose(hidden, run_hidden, atol=1e-5, rtol=0)
+
+
+def test_a_width_plan_replays_hand_edited_units_and_refuses_what_it_cannot_rebuild() -> None:
+    from laserrmt.distill import model_inputs
+    from laserrmt.errors import PlanError
+    from laserrmt.plan import WidthPlan
+    from laserrmt.surgery.apply import apply_plan
+
+    calib, train = _data()
+    inputs = [model_inputs(b, "classification") for b in calib]
+    result = rmt_kd(
+        tiny_cnn(), calib, train, _accuracy(train), **{**OPTIONS, "tolerance": float("inf")}
+    )
+    assert result.plan.trained  # distilled after each cut: the weights are not in the plan
+    with pytest.raises(PlanError, match="distilled"):
+        apply_plan(tiny_cnn(), result.plan, calibration=inputs, progress=False)
+
+    data = result.plan.to_dict()
+    data["trained"] = ""
+    first = data["sites"][0]
+    first["kept"] = list(range(first["kept_width"]))  # the first units, whatever the rule says
+    plan = WidthPlan.from_dict(data)
+    model = tiny_cnn()
+    reference = model.features[0].weight.detach().clone()
+    apply_plan(model, plan, calibration=inputs, progress=False)
+    assert torch.equal(model.features[0].weight, reference[: first["kept_width"]])
+    with pytest.raises(PlanError, match="calibration batches"):
+        apply_plan(tiny_cnn(), plan, calibration=inputs[:1], progress=False)
+    with pytest.raises(PlanError, match="calibration"):
+        apply_plan(tiny_cnn(), plan, progress=False)
+    with pytest.raises(PlanError, match="does not have"):
+        apply_plan(tiny_bert(num_labels=3), plan, calibration=inputs, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragment"),
+    [
+        (lambda s: s.update(kept_width=0), "outside 1.."),
+        (lambda s: s.update(kept=[0, 0, 1, 2][: s["kept_width"]]), "distinct units"),
+        (lambda s: s.update(kind="rows"), "unknown kind"),
+        (lambda s: s.update(colour="red"), "unknown field"),
+    ],
+)
+def test_a_hand_edited_width_plan_is_validated(edit, fragment) -> None:
+    from laserrmt.errors import PlanError
+    from laserrmt.plan import WidthPlan
+
+    calib, train = _data()
+    data = rmt_kd(
+        tiny_cnn(), calib, train, _accuracy(train), **{**OPTIONS, "tolerance": float("inf")}
+    ).plan.to_dict()
+    edit(data["sites"][0])
+    with pytest.raises(PlanError, match=fragment):
+        WidthPlan.from_dict(data)
+    with pytest.raises(PlanError, match="format_version"):
+        WidthPlan.from_dict({**data, "format_version": 99})
+
+
+@pytest.mark.slow  # two RMT-KD passes over the pinned calibration text
+def test_compress_plan_replays_an_rmt_kd_run_from_the_command_line(tmp_path, capsys) -> None:
+    import laserrmt
+    from laserrmt.cli import main
+    from tiny_models import save_tiny, tiny_tokenizer
+
+    folder = save_tiny(tiny_llama(tie_word_embeddings=False), tmp_path / "m", tiny_tokenizer())
+    common = ["--quiet", "compress", str(folder), "--no-eval"]
+    kd, replay = tmp_path / "kd", tmp_path / "replay"
+    args = ["--method", "rmt-kd", "--steps-per-cut", "0", "--tolerance", "100", "--out", str(kd)]
+    assert main([*common, *args]) == 0
+    assert main([*common, "--plan", str(kd / "width_plan.json"), "--out", str(replay)]) == 0
+    out = capsys.readouterr().out
+    assert "cuts replayed" in out and "fewer" in out
+    ids = torch.randint(0, 264, (1, 24), generator=torch.Generator().manual_seed(0))
+    (run, _), (again, _) = laserrmt.load(kd), laserrmt.load(replay)
+    with torch.no_grad():
+        assert torch.allclose(again(ids).logits, run(ids).logits, atol=1e-5, rtol=0)
+
+    # A distilled run's plan is refused in one line, before any work.
+    plan = json.loads((kd / "width_plan.json").read_text())
+    plan["trained"] = "RMT-KD distilled for 2 steps after each cut"
+    (tmp_path / "trained.json").write_text(json.dumps(plan))
+    code = main([*common, "--plan", str(tmp_path / "trained.json"), "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "distilled" in err

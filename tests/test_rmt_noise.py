@@ -10,6 +10,7 @@ import pytest
 from laserrmt.errors import InvalidOptionError, NumericalError
 from laserrmt.rmt import (
     SIGMA_ESTIMATORS,
+    choose_rank,
     estimate_sigma,
     mp_median,
     sigma_laserrmt_iqr,
@@ -133,3 +134,64 @@ def test_estimate_sigma_rejects_bad_input(planted: np.ndarray) -> None:
         estimate_sigma(bad, SHAPE, "veraart")
     with pytest.raises(NumericalError):
         sigma_laserrmt_iqr([1.0, -2.0])
+
+
+# --- a bulk that is noise but not MP-shaped ----------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(500, 500), (500, 1000), (1000, 500)])
+def test_veraart_does_not_collapse_on_a_heteroscedastic_bulk(shape: tuple[int, int]) -> None:
+    # Rows scaled by U(0.5, 1.5): pure noise whose bulk is wider than any MP law. The old
+    # consistency search fell back to c = 0 (σ̂ ≈ 0.0003 on 500×500) and kept 499 of 500.
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(shape) * rng.uniform(0.5, 1.5, (shape[0], 1))
+    s = singular_values(w)
+    average = math.sqrt(float(np.mean(w * w)))  # the entry scale averaged over the rows
+    assert sigma_veraart(s, shape) == pytest.approx(average, rel=0.25)
+    median_rank = choose_rank(s, shape, "mp").rank
+    veraart_rank = choose_rank(s, shape, "mp", estimator="veraart").rank
+    assert median_rank < 0.12 * min(shape)
+    assert veraart_rank <= 2 * median_rank
+
+
+def test_veraart_does_not_collapse_on_anisotropic_activations() -> None:
+    # 256 features with variances U(0.25, 2.25), 2048 independent tokens, no spike.
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((256, 2048)) * np.sqrt(rng.uniform(0.25, 2.25, (256, 1)))
+    choice = choose_rank(singular_values(x), (256, 2048), "mp", estimator="veraart")
+    assert choice.status == "ok"
+    assert choice.rank < 128  # the old search kept 223 or more of 256
+
+
+def test_veraart_without_a_consistent_majority_set_reads_the_average_variance() -> None:
+    # Rows scaled by U(0.3, 1.7), 300×600, plus 3 strong spikes: no set holding half the values
+    # passes the MP width test, so σ̂² is the mean of the values under the MP edge of the mean.
+    rng = np.random.default_rng(0)
+    shape = (300, 600)
+    noise = rng.standard_normal(shape) * rng.uniform(0.3, 1.7, (300, 1))
+    u = np.linalg.qr(rng.standard_normal((300, 3)))[0]
+    v = np.linalg.qr(rng.standard_normal((600, 3)))[0]
+    s = singular_values(noise + (u * np.array([60.0, 70.0, 80.0])) @ v.T)
+    lam = np.sort(s * s / 600)
+    count = np.arange(1, 301)
+    means = np.cumsum(lam) / count
+    passes = lam - lam[0] <= 4.0 * np.sqrt(count / 600) * means
+    assert not passes[149:].any()  # the fallback case
+    expected = lam[lam <= (1 + math.sqrt(0.5)) ** 2 * lam.mean()].mean()
+    assert sigma_veraart(s, shape) ** 2 == pytest.approx(expected, rel=1e-12)
+    # The spikes are out; the bulk's top beyond the MP edge is cut too, so it reads a little low.
+    assert sigma_veraart(s, shape) ** 2 == pytest.approx(np.mean(noise * noise), rel=0.2)
+    veraart_rank = choose_rank(s, shape, "mp", estimator="veraart").rank
+    assert 3 <= veraart_rank <= 2 * choose_rank(s, shape, "mp").rank
+
+
+def test_veraart_keeps_spikes_out_on_a_heteroscedastic_bulk() -> None:
+    rng = np.random.default_rng(3)
+    shape = (1000, 500)
+    w = rng.standard_normal(shape) * rng.uniform(0.8, 1.2, (shape[0], 1))
+    u = np.linalg.qr(rng.standard_normal((shape[0], 5)))[0]
+    v = np.linalg.qr(rng.standard_normal((shape[1], 5)))[0]
+    w += (u * np.linspace(8, 16, 5) * (500 * 1000) ** 0.25) @ v.T
+    s = singular_values(w)
+    assert sigma_veraart(s, shape) == pytest.approx(1.0, rel=0.05)
+    assert choose_rank(s, shape, "mp", estimator="veraart").rank >= 5

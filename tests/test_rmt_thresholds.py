@@ -15,12 +15,17 @@ from laserrmt.rmt import (
     THRESHOLD_METHODS,
     RankChoice,
     choose_rank,
+    edge_false_positive_rate,
     gavish_donoho_lambda,
     gavish_donoho_omega,
     gavish_donoho_threshold,
+    johnstone_centering,
     marchenko_pastur_edge,
     sigma_median_matching,
+    sigma_ratio_draws,
+    tracy_widom_cdf,
     tracy_widom_edge,
+    tracy_widom_level,
 )
 
 
@@ -126,7 +131,11 @@ def test_edges_are_the_documented_formulas(
     assert mp.edge == pytest.approx(marchenko_pastur_edge(shape, sigma))
     assert mp.rank == int(np.sum(s > mp.edge))
     tw = choose_rank(s, shape, "tw", alpha=0.01)
-    assert tw.edge == pytest.approx(tracy_widom_edge(shape, sigma, alpha=0.01))
+    # σ̂ estimated: the level carries σ̂'s spread, so it sits above Johnstone's known-σ level.
+    assert tw.edge == pytest.approx(sigma * math.sqrt(tracy_widom_level(shape, 0.01)))
+    assert tw.edge > tracy_widom_edge(shape, sigma, alpha=0.01)
+    known = choose_rank(s, shape, "tw", alpha=0.01, sigma=sigma)
+    assert known.edge == pytest.approx(tracy_widom_edge(shape, sigma, alpha=0.01))
     assert tw.options["alpha"] == 0.01
     gd = choose_rank(s, shape, "gd")
     assert gd.edge == pytest.approx(gavish_donoho_omega(0.25) * np.median(s))
@@ -206,6 +215,7 @@ def test_rank_choice_is_frozen_and_json_ready() -> None:
     choice = choose_rank(np.array([5.0, 1.0, 0.5]), (3, 7), "tw", estimator="mp_fit", quantile=0.4)
     data = json.loads(json.dumps(choice.to_dict()))
     assert data["method"] == "tw" and data["rank"] == choice.rank
+    assert data["status"] == "too_short"
     assert data["options"]["estimator"] == "mp_fit" and data["options"]["quantile"] == 0.4
     with pytest.raises(AttributeError):
         choice.rank = 3  # type: ignore[misc]
@@ -277,3 +287,142 @@ def test_rank_is_invariant_to_scaling_and_transposition(
     assert transposed.rank == base.rank
     assert scaled.sigma == pytest.approx(scale * base.sigma, rel=1e-6)
     assert transposed.edge == pytest.approx(base.edge, rel=1e-9)
+
+
+# --- false-positive rates with σ estimated -----------------------------------------------------
+
+NOISE_SHAPE = (100, 100)
+
+
+@pytest.fixture(scope="module")
+def noise_spectra() -> np.ndarray:
+    """1200 spectra of 100×100 standard Gaussian noise (from the Gram: faster than SVDs)."""
+    x = np.random.default_rng(20).standard_normal((1200, *NOISE_SHAPE))
+    return np.sqrt(np.clip(np.linalg.eigvalsh(np.swapaxes(x, 1, 2) @ x), 0.0, None))[:, ::-1]
+
+
+def binomial_band(rate: float, draws: int) -> float:
+    """Half-width of the two-sided 99.9 % band of an observed rate (normal approximation)."""
+    return 3.29 * math.sqrt(rate * (1.0 - rate) / draws)
+
+
+def test_tw_with_estimated_sigma_keeps_a_noise_direction_with_probability_alpha(
+    noise_spectra: np.ndarray,
+) -> None:
+    # Johnstone's edge with σ̂ plugged in kept a direction of 100×100 noise in 10.5 % of draws.
+    kept = np.array([choose_rank(s, NOISE_SHAPE, "tw", alpha=0.05).rank for s in noise_spectra])
+    assert abs(np.mean(kept > 0) - 0.05) <= binomial_band(0.05, kept.size)
+
+
+def test_tw_level_holds_on_wide_noise_at_another_alpha() -> None:
+    x = np.random.default_rng(21).standard_normal((1500, 60, 120))
+    spectra = np.sqrt(np.clip(np.linalg.eigvalsh(x @ np.swapaxes(x, 1, 2)), 0.0, None))[:, ::-1]
+    kept = np.array([choose_rank(s, (60, 120), "tw", alpha=0.1).rank for s in spectra])
+    assert abs(np.mean(kept > 0) - 0.1) <= binomial_band(0.1, kept.size)
+
+
+def test_mp_edge_false_positive_rate_is_the_stated_one(noise_spectra: np.ndarray) -> None:
+    level = (math.sqrt(100) + math.sqrt(100)) ** 2
+    kept = np.array([choose_rank(s, NOISE_SHAPE, "mp").rank for s in noise_spectra])
+    stated = edge_false_positive_rate(NOISE_SHAPE, level)
+    assert 0.18 <= stated <= 0.22  # the range the docs give
+    # 0.01 more for the 200 null draws the stated rate is computed from.
+    assert abs(np.mean(kept > 0) - stated) <= binomial_band(stated, kept.size) + 0.01
+    # With σ known the rate is Tracy–Widom's alone, 1 − F₁((edge² − μ)/σ_TW) ≈ 14 %.
+    known = np.array([choose_rank(s, NOISE_SHAPE, "mp", sigma=1.0).rank for s in noise_spectra])
+    mu, scale = johnstone_centering(100, 100)
+    exact = 1.0 - float(tracy_widom_cdf((level - mu) / scale))
+    assert edge_false_positive_rate(NOISE_SHAPE, level, None) == pytest.approx(exact)
+    assert abs(np.mean(known > 0) - exact) <= binomial_band(exact, known.size)
+
+
+def test_null_spectra_follow_the_gaussian_matrix_law(noise_spectra: np.ndarray) -> None:
+    # σ̂²/σ² from the bidiagonal model against the same ratio on real Gaussian matrices.
+    draws = sigma_ratio_draws(NOISE_SHAPE)
+    direct = np.array([sigma_median_matching(s, NOISE_SHAPE) ** 2 for s in noise_spectra])
+    assert draws.mean() == pytest.approx(direct.mean(), abs=0.006)
+    assert draws.std() == pytest.approx(direct.std(), rel=0.2)
+
+
+# --- rules that cannot speak -------------------------------------------------------------------
+
+
+def noise_free(shape: tuple[int, int], rank: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((shape[0], rank)) @ rng.standard_normal((rank, shape[1]))
+
+
+@pytest.mark.parametrize("method", ["mp", "tw", "gd"])
+@pytest.mark.parametrize("estimator", ["median", "mp_fit", "veraart"])
+@pytest.mark.parametrize(
+    ("shape", "rank", "noise"),
+    [((200, 200), 150, 0.0), ((100, 200), 70, 0.0), ((200, 200), 150, 1e-3)],
+)
+def test_a_matrix_of_rank_above_half_is_not_cut(
+    shape: tuple[int, int], rank: int, noise: float, method: str, estimator: str
+) -> None:
+    # Median matching read σ̂ off signal values: rank 48 / 48 / 38 (mp / tw / gd) for rank 150.
+    w = noise_free(shape, rank)
+    w += noise * np.random.default_rng(1).standard_normal(shape)
+    choice = choose_rank(svdvals(w), shape, method, estimator=estimator)
+    assert choice.rank == min(shape)  # nothing removed
+    assert choice.status == "no_bulk"
+    assert choice.edge == 0.0
+
+
+@pytest.mark.parametrize("method", ["mp", "tw", "gd"])
+def test_a_noise_free_matrix_of_rank_below_half_keeps_its_exact_rank(method: str) -> None:
+    choice = choose_rank(svdvals(noise_free((200, 120), 40)), (200, 120), method)
+    assert (choice.rank, choice.status) == (40, "ok")
+
+
+def test_a_matrix_of_rank_above_half_with_known_sigma_is_judged() -> None:
+    # σ given: no bulk is needed, the edge is known.
+    w = noise_free((200, 200), 150) + 0.01 * np.random.default_rng(2).standard_normal((200, 200))
+    choice = choose_rank(svdvals(w), (200, 200), "mp", sigma=0.01)
+    assert (choice.rank, choice.status) == (150, "ok")
+
+
+@pytest.mark.parametrize("method", ["mp", "tw", "gd", "laserrmt"])
+@pytest.mark.parametrize("shape", [(1, 1), (300, 1), (1, 7), (4, 4), (4, 50)])
+def test_a_spectrum_too_short_is_reported_the_same_way_by_every_rule(
+    shape: tuple[int, int], method: str
+) -> None:
+    # p = 1 gave rank 0 under mp (Linear(300, 1) with rank_kept 0) and an exception under tw.
+    s = svdvals(np.random.default_rng(3).standard_normal(shape))
+    choice = choose_rank(s, shape, method)
+    assert (choice.rank, choice.status, choice.edge) == (min(shape), "too_short", 0.0)
+    assert math.isfinite(choice.sigma)
+
+
+def test_the_shortest_judged_spectrum_has_five_values() -> None:
+    s = np.array([100.0, 1.2, 1.1, 1.0, 0.9])
+    choice = choose_rank(s, (5, 400), "mp")
+    assert (choice.rank, choice.status) == (1, "ok")
+    # "fixed" makes no claim about noise: its fraction holds on any length.
+    assert choose_rank(s[:2], (2, 9), "fixed", fraction=0.5).rank == 1
+
+
+def test_a_bfloat16_tensor_is_accepted_like_its_float64_values() -> None:
+    torch = pytest.importorskip("torch")
+    w = torch.from_numpy(planted_matrix((120, 60), rank=3, sigma=1.0, seed=4)).to(torch.bfloat16)
+    s = torch.linalg.svdvals(w.float()).to(torch.bfloat16)
+    expected = choose_rank(s.double().numpy(), (120, 60), "tw")
+    assert choose_rank(s, (120, 60), "tw") == expected
+    assert choose_rank(s.half(), (120, 60), "tw") == choose_rank(
+        s.half().double().numpy(), (120, 60), "tw"
+    )
+    assert expected.rank == 3
+    with pytest.raises(InvalidOptionError, match="real numbers") as info:
+        choose_rank(np.array(["a", "b"]), (2, 2))
+    assert "\n" not in str(info.value)
+
+
+def test_values_at_the_data_precision_are_exact_zeros_not_a_missing_bulk():
+    # A noise-free rank-3 site of float32 activations: five values are rounding, one of them
+    # clipped to an exact 0 (a negative eigenvalue). At float64 precision only that one is a
+    # zero, a minority: no bulk. At the data's precision all five are: rank 3.
+    s = np.array([1.0, 0.82, 0.55, 1.5e-7, 1.4e-7, 6.5e-8, 3.5e-8, 0.0])
+    assert choose_rank(s, (8, 72), "mp").status == "no_bulk"
+    choice = choose_rank(s, (8, 72), "mp", eps=float(np.finfo(np.float32).eps))
+    assert (choice.status, choice.rank) == ("ok", 3)

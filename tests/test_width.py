@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from laserrmt.errors import PlanError, TargetSelectionError
+from laserrmt.evaluate import count_parameters
+from laserrmt.models.widths import WidthSite
 from laserrmt.surgery.io import load, load_into, save_compressed
 from laserrmt.surgery.width import (
     ReducedSelfAttention,
@@ -18,7 +20,6 @@ from laserrmt.surgery.width import (
     ResizedLinear,
     activation_rank,
     collect_site_statistics,
-    count_parameters,
     cut_width,
     find_width_sites,
     query_key_maps,
@@ -94,12 +95,14 @@ def test_channel_cut_removes_the_parameters_it_should() -> None:
     model = _bn_cnn()
     sites = find_width_sites(model)
     stats = collect_site_statistics(model, IMAGES, sites, progress=False)
-    before = count_parameters(model)
+    before = count_parameters(model)["params_total"]
     cut = cut_width(model, sites[1], stats[sites[1].name], 5)
     # Conv 8→12 loses 7 filters (8·9 + 1 each), BN 2 per channel, Linear 7·16 inputs per output.
     removed = 7 * (8 * 9 + 1) + 7 * 2 + 10 * 7 * 16
     assert cut.parameters_before == before
-    assert before - cut.parameters_after == removed == before - count_parameters(model)
+    assert (
+        before - cut.parameters_after == removed == before - count_parameters(model)["params_total"]
+    )
     assert model(IMAGES[0]).shape == (8, 10)
 
 
@@ -133,6 +136,63 @@ def test_the_mp_rule_finds_a_planted_activation_dimension() -> None:
         assert activation_rank(second_moment, n, estimator=estimator).rank == r
 
 
+def test_units_in_an_affine_subspace_are_rebuilt_exactly_through_the_linear_consumer_bias() -> None:
+    """16 units = W z + b with z in 3 dimensions: a 3-dimensional subspace shifted off the
+    origin. The covariance has rank 3 and a Linear consumer takes the intercept in its bias, so
+    3 kept units rebuild all 16 exactly (through the origin it would take 4)."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Identity(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        model[0].bias.uniform_(1.0, 2.0)
+    site = WidthSite("units", "mlp", 16, producers=("0",), consumer="2")
+    batches = [torch.randn(64, 3, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    reference = model(batches[0])
+    stats = collect_site_statistics(model, batches, [site], progress=False)["units"]
+    cut_width(model, site, stats, 3)
+    assert model[2].in_features == 3
+    assert _rel(model(batches[0]), reference) <= 1e-5
+
+
+def test_a_convolution_consumer_needs_one_more_channel_for_the_mean() -> None:
+    """A zero-padded convolution cannot take an intercept: channels in a 3-dimensional subspace
+    shifted off the origin are rebuilt exactly from 4 kept channels, not from 3."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 12, 3, padding=1), nn.Conv2d(12, 4, 3, padding=1))
+    with torch.no_grad():
+        mixing, base = torch.randn(12, 3), torch.randn(3, 1, 3, 3)
+        model[0].weight.copy_(torch.einsum("cr,rihw->cihw", mixing, base))
+        model[0].bias.uniform_(1.0, 2.0)
+    model.eval()
+    site = find_width_sites(model)[0]
+    stats = collect_site_statistics(model, IMAGES, [site], progress=False)[site.name]
+    reference = model(IMAGES[0])
+    three, four = copy.deepcopy(model), model
+    cut_width(three, site, stats, 3)
+    cut_width(four, site, stats, 4)
+    assert _rel(three(IMAGES[0]), reference) > 1e-3
+    assert _rel(four(IMAGES[0]), reference) <= 1e-5
+
+
+@pytest.mark.parametrize(("consumer", "expected"), [("conv", 4), ("linear", 3)])
+def test_the_mean_costs_a_kept_channel_only_where_no_bias_can_take_it(consumer, expected) -> None:
+    """64 channels: 3 planted directions + unit noise + a mean of 0.5, independent pixels. The
+    MP count on the covariance is 3; a convolution reader keeps one more for the mean."""
+    rng = np.random.default_rng(4)
+    basis = np.linalg.qr(rng.standard_normal((64, 3)))[0]
+    images = []
+    for _ in range(4):
+        x = rng.standard_normal((16, 16, 16, 64)) + 0.5
+        x += 3.0 * rng.standard_normal((16, 16, 16, 3)) @ basis.T
+        images.append(torch.from_numpy(x).float().movedim(-1, 1))
+    reader = nn.Conv2d(64, 2, 3, padding=1) if consumer == "conv" else nn.Linear(64 * 256, 2)
+    head = [reader] if consumer == "conv" else [nn.Flatten(), reader]
+    model = nn.Sequential(nn.Identity(), *head).eval()
+    site = WidthSite("planted", "channels", 64, producers=("0",), consumer=str(len(head)))
+    stats = collect_site_statistics(model, images, [site], progress=False)["planted"]
+    assert stats.n_effective == pytest.approx(16384, rel=0.02)  # independent pixels
+    assert site_rank(model, site, stats).rank == expected
+
+
 def test_reconstruction_is_identity_when_everything_is_kept() -> None:
     c = torch.randn(6, 6, dtype=torch.float64)
     c = c @ c.T
@@ -157,9 +217,13 @@ TOKENS = [
 
 
 @pytest.mark.parametrize(
-    ("build", "per_unit"), [(tiny_llama, 3 * 64), (lambda: tiny_bert(num_labels=3), 2 * 32 + 1)]
+    ("build", "per_unit", "new_bias"),
+    # Llama's down projection has no bias: the cut gives it one (the reconstruction's intercept).
+    [(tiny_llama, 3 * 64, 64), (lambda: tiny_bert(num_labels=3), 2 * 32 + 1, 0)],
 )
-def test_mlp_width_exact_when_kept_and_smaller_when_cut(build, per_unit: int) -> None:
+def test_mlp_width_exact_when_kept_and_smaller_when_cut(
+    build, per_unit: int, new_bias: int
+) -> None:
     model = build()
     reference = model(TOKENS[0]).logits
     sites = find_width_sites(model, ["mlp"])
@@ -171,7 +235,7 @@ def test_mlp_width_exact_when_kept_and_smaller_when_cut(build, per_unit: int) ->
     assert _rel(full(TOKENS[0]).logits, reference) <= 1e-5
     site = sites[0]
     cut = cut_width(model, site, stats[site.name], site.width - 10)
-    assert cut.parameters_before - cut.parameters_after == 10 * per_unit
+    assert cut.parameters_before - cut.parameters_after == 10 * per_unit - new_bias
     assert isinstance(model.get_submodule(site.consumer), ResizedLinear)
     assert model(TOKENS[0]).logits.shape == reference.shape
 
@@ -193,7 +257,7 @@ def test_residual_slicing_shrinks_the_stream_and_reloads(tmp_path) -> None:
     full = copy.deepcopy(model)
     cut_width(full, sites[0], stats["residual_stream"], 64)
     assert _rel(full(TOKENS[0]).logits, reference) <= 1e-5
-    before = count_parameters(model)
+    before = count_parameters(model)["params_total"]
     cut = cut_width(model, sites[0], stats["residual_stream"], 48)
     assert model.config.hidden_size == 48
     # Every matrix touching the stream loses 16 columns or rows; norms lose 16 entries each.
@@ -220,7 +284,7 @@ def test_a_width_reduced_cnn_saves_and_loads_back_identically(tmp_path) -> None:
     save_compressed(model, tmp_path / "cnn")
     loaded = load_into(BNCNN(), tmp_path / "cnn").eval()
     assert torch.equal(loaded(IMAGES[1]), expected)
-    assert count_parameters(loaded) == count_parameters(model)
+    assert count_parameters(loaded)["params_total"] == count_parameters(model)["params_total"]
 
 
 def test_a_width_reduced_transformer_saves_and_loads_back_identically(tmp_path) -> None:
@@ -281,8 +345,10 @@ def test_query_key_maps_keep_the_products_at_full_rank_and_on_a_subspace() -> No
     assert torch.allclose((q3 @ a) @ (k @ b).T, q3 @ k.T, atol=1e-8 * float((q3 @ k.T).abs().max()))
 
 
-def _plant_value_subspace(model: nn.Module, rank: int) -> None:
-    """Make every head's values span only ``rank`` directions (a rank-``rank`` V per head)."""
+def _plant_value_subspace(model: nn.Module, rank: int, *, affine: bool = False) -> None:
+    """Make every head's values span only ``rank`` directions (a rank-``rank`` V per head);
+    ``affine``: leave the bias alone, so the values lie in ``bias + span`` (a subspace that
+    does not contain the origin)."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for layer in model.bert.encoder.layer:
@@ -291,14 +357,18 @@ def _plant_value_subspace(model: nn.Module, rank: int) -> None:
             for h in range(4):
                 basis = torch.linalg.qr(torch.randn(8, rank, generator=g))[0]
                 heads[h] = basis @ basis.T @ heads[h]
-                value.bias.view(4, 8)[h] = basis @ basis.T @ value.bias.view(4, 8)[h]
+                if not affine:
+                    value.bias.view(4, 8)[h] = basis @ basis.T @ value.bias.view(4, 8)[h]
+                else:
+                    value.bias.view(4, 8)[h] += 0.5
 
 
-def test_a_planted_value_subspace_is_found_and_cut_exactly() -> None:
+@pytest.mark.parametrize("affine", [False, True])
+def test_a_planted_value_subspace_is_found_and_cut_exactly(affine: bool) -> None:
     model = tiny_bert(num_labels=3)
-    _plant_value_subspace(model, 3)
+    _plant_value_subspace(model, 3, affine=affine)
     reference = model(**MASKED).logits
-    before = count_parameters(model)
+    before = count_parameters(model)["params_total"]
     for site in [s for s in find_width_sites(model) if s.kind == "attn_vo"]:
         stats = collect_site_statistics(model, TOKENS, [site], progress=False)[site.name]
         decision = site_rank(model, site, stats)
@@ -307,7 +377,7 @@ def test_a_planted_value_subspace_is_found_and_cut_exactly() -> None:
         cut_width(model, site, stats, decision.rank)
     assert _rel(model(**MASKED).logits, reference) <= 1e-5
     # Per block: value loses 4 heads × 5 rows (32 weights + 1 bias), output 20 columns of 32.
-    assert before - count_parameters(model) == 2 * (20 * 33 + 20 * 32)
+    assert before - count_parameters(model)["params_total"] == 2 * (20 * 33 + 20 * 32)
 
 
 def test_query_key_cut_removes_the_hand_counted_parameters_and_reloads(tmp_path) -> None:
@@ -339,3 +409,83 @@ def test_activation_analysis_reports_the_planted_widths_and_writes_a_report(tmp_
     saved = json.loads((out / "activations.json").read_text())
     assert [s["k"] for s in saved["sites"]] == [r["k"] for r in records]
     assert (out / "kept_fraction.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# The activation-rank rule: centred covariance, effective sample size of correlated tokens
+
+
+def _identity_site(d: int) -> tuple[nn.Module, WidthSite]:
+    """A model whose single "MLP" site sees its input unchanged: planted activations go in."""
+    model = nn.Sequential(nn.Identity(), nn.Linear(d, 2)).eval()
+    return model, WidthSite("planted", "mlp", d, producers=("0",), consumer="1")
+
+
+def _ar1_tokens(rng: np.random.Generator, batches: int, tokens: int, d: int, rho: float):
+    """Unit-variance AR(1) noise along the tokens, independent across units and sequences."""
+    from scipy.signal import lfilter
+
+    shocks = rng.standard_normal((batches, 4, tokens, d)) * np.sqrt(1 - rho**2)
+    shocks[:, :, 0] /= np.sqrt(1 - rho**2)  # a stationary start
+    x = lfilter([1.0], [1.0, -rho], shocks, axis=2)
+    return [torch.from_numpy(b).float() for b in x]
+
+
+D, TOKENS_PER_SEQUENCE = 256, 512  # 8 batches × 4 sequences × 512 tokens = 16384 rows
+
+
+def test_a_mean_is_not_a_signal_direction() -> None:
+    """Pure unit noise plus a mean of 0.5 per unit: the uncentred second moment has a spike at
+    1 + 0.25·256 = 65 (far above the MP edge ≈ 1.27); the covariance has none."""
+    model, site = _identity_site(D)
+    rng = np.random.default_rng(0)
+    batches = [
+        torch.from_numpy(rng.standard_normal((4, TOKENS_PER_SEQUENCE, D)) + 0.5).float()
+        for _ in range(8)
+    ]
+    stats = collect_site_statistics(model, batches, [site], progress=False)["planted"]
+    assert torch.allclose(stats.mean, torch.full((D,), 0.5, dtype=torch.float64), atol=0.03)
+    assert site_rank(model, site, stats).rank == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_correlated_tokens_of_pure_noise_keep_no_direction(seed: int) -> None:
+    """AR(1) tokens (ρ = 0.6), independent units: treated as 16384 independent rows, mp_fit
+    keeps dozens of the 256 noise directions; with the effective sample size none (asserted
+    for each of three seeds; 0 in 5 of 5 seeds when the bound was chosen)."""
+    model, site = _identity_site(D)
+    batches = _ar1_tokens(np.random.default_rng(seed), 8, TOKENS_PER_SEQUENCE, D, 0.6)
+    stats = collect_site_statistics(model, batches, [site], progress=False)["planted"]
+    # Bartlett's small-d/n limit is n / 2.125; the MP edge of d/n = 1/64 asks a little more.
+    assert 16384 / 2.4 < stats.n_effective < 16384 / 2.125
+    assert site_rank(model, site, stats).rank == 0
+
+
+def test_planted_signal_directions_are_recovered_above_noise_with_a_mean() -> None:
+    model, site = _identity_site(D)
+    rng = np.random.default_rng(3)
+    basis = np.linalg.qr(rng.standard_normal((D, 5)))[0]
+    batches = [
+        torch.from_numpy(
+            rng.standard_normal((4, TOKENS_PER_SEQUENCE, D))
+            + 2.0 * rng.standard_normal((4, TOKENS_PER_SEQUENCE, 5)) @ basis.T
+            + 0.5
+        ).float()
+        for _ in range(8)
+    ]
+    stats = collect_site_statistics(model, batches, [site], progress=False)["planted"]
+    assert stats.n_effective == pytest.approx(16384, rel=0.01)  # independent tokens
+    assert site_rank(model, site, stats).rank == 5
+
+
+def test_effective_sample_size_reduces_to_bartlett_and_to_n() -> None:
+    from laserrmt.rmt.activations import effective_sample_size, truncated_autocorrelation
+
+    rho = 0.6 ** np.arange(1, 40)
+    # d/n → 0: the MP edge's excess 2·sqrt(d·Σρ²/n) is Bartlett's variance factor (1+ρ²)/(1−ρ²).
+    n = 10**9
+    assert effective_sample_size(n, 16, [rho]) == pytest.approx(n / 2.125, rel=0.01)
+    assert effective_sample_size(5000, 64, []) == 5000
+    # Lags within two standard errors of zero are noise: the sequence stops at the first one.
+    kept = truncated_autocorrelation([0.5, 0.2, 0.001, 0.3], [10**4] * 4)
+    assert kept.tolist() == [0.5, 0.2]

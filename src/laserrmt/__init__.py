@@ -22,8 +22,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load": ("laserrmt.surgery.io", "load"),
     "save": ("laserrmt.surgery.io", "save_compressed"),
-    "compress": ("laserrmt.compress", "compress"),
-    "CompressSettings": ("laserrmt.compress", "CompressSettings"),
+    "compress": ("laserrmt.pipeline", "compress"),
+    "CompressSettings": ("laserrmt.pipeline", "CompressSettings"),
     "CompressionPlan": ("laserrmt.plan", "CompressionPlan"),
     "analyze_model": ("laserrmt.analyze", "analyze_model"),
     "evaluate_model": ("laserrmt.evaluate", "evaluate_model"),

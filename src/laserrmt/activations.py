@@ -1,11 +1,12 @@
 """Activation spectra: how many directions of each hidden width stand above the noise bulk.
 
 The measurement half of RMT-KD (arXiv 2509.15724, method.md §6) without the cutting: for every
-width site (:func:`laserrmt.surgery.width.find_width_sites`: MLP intermediate widths, per-head
-attention value and query/key widths, CNN channels) the second moment of its hidden
-representation is streamed over calibration batches in float64, and the Marchenko–Pastur rule
-(:func:`laserrmt.surgery.width.site_rank`, the very rule the cut uses) says how many of its
-``d`` directions are signal. ``k / d`` is the width the site would keep.
+width site (:func:`laserrmt.models.widths.find_width_sites`: MLP intermediate widths, per-head
+attention value and query/key widths, CNN channels) the statistics of its hidden representation
+are streamed over calibration batches in float64, and the Marchenko–Pastur rule on the
+covariance with the effective sample size (:func:`laserrmt.stats.activations.site_rank`, the
+very rule RMT-KD's cuts use) says how many of its ``d`` directions are signal. ``k / d`` is the
+width the site would keep.
 
 Used by ``laserrmt analyze --activations``; :func:`write_activation_report` writes the table,
 a bar chart of ``k / d`` per site, spectral densities of a few sites and ``report.html``.
@@ -21,18 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from laserrmt.errors import InvalidOptionError
-from laserrmt.surgery.width import (
-    SiteStatistics,
-    WidthSite,
-    collect_site_statistics,
-    find_width_sites,
-    site_rank,
-)
+from laserrmt.models.widths import WidthSite, find_width_sites
+from laserrmt.stats.activations import SiteStatistics, collect_site_statistics, site_rank
 
 __all__ = [
     "ACTIVATION_COLUMNS",
@@ -42,7 +37,17 @@ __all__ = [
     "write_activation_report",
 ]
 
-ACTIVATION_COLUMNS: tuple[str, ...] = ("site", "kind", "d", "k", "k/d", "sigma", "edge", "n")
+ACTIVATION_COLUMNS: tuple[str, ...] = (
+    "site",
+    "kind",
+    "d",
+    "k",
+    "k/d",
+    "sigma",
+    "edge",
+    "n",
+    "n_eff",
+)
 """The columns of the activation table, in order (see :func:`activation_table_rows`)."""
 
 # Bytes of float64 second moments gathered in one calibration pass: bounds memory on wide
@@ -64,10 +69,11 @@ def _passes(sites: Sequence[WidthSite]) -> list[list[WidthSite]]:
 
 
 def _singular_values(statistics: SiteStatistics) -> np.ndarray:
-    """Singular values ``sqrt(n λ)`` of the ``d × n`` activation matrix, descending."""
-    c = statistics.second_moment.detach().cpu().to(torch.float64).numpy()
+    """Singular values ``sqrt(n λ)`` of the centred ``d × n`` activation matrix, descending,
+    with ``n`` the effective sample size (the scale the MP edge of the decision is drawn on)."""
+    c = statistics.covariance().numpy()
     eigenvalues = np.clip(np.linalg.eigvalsh((c + c.T) / 2)[::-1], 0.0, None)
-    n = statistics.n_samples
+    n = max(int(statistics.independent_rows), 1)
     return np.sqrt(n * eigenvalues[: min(len(eigenvalues), n)])
 
 
@@ -95,7 +101,8 @@ def analyze_activations(
         One dict per site, shallow to deep: ``site``, ``kind``, ``d``, ``k`` (directions above
         the MP edge; for attention ``heads × max per-head count``), ``k_over_d``, ``sigma``
         (noise scale), ``edge`` (the MP edge in singular-value units of the ``d × n``
-        activation matrix), ``n_samples`` (tokens or spatial positions), ``per_head`` (attention
+        activation matrix), ``n_samples`` (tokens or spatial positions), ``n_effective`` (the
+        independent samples they are worth), ``per_head`` (attention
         only, else ``None``) and ``singular_values`` (a numpy array, for plots; for attention
         sites those of all heads together, the value or query projection).
 
@@ -146,6 +153,7 @@ def analyze_activations(
                     "sigma": decision.sigma,
                     "edge": decision.edge,
                     "n_samples": st.n_samples,
+                    "n_effective": st.independent_rows,
                     "per_head": decision.per_head,
                     "singular_values": _singular_values(st),
                 }
@@ -165,6 +173,7 @@ def activation_table_rows(records: Sequence[dict[str, Any]]) -> list[list[Any]]:
             r["sigma"],
             r["edge"],
             r["n_samples"],
+            r["n_effective"],
         ]
         for r in records
     ]
@@ -253,7 +262,7 @@ def write_activation_report(
             path = tmp / f"esd_{name.replace('.', '_')}.png"
             plot_spectral_density(
                 np.asarray(r["singular_values"]),
-                (int(r["d"]), int(r["n_samples"])),
+                (int(r["d"]), max(int(r["n_effective"]), 1)),
                 float(r["sigma"]),
                 path,
                 title=f"{name}  d={r['d']}  k={r['k']}  (k/d {r['k_over_d']:.2f})",

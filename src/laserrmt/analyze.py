@@ -35,6 +35,7 @@ COLUMNS = (
     "params",
     "rank_full",
     "rank_kept",
+    "status",
     "threshold",
     "sigma",
     "edge",
@@ -73,6 +74,8 @@ class AnalysisResult:
             "params_in_targets": params,
             "threshold": self.threshold,
             "rank_kept_fraction": kept / full if full else float("nan"),
+            # Matrices whose rank the rule could not judge (kept whole): see RankChoice.status.
+            "not_judged": sum(r["status"] != "ok" for r in self.records),
             "median_snr": float(np.median(snrs)) if snrs else float("nan"),
             "median_alpha": float(np.median(alphas)) if alphas else float("nan"),
         } | (
@@ -170,6 +173,7 @@ def add_whitened_ranks(
         shape = (record["shape"][0], record["shape"][1])
         choice = choose_rank(values, shape, result.threshold, **result.threshold_options)
         record["whitened_rank_kept"] = choice.rank
+        record["whitened_status"] = choice.status
     result.whiten = whiten
     result.timings["whitened_spectra"] = time.perf_counter() - start
 
@@ -191,6 +195,7 @@ def spectrum_record(
         "params": target.shape[0] * target.shape[1],
         "rank_full": len(s),
         "rank_kept": choice.rank,
+        "status": choice.status,
         "threshold": choice.method,
         "sigma": choice.sigma,
         "edge": choice.edge,
@@ -286,6 +291,7 @@ def analysis_report(
         ("parameters in these matrices", summary["params_in_targets"]),
         ("threshold", f"{result.threshold} {result.threshold_options or ''}".strip()),
         ("rank kept (all matrices)", f"{summary['rank_kept_fraction']:.1%}"),
+        ("matrices the threshold could not judge (kept whole)", summary["not_judged"]),
         ("median SNR", summary["median_snr"]),
         ("median power-law α", summary["median_alpha"]),
     ]
@@ -304,6 +310,12 @@ def analysis_report(
         "Eigenvalues are s²/N with N the larger dimension. Weights that went through "
         "quantization (e.g. GGUF checkpoints) carry quantization noise in their bulk."
     )
+    report.notes.append(
+        "status: ok = the threshold applied; too_short = fewer than 5 singular values, too few "
+        "for a noise bulk; no_bulk = the values below the median are not a Marchenko–Pastur "
+        "bulk of the estimated σ (e.g. a matrix of rank ≥ p/2 with little noise), so no "
+        "noise edge exists. Matrices not ok keep their full rank."
+    )
     if result.failures:
         report.tables.append(
             Table(
@@ -314,7 +326,8 @@ def analysis_report(
         )
     columns = [c for c in COLUMNS if c not in ("kind", "threshold")]
     if result.whiten:
-        columns.insert(columns.index("rank_kept") + 1, "whitened_rank_kept")
+        at = columns.index("status") + 1
+        columns[at:at] = ["whitened_rank_kept", "whitened_status"]
     report.tables.append(
         Table(
             "Per-matrix spectra",

@@ -504,11 +504,11 @@ def _analyze_activations(args: argparse.Namespace, loaded: Any) -> int:
 def run_compress(args: argparse.Namespace) -> int:
     import json
 
-    from laserrmt.compress import CompressSettings, compress
     from laserrmt.models.loading import load_model
     from laserrmt.models.targets import find_targets, select_targets
     from laserrmt.outputs import atomic_output_dir, check_output_dir
-    from laserrmt.plan import CompressionPlan
+    from laserrmt.pipeline import CompressSettings, compress
+    from laserrmt.plan import WidthPlan, load_plan
     from laserrmt.report.compression import comparison_markdown, compression_report
     from laserrmt.surgery.io import write_compressed
 
@@ -546,7 +546,9 @@ def run_compress(args: argparse.Namespace) -> int:
     if args.method == "rmt-kd":
         return run_rmt_kd_command(args)
     settings.validate()
-    plan = CompressionPlan.load(args.plan) if args.plan else None
+    plan = load_plan(args.plan) if args.plan else None
+    if isinstance(plan, WidthPlan):
+        return run_width_plan_command(args, plan)
     check_output_dir(args.out, args.overwrite)
 
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
@@ -695,6 +697,7 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
             json.dumps({"before": before, "after": after, "rmt_kd": result.to_dict()}, indent=2)
             + "\n"
         )
+        result.plan.save(tmp / WIDTH_PLAN_FILE)
         report = Report(f"laserrmt compress --method rmt-kd — {loaded.source}")
         report.summary = [
             ("model", loaded.source),
@@ -734,6 +737,58 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
 
         print(comparison_markdown(before, after))
     print(f"saved: {args.out}  (load it with laserrmt.load); report: {args.out}/report.html")
+    replay = "" if result.plan.trained else f"; replay: --plan {args.out}/{WIDTH_PLAN_FILE}"
+    print(f"width plan: {args.out}/{WIDTH_PLAN_FILE}{replay}")
+    return 0
+
+
+WIDTH_PLAN_FILE = "width_plan.json"
+"""The width decision of an RMT-KD run, saved beside its model for ``compress --plan``."""
+
+
+def run_width_plan_command(args: argparse.Namespace, plan: Any) -> int:
+    """Replay a saved RMT-KD width plan on the original model: the run's cuts, the run's model."""
+    import json
+
+    from laserrmt.evaluate import count_parameters
+    from laserrmt.methods.rmt_kd import replay_calibration
+    from laserrmt.models.loading import load_model
+    from laserrmt.outputs import atomic_output_dir, check_output_dir
+    from laserrmt.surgery.apply import apply_plan
+    from laserrmt.surgery.io import write_compressed
+
+    plan.check_replayable()
+    check_output_dir(args.out, args.overwrite)
+    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    causal = plan.calibration.get("recipe", {}).get("task") == "causal-lm"
+    before = None
+    if causal and not args.no_eval:
+        print("evaluating the original model…", file=sys.stderr)
+        before = _evaluate(loaded.model, loaded.tokenizer, args)
+    params_before = count_parameters(loaded.model)["params_total"]
+    batches = replay_calibration(plan, loaded.tokenizer)
+    apply_plan(loaded.model, plan, calibration=batches, progress=not args.quiet)
+    params_after = count_parameters(loaded.model)["params_total"]
+    with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
+        write_compressed(
+            loaded.model,
+            tmp,
+            tokenizer=loaded.tokenizer,
+            settings={"width_plan": plan.to_dict(), "source": loaded.source},
+        )
+        plan.save(tmp / WIDTH_PLAN_FILE)
+        if before is not None:
+            print("evaluating the compressed model…", file=sys.stderr)
+            after = _evaluate(loaded.model, loaded.tokenizer, args, saved_path=tmp)
+            (tmp / "evaluation.json").write_text(
+                json.dumps({"before": before, "after": after}, indent=2) + "\n"
+            )
+    print(f"model: {loaded.source}; width plan: {len(plan)} cuts replayed")
+    print(
+        f"parameters: {params_before:,} → {params_after:,} "
+        f"({1 - params_after / max(params_before, 1):.1%} fewer)"
+    )
+    print(f"saved: {args.out}  (load it with laserrmt.load)")
     return 0
 
 

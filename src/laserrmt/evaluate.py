@@ -1,7 +1,7 @@
 """Measurements of a model: perplexity, parameters, size, peak memory and latency.
 
 * :func:`perplexity` — the pinned protocol's metric (see :mod:`laserrmt.data.text`).
-* :func:`count_parameters`, :func:`weights_bytes`, :func:`size_on_disk` — what the model stores.
+* :func:`count_parameters`, :func:`~laserrmt.surgery.io.weight_bytes`, :func:`size_on_disk` — what the model stores.
 * :func:`peak_memory_bytes`, :func:`track_peak_memory` — resident memory of this process.
 * :func:`measure_latency` (causal LMs: prefill and cached greedy decode) and
   :func:`measure_forward_latency` (any model: one forward pass).
@@ -42,6 +42,8 @@ from laserrmt.errors import (
     NumericalError,
     TargetSelectionError,
 )
+from laserrmt.stats.forward import eval_mode
+from laserrmt.surgery.io import weight_bytes
 
 #: File suffixes that hold weights, for ``size_on_disk(..., weights_only=True)``.
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -67,18 +69,6 @@ def _synchronize(device: torch.device) -> None:
     # CUDA kernels run asynchronously: a timer read without a sync measures the launch only.
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the block; restores every submodule's own flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 def _logits(output: Any) -> torch.Tensor:
@@ -180,7 +170,7 @@ def perplexity(
     kwargs = {"use_cache": False} if isinstance(model, PreTrainedModel) else {}
     total, tokens = 0.0, 0
     with (
-        _eval_mode(model),
+        eval_mode(model),
         torch.inference_mode(),
         tqdm(total=windows.shape[0], desc=desc, unit="window", disable=not progress) as bar,
     ):
@@ -273,18 +263,13 @@ def count_parameters(model: nn.Module, target_names: Iterable[str] | None = None
     return {"params_total": total, "params_targets": targets}
 
 
-def weights_bytes(model: nn.Module) -> int:
-    """Bytes of the state dict's distinct tensors: about what a safetensors file of it holds."""
-    return sum(t.numel() * t.element_size() for t in _unique_tensors(model.state_dict().values()))
-
-
 def size_on_disk(path: str | os.PathLike[str], *, weights_only: bool = False) -> int:
     """Bytes on disk of a saved model: a file, or every file in a folder and its subfolders.
 
     Symbolic links are followed (a Hugging Face cache snapshot links to its blobs). With
     ``weights_only`` a folder counts only its weight files (suffixes in
     :data:`WEIGHT_FILE_SUFFIXES`), which leaves out tokenizer, config and report files; use it
-    to compare with :func:`weights_bytes` or between folders that differ in such files.
+    to compare with :func:`~laserrmt.surgery.io.weight_bytes` or between folders that differ in such files.
 
     Raises:
         ModelLoadError: the path does not exist.
@@ -513,7 +498,7 @@ def measure_latency(
         end = time.perf_counter()
         return (prefilled - start) * 1e3, new_tokens / (end - prefilled)
 
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         runs = _timed_runs(run, repeats, warmup)
     prefill = [p for p, _ in runs]
     decode = [d for _, d in runs]
@@ -570,7 +555,7 @@ def measure_forward_latency(
         _synchronize(device)
         return (time.perf_counter() - start) * 1e3
 
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         return statistics.median(_timed_runs(run, repeats, warmup))
 
 
@@ -687,7 +672,7 @@ def evaluate_model(
         target_names: module names counted as ``params_targets``.
         saved_path: the saved model; ``size_bytes`` is then the size of its weight files on
             disk (:func:`size_on_disk` with ``weights_only=True``), else the bytes of the
-            state dict's distinct tensors in memory (:func:`weights_bytes`).
+            state dict's distinct tensors in memory (:func:`~laserrmt.surgery.io.weight_bytes`).
         latency: measure :func:`measure_latency` (prompt 128, 32 new tokens).
         latency_repeats: measured runs after one warm-up run.
         progress: show a progress bar on stderr.
@@ -706,7 +691,7 @@ def evaluate_model(
         size = size_on_disk(saved_path, weights_only=True)
         source = "weight files on disk"
     else:
-        size, source = weights_bytes(model), "state dict in memory"
+        size, source = weight_bytes(model), "state dict in memory"
     return EvaluationResult(
         perplexity=ppl.perplexity,
         nll=ppl.nll,

@@ -56,13 +56,19 @@ def atomic_output_dir(out: str | os.PathLike[str], *, overwrite: bool = False) -
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write a file through a temporary sibling and a rename, so readers never see half of it."""
+    """Write a file through a temporary sibling and a rename, so readers never see half of it.
+
+    The one atomic file writer: plans, checkpoint states and ``--json`` outputs all use it.
+    """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+            # On disk before the rename: a crash must not leave an empty file under the name.
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, final)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

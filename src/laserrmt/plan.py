@@ -15,6 +15,10 @@ Every weight is seen as an ``m × n`` (out × in) matrix. Three modes exist:
 ``keep``
     Leave the matrix alone.
 
+A rank fixes a plain truncated SVD, but not an activation-aware one (SVD-LLM, ASVD, FWSVD), whose
+factors come from calibration statistics: the plan's :class:`FactorSource` records how they are
+computed, so that a saved plan rebuilds the same model or refuses to.
+
 Factorizing pays only when ``k(m + n) < m·n``, i.e. ``k < m·n / (m + n)``
 (see :func:`factorize_pays`); :func:`resolve_mode` turns a requested mode into the one that
 makes sense for a given rank and says why.
@@ -25,7 +29,6 @@ from __future__ import annotations
 import json
 import operator
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,6 +214,115 @@ class ModuleDecision:
         )
 
 
+#: Fields a calibration record needs for a replay to draw the same windows again.
+CALIBRATION_FIELDS = ("source", "n_windows", "window", "seed", "tokens_sha256")
+
+
+@dataclass(frozen=True)
+class FactorSource:
+    """How the factors of a plan's ``factorize`` and ``denoise`` decisions are computed.
+
+    The rank alone does not fix a truncation: an activation-aware method (SVD-LLM, ASVD, FWSVD;
+    :mod:`laserrmt.surgery.whiten`) truncates a weighted SVD whose weights come from calibration
+    data. A plan records that data's source, so that replaying the plan recomputes the same
+    statistics and rebuilds the same model, or refuses (:meth:`missing`).
+
+    Attributes:
+        whiten: ``"none"`` (plain SVD of the weight, needs nothing) or the whitening method.
+        floor: the relative floor the whitening ran with.
+        calibration: where the calibration windows came from: ``source`` (a name a replay
+            knows how to read), ``n_windows``, ``window``, ``seed`` and ``tokens_sha256`` (of
+            the windows' token ids, which a replay checks: another tokenizer gives other
+            windows). ``None`` when the factors need no data or their data cannot be named.
+        fisher_windows: with ``whiten="fisher"``, how many of the windows gave the Fisher.
+    """
+
+    whiten: str = "none"
+    floor: float | None = None
+    calibration: dict[str, Any] | None = None
+    fisher_windows: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.whiten, str) or not self.whiten:
+            raise PlanError(f"factors: whiten {self.whiten!r} is not a method name")
+        if self.floor is not None and (
+            isinstance(self.floor, bool)
+            or not isinstance(self.floor, int | float)
+            or not 0 < self.floor < 1
+        ):
+            raise PlanError(f"factors: floor {self.floor!r} is not a number in (0, 1)")
+        if self.calibration is not None and not isinstance(self.calibration, dict):
+            raise PlanError("factors: calibration must be a JSON object")
+        if self.fisher_windows is not None and not (
+            _is_int(self.fisher_windows) and self.fisher_windows >= 1
+        ):
+            raise PlanError(f"factors: fisher_windows {self.fisher_windows!r} is not a count ≥ 1")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.whiten != "none"
+
+    def missing(self) -> str | None:
+        """Why a replay cannot recompute these factors (one line), or ``None`` when it can."""
+        if not self.needs_calibration:
+            return None
+        what = f"factors whitened with {self.whiten!r}"
+        if self.calibration is None:
+            return (
+                f"the plan's {what} do not record the calibration data they were computed on; "
+                "regenerate the plan with laserrmt compress"
+            )
+        absent = [key for key in CALIBRATION_FIELDS if key not in self.calibration]
+        if self.floor is None:
+            absent.append("floor")
+        if self.whiten == "fisher" and self.fisher_windows is None:
+            absent.append("fisher_windows")
+        if absent:
+            return (
+                f"the plan's {what} lack {', '.join(absent)} of their calibration record; "
+                "regenerate the plan with laserrmt compress"
+            )
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "whiten": self.whiten,
+            "floor": self.floor,
+            "calibration": None if self.calibration is None else dict(self.calibration),
+            "fisher_windows": self.fisher_windows,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> FactorSource:
+        if not isinstance(data, Mapping):
+            raise PlanError(f"plan 'factors' must be a JSON object, got {type(data).__name__}")
+        known = {"whiten", "floor", "calibration", "fisher_windows"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PlanError(
+                f"plan 'factors' has unknown field(s) {', '.join(unknown)}; "
+                f"allowed: {', '.join(sorted(known))}"
+            )
+        calibration = data.get("calibration")
+        return cls(
+            whiten=data.get("whiten", "none"),
+            floor=data.get("floor"),
+            calibration=dict(calibration) if isinstance(calibration, Mapping) else calibration,
+            fisher_windows=data.get("fisher_windows"),
+        )
+
+    @classmethod
+    def inferred(cls, decisions: Iterable[ModuleDecision]) -> FactorSource:
+        """For a plan saved without ``factors``: plain SVD, unless a decision says its factors
+        were whitened (budget plans of laserrmt ≤ 0.1 record it in their extras); then a source
+        without calibration, which :meth:`missing` refuses rather than replaying plain SVD."""
+        for decision in decisions:
+            whiten = decision.extras.get("whiten", "none")
+            if decision.mode != "keep" and whiten != "none":
+                return cls(whiten=str(whiten))
+        return cls()
+
+
 @dataclass
 class CompressionPlan:
     """An ordered mapping from module name to :class:`ModuleDecision`, with its provenance.
@@ -219,11 +331,13 @@ class CompressionPlan:
         decisions: module name → decision, in application order.
         method: the method that produced the plan (``"laser"``, ``"budget"``, ``"manual"``...).
         settings: the options it ran with (JSON-serializable).
+        factors: how the factors are computed (plain SVD unless a method whitened them).
     """
 
     decisions: dict[str, ModuleDecision]
     method: str = "manual"
     settings: dict[str, Any] = field(default_factory=dict)
+    factors: FactorSource = field(default_factory=FactorSource)
 
     def __post_init__(self) -> None:
         for name, decision in self.decisions.items():
@@ -238,6 +352,7 @@ class CompressionPlan:
         decisions: Iterable[ModuleDecision],
         method: str = "manual",
         settings: Mapping[str, Any] | None = None,
+        factors: FactorSource | None = None,
     ) -> CompressionPlan:
         """Build a plan from decisions in order; a module named twice is an error."""
         ordered: dict[str, ModuleDecision] = {}
@@ -245,7 +360,7 @@ class CompressionPlan:
             if decision.module in ordered:
                 raise PlanError(f"module {decision.module} appears twice in the plan")
             ordered[decision.module] = decision
-        return cls(ordered, method, dict(settings or {}))
+        return cls(ordered, method, dict(settings or {}), factors or FactorSource())
 
     def __len__(self) -> int:
         return len(self.decisions)
@@ -294,6 +409,7 @@ class CompressionPlan:
             "format_version": PLAN_FORMAT_VERSION,
             "method": self.method,
             "settings": dict(self.settings),
+            "factors": self.factors.to_dict(),
             "modules": {name: d.to_dict() for name, d in self.decisions.items()},
         }
 
@@ -315,7 +431,12 @@ class CompressionPlan:
         if not isinstance(settings, Mapping):
             raise PlanError("plan 'settings' must be a JSON object")
         decisions = {name: ModuleDecision.from_dict(name, d) for name, d in modules.items()}
-        return cls(decisions, str(data.get("method", "manual")), dict(settings))
+        factors = (
+            FactorSource.from_dict(data["factors"])
+            if "factors" in data
+            else FactorSource.inferred(decisions.values())
+        )
+        return cls(decisions, str(data.get("method", "manual")), dict(settings), factors)
 
     def to_json(self) -> str:
         """Readable JSON (indent 2, UTF-8 characters kept) for saving and editing by hand."""
@@ -326,20 +447,9 @@ class CompressionPlan:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the plan as JSON atomically (temporary file in the same folder, then rename)."""
-        target = Path(path)
-        text = self.to_json() + "\n"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return target
+        from laserrmt.outputs import write_text_atomic
+
+        return write_text_atomic(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CompressionPlan:
@@ -400,3 +510,254 @@ def _json_default(value: object) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     raise TypeError(f"{type(value).__name__} is not JSON-serializable")
+
+
+# ---------------------------------------------------------------------------------------------
+# Width decisions
+
+#: Version of the JSON layout written by :meth:`WidthPlan.save`.
+WIDTH_PLAN_FORMAT_VERSION = 1
+
+_UNIT_KINDS = ("mlp", "channels")
+_WIDTH_KINDS = ("mlp", "channels", "attn_vo", "attn_qk", "residual")
+
+
+@dataclass
+class WidthDecision:
+    """How wide one hidden width stays.
+
+    Attributes:
+        site: the site's name (see :func:`laserrmt.models.widths.find_width_sites`).
+        kind: ``"mlp"``, ``"channels"``, ``"attn_vo"``, ``"attn_qk"`` or ``"residual"``.
+        width: the width before the cut.
+        kept_width: the width after it (attention: heads × the per-head width).
+        producers, followers, consumer: the modules of the site (see ``WidthSite``).
+        kept: the kept units of an ``mlp`` or ``channels`` site (sorted); ``None`` for sites
+            that keep *directions*, which the replay recomputes from statistics.
+        reason: one line for people reading the plan.
+        extras: method-specific JSON-serializable values (noise level, MP edge...).
+    """
+
+    site: str
+    kind: str
+    width: int
+    kept_width: int
+    producers: tuple[str, ...] = ()
+    followers: tuple[str, ...] = ()
+    consumer: str = ""
+    kept: list[int] | None = None
+    reason: str = ""
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.site, str) or not self.site:
+            raise PlanError(f"width site name {self.site!r} is not a non-empty string")
+        where = f"width site {self.site}"
+        if self.kind not in _WIDTH_KINDS:
+            raise PlanError(f"{where}: unknown kind {self.kind!r}; use {', '.join(_WIDTH_KINDS)}")
+        self.width, self.kept_width = _plain_int(self.width), _plain_int(self.kept_width)
+        if not (_is_int(self.width) and _is_int(self.kept_width)):
+            raise PlanError(f"{where}: width and kept_width must be integers")
+        if not 1 <= self.kept_width <= self.width:
+            raise PlanError(
+                f"{where}: kept_width {self.kept_width} is outside 1..{self.width} (its width)"
+            )
+        self.producers, self.followers = tuple(self.producers), tuple(self.followers)
+        if self.kind != "residual" and (not self.producers or not self.consumer):
+            raise PlanError(f"{where}: a {self.kind} site names its producers and consumer")
+        if self.kind in _UNIT_KINDS:
+            kept = [_plain_int(u) for u in (self.kept or [])]
+            if (
+                len(kept) != self.kept_width
+                or len(set(kept)) != len(kept)
+                or not all(_is_int(u) and 0 <= u < self.width for u in kept)
+            ):
+                raise PlanError(
+                    f"{where}: 'kept' must list {self.kept_width} distinct units below {self.width}"
+                )
+            self.kept = sorted(kept)
+        elif self.kept is not None:
+            raise PlanError(f"{where}: a {self.kind} site keeps directions, not units; drop 'kept'")
+        if not isinstance(self.extras, dict):
+            raise PlanError(f"{where}: extras must be a JSON object")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready mapping."""
+        return {
+            "site": self.site,
+            "kind": self.kind,
+            "width": self.width,
+            "kept_width": self.kept_width,
+            "producers": list(self.producers),
+            "followers": list(self.followers),
+            "consumer": self.consumer,
+            "kept": None if self.kept is None else list(self.kept),
+            "reason": self.reason,
+            "extras": dict(self.extras),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> WidthDecision:
+        """Build and validate a decision from :meth:`to_dict` output (or a hand-edited copy)."""
+        if not isinstance(data, Mapping):
+            raise PlanError(f"a width decision must be a JSON object, got {type(data).__name__}")
+        name = data.get("site", "?")
+        missing = [key for key in ("site", "kind", "width", "kept_width") if key not in data]
+        if missing:
+            raise PlanError(f"width site {name}: missing field(s) {', '.join(missing)}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PlanError(
+                f"width site {name}: unknown field(s) {', '.join(unknown)}; "
+                f"allowed: {', '.join(sorted(known))}"
+            )
+        for key in ("producers", "followers"):
+            if not isinstance(data.get(key, []), list | tuple):
+                raise PlanError(f"width site {name}: {key} must be a list of module names")
+        kept = data.get("kept")
+        if kept is not None and not isinstance(kept, list | tuple):
+            raise PlanError(f"width site {name}: kept must be a list of unit indices or null")
+        return cls(
+            site=data["site"],
+            kind=data["kind"],
+            width=data["width"],
+            kept_width=data["kept_width"],
+            producers=tuple(str(p) for p in data.get("producers", ())),
+            followers=tuple(str(p) for p in data.get("followers", ())),
+            consumer=str(data.get("consumer", "")),
+            kept=None if kept is None else list(kept),
+            reason=str(data.get("reason", "")),
+            extras=data.get("extras", {}),
+        )
+
+
+@dataclass
+class WidthPlan:
+    """An ordered list of :class:`WidthDecision`: the width decision of a run, replayable.
+
+    The cuts are applied in order, each on the model the earlier ones left, by
+    :func:`laserrmt.surgery.apply.apply_plan` (``calibration=`` the batches the plan was made
+    with). Where a cut keeps directions rather than units, and for the reconstruction of the
+    dropped units, the replay recomputes what it needs from activation statistics of those
+    batches; ``calibration`` holds their ``fingerprint`` (and, from the RMT-KD pipeline, how to
+    rebuild them: task, dataset, windows, seed), so a replay on other data is refused.
+
+    Attributes:
+        decisions: in application order.
+        method: the method that produced the plan (``"rmt-kd"``, ``"manual"``...).
+        settings: the options it ran with.
+        calibration: ``fingerprint`` of the calibration batches, and optionally their recipe.
+        trained: empty when the cuts alone made the run's model; otherwise why not (the run
+            distilled or fine-tuned weights, which a plan does not hold): replay is refused.
+    """
+
+    decisions: list[WidthDecision]
+    method: str = "manual"
+    settings: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    trained: str = ""
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        for decision in self.decisions:
+            if decision.site in seen:
+                raise PlanError(f"width site {decision.site} appears twice in the plan")
+            seen.add(decision.site)
+
+    def __len__(self) -> int:
+        return len(self.decisions)
+
+    def __iter__(self) -> Iterator[WidthDecision]:
+        return iter(self.decisions)
+
+    def check_replayable(self) -> None:
+        """Raise :class:`PlanError` when the cuts alone do not rebuild the run's model."""
+        if self.trained:
+            raise PlanError(
+                f"this width plan cannot rebuild its model: {self.trained}; load the saved "
+                "model folder instead, or make the plan without training (--steps-per-cut 0)"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready mapping; ``"kind": "width"`` tells it from a :class:`CompressionPlan`."""
+        return {
+            "format_version": WIDTH_PLAN_FORMAT_VERSION,
+            "kind": "width",
+            "method": self.method,
+            "settings": dict(self.settings),
+            "calibration": dict(self.calibration),
+            "trained": self.trained,
+            "sites": [d.to_dict() for d in self.decisions],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> WidthPlan:
+        """Build and validate a plan from :meth:`to_dict` output (or a hand-edited copy)."""
+        if not isinstance(data, Mapping):
+            raise PlanError(f"a width plan must be a JSON object, got {type(data).__name__}")
+        if data.get("kind") != "width":
+            raise PlanError('not a width plan: it lacks "kind": "width"')
+        version = data.get("format_version")
+        if version != WIDTH_PLAN_FORMAT_VERSION:
+            raise PlanError(
+                f"width plan format_version {version!r} is not supported (this laserrmt reads "
+                f"{WIDTH_PLAN_FORMAT_VERSION}); regenerate the plan with this version"
+            )
+        sites = data.get("sites")
+        if not isinstance(sites, list):
+            raise PlanError("width plan has no 'sites' list")
+        for key in ("settings", "calibration"):
+            if not isinstance(data.get(key, {}), Mapping):
+                raise PlanError(f"width plan '{key}' must be a JSON object")
+        return cls(
+            [WidthDecision.from_dict(d) for d in sites],
+            str(data.get("method", "manual")),
+            dict(data.get("settings", {})),
+            dict(data.get("calibration", {})),
+            str(data.get("trained", "")),
+        )
+
+    def to_json(self) -> str:
+        """Readable JSON (indent 2) for saving and editing by hand."""
+        try:
+            return json.dumps(self.to_dict(), indent=2, ensure_ascii=False, default=_json_default)
+        except (TypeError, ValueError) as exc:
+            raise PlanError(f"width plan cannot be written as JSON: {exc}") from None
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the plan as JSON atomically."""
+        from laserrmt.outputs import write_text_atomic
+
+        return write_text_atomic(path, self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> WidthPlan:
+        """Read and validate a plan written by :meth:`save` (or edited by hand)."""
+        plan = load_plan(path)
+        if not isinstance(plan, WidthPlan):
+            raise PlanError(f"plan file {path} holds a rank plan, not a width plan")
+        return plan
+
+
+def load_plan(path: str | os.PathLike[str]) -> CompressionPlan | WidthPlan:
+    """Read a saved plan of either kind: a :class:`WidthPlan` when it says ``"kind": "width"``,
+    else a :class:`CompressionPlan`."""
+    source = Path(path)
+    try:
+        data = json.loads(source.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PlanError(f"plan file {source} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlanError(f"plan file {source} cannot be read: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise PlanError(
+            f"plan file {source} is not valid JSON (line {exc.lineno}, column {exc.colno}: "
+            f"{exc.msg}); fix the file or regenerate it"
+        ) from None
+    if isinstance(data, Mapping) and data.get("kind") == "width":
+        try:
+            return WidthPlan.from_dict(data)
+        except PlanError as exc:
+            raise PlanError(f"plan file {source}: {exc}") from None
+    return CompressionPlan.load(source)

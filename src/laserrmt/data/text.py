@@ -35,6 +35,7 @@ used for calibration, and :func:`text_file_windows`, any UTF-8 text file of the 
 from __future__ import annotations
 
 import bz2
+import hashlib
 import importlib.util
 import os
 from collections.abc import Sequence
@@ -136,7 +137,25 @@ def calibration_texts() -> list[str]:
     return [a for i, a in enumerate(_articles()) if i % 5 != 4]
 
 
-def _token_ids(tokenizer: Any, text: str) -> list[int]:
+# Tokenizing the calibration split takes seconds and every method, evaluation and benchmark in
+# one process asks for it again: the ids of the last few (tokenizer, text) pairs are kept.
+_TOKEN_CACHE: dict[tuple[str, str], np.ndarray] = {}
+_TOKEN_CACHE_SIZE = 4
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> str | None:
+    """A digest of a fast tokenizer's full definition; ``None`` for anything else (not cached)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    return hashlib.sha256(backend.to_str().encode()).hexdigest()
+
+
+def _token_ids(tokenizer: Any, text: str) -> np.ndarray:
+    fingerprint = _tokenizer_fingerprint(tokenizer)
+    key = (fingerprint or "", hashlib.sha256(text.encode()).hexdigest())
+    if fingerprint is not None and key in _TOKEN_CACHE:
+        return _TOKEN_CACHE[key]
     from transformers import PreTrainedTokenizerBase
 
     if isinstance(tokenizer, PreTrainedTokenizerBase):
@@ -145,7 +164,13 @@ def _token_ids(tokenizer: Any, text: str) -> list[int]:
         encoded = tokenizer(text, add_special_tokens=False, verbose=False)
     else:
         encoded = tokenizer(text, add_special_tokens=False)
-    return list(encoded["input_ids"])
+    ids = np.asarray(encoded["input_ids"], dtype=np.int64)
+    ids.setflags(write=False)
+    if fingerprint is not None:
+        if len(_TOKEN_CACHE) >= _TOKEN_CACHE_SIZE:
+            del _TOKEN_CACHE[next(iter(_TOKEN_CACHE))]
+        _TOKEN_CACHE[key] = ids
+    return ids
 
 
 def _check_window_request(window: int, n_windows: int | None) -> None:
@@ -158,7 +183,7 @@ def _check_window_request(window: int, n_windows: int | None) -> None:
 
 
 def _cut(
-    ids: Sequence[int], window: int, n_windows: int | None, seed: int | None, what: str
+    ids: np.ndarray, window: int, n_windows: int | None, seed: int | None, what: str
 ) -> torch.Tensor:
     available = len(ids) // window
     wanted = available if n_windows is None else n_windows

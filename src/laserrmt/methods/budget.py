@@ -4,13 +4,14 @@ The seed's "global budget → inter-layer allocation → intra-layer optimisatio
 inputs give every target its input Gram matrix (streamed block by block); each weight is
 decomposed in the space that matches its output error (SVD-LLM whitening, ASVD scaling, FWSVD
 Fisher weighting, or none); the tail energies of those spectra are the loss curves from which
-:func:`laserrmt.budget.allocate_ranks` removes directions globally, least weighted loss per
+:func:`laserrmt.allocation.allocate_ranks` removes directions globally, least weighted loss per
 parameter saved first. ``allocation="uniform"`` gives every matrix the same ratio instead (the
 SVD-LLM / ASVD recipe), for comparison at equal size.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,24 +21,28 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from laserrmt.budget import (
+from laserrmt.allocation import (
     Allocation,
     LossCurve,
     allocate_ranks,
     allocation_to_plan,
     largest_paying_rank,
 )
-from laserrmt.errors import BudgetError, InvalidOptionError
+from laserrmt.errors import BudgetError, InvalidOptionError, PlanError
 from laserrmt.models.architectures import is_causal_lm, is_embedding_or_head
 from laserrmt.models.targets import Target, weight_matrix
-from laserrmt.plan import CompressionPlan, ModuleDecision
+from laserrmt.plan import CompressionPlan, FactorSource, ModuleDecision
 from laserrmt.rmt import choose_rank
-from laserrmt.stats.calibration import collect_fisher_diagonal, collect_input_statistics
+from laserrmt.stats.calibration import (
+    ActivationStatistics,
+    collect_fisher_diagonal,
+    collect_input_statistics,
+)
 from laserrmt.stats.importance import IMPORTANCE_KINDS, layer_importance
 from laserrmt.surgery.io import weight_bytes
 from laserrmt.surgery.lowrank import LowRankLinear
 from laserrmt.surgery.quantize import int8_matrix_bytes, is_quantizable
-from laserrmt.surgery.whiten import WHITEN_METHODS, WeightedSVD, weighted_svd
+from laserrmt.surgery.whiten import DEFAULT_FLOOR, WHITEN_METHODS, WeightedSVD, weighted_svd
 
 ALLOCATIONS = ("global", "uniform")
 
@@ -62,6 +67,8 @@ def budget_plan(
     allocation: str = "global",
     importance: str = "auto",
     fisher_windows: int = 4,
+    floor: float = DEFAULT_FLOOR,
+    calibration_source: Mapping[str, Any] | None = None,
     settings: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> BudgetOutcome:
@@ -70,6 +77,11 @@ def budget_plan(
     The budget is ``target_params`` (the fraction of target parameters to remove) or
     ``target_bytes`` (the weights' bytes after compression and, with ``quantize="int8"``,
     quantization; see :func:`planned_weight_bytes`); the latter needs ``allocation="global"``.
+    ``floor`` is the whitening's relative floor. ``calibration_source`` names where the
+    ``calibration`` windows came from (``source``, ``n_windows``, ``window``, ``seed``; see
+    :class:`~laserrmt.plan.FactorSource`): the plan records it so that a replay recomputes the
+    same whitened factors (:func:`replay_factors`); without it a whitened plan cannot be
+    replayed and says so.
     """
     _check(whiten, allocation, importance, target_params, target_bytes)
     if importance == "auto":
@@ -77,29 +89,15 @@ def budget_plan(
     names = [t.name for t in targets]
     batches = list(calibration.split(1))
     stats = collect_input_statistics(model, batches, names, blockwise=True, progress=progress)
-    fisher: dict[str, torch.Tensor | None] = dict.fromkeys(names)
+    fisher: dict[str, torch.Tensor] = {}
     if whiten == "fisher" or importance == "fisher":
         # A whole-model backward per window: a few windows rank layers well enough.
-        fisher.update(
-            collect_fisher_diagonal(model, batches[:fisher_windows], names, progress=progress)
-        )
-    spectra: dict[str, WeightedSVD] = {}
-    free_ranks: dict[str, int] = {}
-    for target in tqdm(
-        targets, desc=f"weighted SVD ({whiten})", unit="matrix", disable=not progress
-    ):
-        s = stats[target.name]
-        spectra[target.name] = weighted_svd(
-            weight_matrix(model.get_submodule(target.name)),
-            whiten=whiten,
-            gram=s.gram,
-            n_samples=s.n_samples,
-            fisher=fisher[target.name],
-            module=target.name,
-        )
-        # The RMT rule in the weighted space: directions standing above the MP bulk.
-        values = spectra[target.name].s.numpy()
-        free_ranks[target.name] = choose_rank(values, target.shape, "mp").rank
+        fisher = collect_fisher_diagonal(model, batches[:fisher_windows], names, progress=progress)
+    spectra = weighted_decompositions(model, names, whiten, stats, fisher, floor, progress)
+    # The RMT rule in the weighted space: directions standing above the MP bulk.
+    free_ranks = {
+        t.name: choose_rank(spectra[t.name].s.numpy(), t.shape, "mp").rank for t in targets
+    }
     curves = {
         name: LossCurve(t.shape, spectra[name].s.numpy())
         for name, t in zip(names, targets, strict=True)
@@ -127,8 +125,86 @@ def budget_plan(
         else:
             chosen = allocate_ranks(curves, target_fraction=target_params, importance=scores)
         plan = allocation_to_plan(chosen, method="budget", settings=settings, extras=extras)
+    plan.factors = FactorSource(
+        whiten=whiten,
+        floor=floor if whiten != "none" else None,
+        calibration=(
+            {**calibration_source, "tokens_sha256": windows_digest(calibration)}
+            if whiten != "none" and calibration_source is not None
+            else None
+        ),
+        fisher_windows=fisher_windows if whiten == "fisher" else None,
+    )
     cache = {name: spectra[name].as_tuple() for name in names}
     return BudgetOutcome(plan, cache, chosen, free_ranks)
+
+
+def weighted_decompositions(
+    model: nn.Module,
+    names: Sequence[str],
+    whiten: str,
+    stats: Mapping[str, ActivationStatistics],
+    fisher: Mapping[str, torch.Tensor],
+    floor: float,
+    progress: bool = True,
+) -> dict[str, WeightedSVD]:
+    """Every named weight's generalised SVD for ``whiten``, from the statistics it needs."""
+    spectra: dict[str, WeightedSVD] = {}
+    for name in tqdm(names, desc=f"weighted SVD ({whiten})", unit="matrix", disable=not progress):
+        s = stats.get(name)
+        spectra[name] = weighted_svd(
+            weight_matrix(model.get_submodule(name)),
+            whiten=whiten,
+            gram=None if s is None else s.gram,
+            n_samples=None if s is None else s.n_samples,
+            fisher=fisher.get(name),
+            floor=floor,
+            module=name,
+        )
+    return spectra
+
+
+def replay_factors(
+    model: nn.Module, plan: CompressionPlan, calibration: torch.Tensor, progress: bool = True
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The factors of ``plan``'s changed modules, recomputed as :attr:`CompressionPlan.factors`
+    says (only the statistics the whitening needs) on ``calibration``, the windows it names;
+    the SVD cache for :func:`~laserrmt.surgery.apply.apply_plan`.
+
+    Raises:
+        PlanError: the plan does not say enough to recompute its factors, or ``calibration`` is
+            not the windows it was made with.
+    """
+    factors = plan.factors
+    problem = factors.missing()
+    if problem:
+        raise PlanError(problem)
+    if factors.calibration is not None and (
+        windows_digest(calibration) != factors.calibration["tokens_sha256"]
+    ):
+        raise PlanError(
+            "the calibration windows drawn for the plan differ from those it was made with "
+            "(another tokenizer or text); replay it with the model and tokenizer it was made for"
+        )
+    names = [d.module for d in plan if d.mode != "keep"]
+    batches = list(calibration.split(1))
+    stats = {}
+    if factors.whiten in ("svdllm", "asvd"):
+        stats = collect_input_statistics(model, batches, names, blockwise=True, progress=progress)
+    fisher = {}
+    if factors.whiten == "fisher":
+        fisher = collect_fisher_diagonal(
+            model, batches[: factors.fisher_windows], names, progress=progress
+        )
+    floor = DEFAULT_FLOOR if factors.floor is None else factors.floor
+    spectra = weighted_decompositions(model, names, factors.whiten, stats, fisher, floor, progress)
+    return {name: spectra[name].as_tuple() for name in names}
+
+
+def windows_digest(windows: torch.Tensor) -> str:
+    """SHA-256 of token-id windows (shape and values), to tell whether two draws agree."""
+    ids = windows.detach().cpu().to(torch.int64).contiguous().numpy().astype("<i8")
+    return hashlib.sha256(repr(ids.shape).encode() + ids.tobytes()).hexdigest()
 
 
 def uniform_plan(

@@ -78,6 +78,8 @@ def rank_candidates(analysis: AnalysisResult, score: str) -> list[dict[str, Any]
 def _decision(record: dict[str, Any], mode: str, method: str) -> ModuleDecision:
     shape = (record["shape"][0], record["shape"][1])
     chosen, reason = resolve_mode(shape, max(1, record["rank_kept"]), mode)
+    if record.get("status", "ok") != "ok":  # the threshold found no noise edge to cut at
+        chosen, reason = "keep", f"kept whole: {method} threshold status {record['status']}"
     return ModuleDecision(
         module=record["module"],
         shape=shape,

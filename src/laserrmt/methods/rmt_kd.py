@@ -2,11 +2,11 @@
 
 The schedule of arXiv 2509.15724 (method.md §6), as a composition of shared parts:
 
-1. for each site, shallow to deep: stream the second moment of its hidden representation over
-   the calibration batches (:func:`laserrmt.surgery.width.collect_site_statistics`);
-2. ``k`` = the number of directions above the Marchenko–Pastur edge
-   (:func:`laserrmt.surgery.width.activation_rank`, τ-quantile start, ``mp_fit`` or
-   ``veraart`` noise estimate);
+1. for each site, shallow to deep: stream the statistics of its hidden representation over
+   the calibration batches (:func:`laserrmt.stats.activations.collect_site_statistics`);
+2. ``k`` = the number of directions of its covariance above the Marchenko–Pastur edge, with the
+   effective sample size of correlated tokens (:func:`laserrmt.stats.activations.site_rank`,
+   τ-quantile start, ``mp_fit`` or ``veraart`` noise estimate);
 3. cut the site to ``k`` (:func:`laserrmt.surgery.width.cut_width`);
 4. self-distil for a few steps from the model as it was before this cut
    (:func:`laserrmt.distill.distill`);
@@ -19,6 +19,11 @@ The schedule of arXiv 2509.15724 (method.md §6), as a composition of shared par
      **reverted** (comparing with the baseline, not the previous cut, keeps the total loss
      within the tolerance);
    * the parameter count is at or under ``target_params``: the schedule **stops**.
+
+The result carries the run's width decision as a :class:`~laserrmt.plan.WidthPlan` (the kept
+cuts, in order, and the fingerprint of the calibration batches); with ``steps_per_cut=0`` (no
+distillation) :func:`laserrmt.surgery.apply.apply_plan` replays it on the original model and
+gets the run's model.
 
 Checkpoints: after every site the model (``save_compressed``) and a JSON state (next site,
 records, settings, seeds) are written to ``checkpoint_dir``; ``resume=True`` continues from
@@ -41,21 +46,21 @@ from typing import Any
 from torch import nn
 
 from laserrmt.distill import TASKS, Task, distill, model_inputs
-from laserrmt.errors import InvalidOptionError
-from laserrmt.surgery.width import (
-    WidthSite,
-    collect_site_statistics,
-    count_parameters,
-    cut_width,
-    find_width_sites,
-    site_rank,
-)
+from laserrmt.errors import InvalidOptionError, PlanError
+from laserrmt.evaluate import count_parameters
+from laserrmt.models.widths import WidthSite, find_width_sites
+from laserrmt.outputs import write_text_atomic
+from laserrmt.plan import WidthDecision, WidthPlan
+from laserrmt.stats.activations import collect_site_statistics, site_rank
+from laserrmt.stats.forward import batches_fingerprint
+from laserrmt.surgery.width import cut_width
 
 __all__ = [
     "DEFAULT_TOLERANCE",
     "RMTKDResult",
     "SiteRecord",
     "fine_tune_classifier",
+    "replay_calibration",
     "rmt_kd",
     "run_rmt_kd",
     "sequence_classifier_from_encoder",
@@ -114,6 +119,7 @@ class RMTKDResult:
     wall_s: float
     finished: bool = True
     sites: list[WidthSite] = field(default_factory=list)
+    plan: WidthPlan = field(default_factory=lambda: WidthPlan([]))
 
     @property
     def parameter_reduction(self) -> float:
@@ -131,6 +137,7 @@ class RMTKDResult:
             "settings": self.settings,
             "wall_s": self.wall_s,
             "finished": self.finished,
+            "plan": self.plan.to_dict(),
         }
 
 
@@ -149,6 +156,10 @@ def _check_options(
         raise InvalidOptionError(f"tolerance={tolerance}; use a non-negative metric drop")
     if steps < 0 or lr <= 0:
         raise InvalidOptionError(f"steps_per_cut={steps}, lr={lr}; use steps ≥ 0 and lr > 0")
+
+
+def _parameters(model: nn.Module) -> int:
+    return count_parameters(model)["params_total"]
 
 
 def _resolve_sites(model: nn.Module, sites: Sequence[WidthSite | str] | None) -> list[WidthSite]:
@@ -185,12 +196,6 @@ def _resolve_sites(model: nn.Module, sites: Sequence[WidthSite | str] | None) ->
     return resolved
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _save_checkpoint(
     folder: Path, model: nn.Module, state: dict[str, Any], settings: dict[str, Any]
 ) -> None:
@@ -203,7 +208,7 @@ def _save_checkpoint(
     save_compressed(model, folder / name, settings={"rmt_kd": settings}, overwrite=True)
     previous = state.get("model_folder")
     state["model_folder"] = name
-    _write_json_atomic(folder / STATE_FILE, state)
+    write_text_atomic(folder / STATE_FILE, json.dumps(state, indent=2) + "\n")
     if previous and previous != name:
         shutil.rmtree(folder / previous, ignore_errors=True)
 
@@ -298,7 +303,7 @@ def rmt_kd(
         "seed": seed,
     }
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    parameters_before = count_parameters(original)
+    parameters_before = _parameters(original)
 
     state: dict[str, Any] | None = None
     if resume:
@@ -315,12 +320,14 @@ def rmt_kd(
     if state is not None:
         work = _load_checkpoint(folder, original, state)  # type: ignore[arg-type]
         records = [SiteRecord(**r) for r in state["records"]]
+        decisions = [WidthDecision.from_dict(d) for d in state.get("decisions", [])]
         baseline = float(state["baseline_metric"])
         first = int(state["next_site"])
         elapsed_before = float(state.get("wall_s", 0.0))
     else:
         work = copy.deepcopy(original).eval()
         records = []
+        decisions = []
         baseline = float(validate(work))
         first = 0
         elapsed_before = 0.0
@@ -339,7 +346,7 @@ def rmt_kd(
         site = site_list[index]
         site_seed = seed + index
         t0 = time.perf_counter()
-        params_now = count_parameters(work)
+        params_now = _parameters(work)
         if target_params is not None and params_now <= target_params:
             records.append(
                 SiteRecord(
@@ -412,8 +419,9 @@ def rmt_kd(
                 work = teacher
             else:
                 record.status = "kept"
-                record.parameters_after = count_parameters(work)
+                record.parameters_after = _parameters(work)
                 current_metric = metric
+                decisions.append(_decision(site, cut.width_after, cut.kept, record))
             del teacher
         record.wall_s = time.perf_counter() - t0
         records.append(record)
@@ -428,6 +436,7 @@ def rmt_kd(
         if folder is not None:
             state["next_site"] = index + 1
             state["records"] = [r.to_dict() for r in records]
+            state["decisions"] = [d.to_dict() for d in decisions]
             state["wall_s"] = elapsed_before + time.perf_counter() - start
             _save_checkpoint(folder, work, state, settings)
 
@@ -437,11 +446,37 @@ def rmt_kd(
         baseline_metric=baseline,
         final_metric=current_metric,
         parameters_before=parameters_before,
-        parameters_after=count_parameters(work),
+        parameters_after=_parameters(work),
         settings=settings,
         wall_s=elapsed_before + time.perf_counter() - start,
         finished=finished,
         sites=site_list,
+        plan=WidthPlan(
+            decisions,
+            "rmt-kd",
+            settings,
+            {"fingerprint": batches_fingerprint(calibration), "batches": len(calibration)},
+            trained=(
+                f"RMT-KD distilled for {steps_per_cut} steps after each cut"
+                if steps_per_cut > 0 and decisions
+                else ""
+            ),
+        ),
+    )
+
+
+def _decision(site: WidthSite, width: int, kept: list[int], record: SiteRecord) -> WidthDecision:
+    return WidthDecision(
+        site=site.name,
+        kind=site.kind,
+        width=site.width,
+        kept_width=width,
+        producers=site.producers,
+        followers=site.followers,
+        consumer=site.consumer,
+        kept=kept if site.kind in ("mlp", "channels") else None,
+        reason=f"{record.k_rmt} of {site.width} directions above the Marchenko–Pastur edge",
+        extras={"sigma": record.sigma, "edge": record.edge, "k_rmt": record.k_rmt},
     )
 
 
@@ -539,6 +574,51 @@ def fine_tune_classifier(
     return losses
 
 
+def _task_batches(recipe: dict[str, Any], tokenizer: Any) -> tuple[list[Any], list[Any], Any]:
+    """``(calibration, train, held-out)`` of the pipeline's data, from its recipe.
+
+    ``causal-lm``: the held-out windows come first, the rest are calibration and training
+    batches; ``classification``: the first 10 % of the training batches calibrate, and the
+    held-out part is the whole data set (its ``validation`` split is used).
+    """
+    if recipe["task"] == "causal-lm":
+        from laserrmt.data.text import calibration_windows
+
+        windows = calibration_windows(
+            tokenizer, n_windows=recipe["n_windows"], window=recipe["window"], seed=recipe["seed"]
+        )
+        split = recipe["validation_windows"]
+        calibration = [w.unsqueeze(0) for w in windows[split:]]
+        return calibration, calibration, windows[:split]
+    from laserrmt.data.classification import bbc_news_batches
+
+    data = bbc_news_batches(
+        tokenizer,
+        max_length=recipe["max_length"],
+        batch_size=recipe["batch_size"],
+        seed=recipe["seed"],
+    )
+    return data.train[: max(len(data.train) // 10, 1)], data.train, data
+
+
+def replay_calibration(plan: WidthPlan, tokenizer: Any) -> list[Any]:
+    """The calibration batches of the :func:`run_rmt_kd` run that made ``plan``, rebuilt from
+    the recipe it records, as :func:`laserrmt.surgery.apply.apply_plan` takes them.
+
+    Raises:
+        PlanError: the plan records no recipe (it was made from batches given in Python: pass
+            those to ``apply_plan(..., calibration=...)``).
+    """
+    recipe = plan.calibration.get("recipe")
+    if not isinstance(recipe, dict) or recipe.get("task") not in DATASETS:
+        raise PlanError(
+            "this width plan records no data recipe (it was made from batches given in Python); "
+            "replay it with apply_plan(model, plan, calibration=those batches)"
+        )
+    calibration, _, _ = _task_batches(recipe, tokenizer)
+    return [model_inputs(b, recipe["task"]) for b in calibration]
+
+
 def run_rmt_kd(
     model: nn.Module,
     tokenizer: Any,
@@ -591,6 +671,9 @@ def run_rmt_kd(
     ``checkpoint_dir``, ``resume`` and ``max_cuts`` are those of :func:`rmt_kd` (a run
     sliced with ``max_cuts`` and resumed gives the model after each cut).
 
+    The result's width plan records how its calibration batches were made, so that
+    :func:`replay_calibration` rebuilds them for a replay.
+
     The result's ``settings`` record every option; with ``out_dir`` the compressed model is
     written by :func:`laserrmt.surgery.io.save_compressed` (tokenizer included, RMT-KD records
     in ``laserrmt.json``), and it loads back with :func:`laserrmt.load`.
@@ -608,46 +691,37 @@ def run_rmt_kd(
     if tokenizer is None:
         raise InvalidOptionError("RMT-KD tokenizes its data; pass the model's tokenizer")
     tolerance = DEFAULT_TOLERANCE[task] if tolerance is None else tolerance
-    extra: dict[str, Any] = {"dataset": dataset}
+    if task == "causal-lm" and not 0 < validation_windows < n_windows:
+        raise InvalidOptionError(
+            f"validation_windows={validation_windows} of n_windows={n_windows}; keep some "
+            "windows for calibration and training"
+        )
+    recipe: dict[str, Any] = {"task": task, "dataset": dataset, "seed": seed}
     if task == "causal-lm":
-        from laserrmt.data.text import calibration_windows
-
-        if not 0 < validation_windows < n_windows:
-            raise InvalidOptionError(
-                f"validation_windows={validation_windows} of n_windows={n_windows}; keep some "
-                "windows for calibration and training"
-            )
-        windows = calibration_windows(tokenizer, n_windows=n_windows, window=window, seed=seed)
-        held_out, rest = windows[:validation_windows], windows[validation_windows:]
-        calibration = [w.unsqueeze(0) for w in rest]
-        train: list[Any] = calibration
+        recipe.update(n_windows=n_windows, window=window, validation_windows=validation_windows)
+    else:
+        recipe.update(max_length=max_length, batch_size=batch_size)
+    calibration, train, held_out = _task_batches(recipe, tokenizer)
+    extra: dict[str, Any] = {k: v for k, v in recipe.items() if k not in ("task", "seed")}
+    if task == "causal-lm":
 
         def validate(m: nn.Module) -> float:
             return _negative_nll(m, held_out)
 
-        extra.update(
-            n_windows=n_windows, window=window, validation_windows=validation_windows, metric="-nll"
-        )
+        extra.update(metric="-nll")
     else:
-        from laserrmt.data.classification import bbc_news_batches
-
-        data = bbc_news_batches(tokenizer, max_length=max_length, batch_size=batch_size, seed=seed)
-        train = data.train
-        calibration = train[: max(len(train) // 10, 1)]
         if fine_tune_epochs > 0:
             fine_tune_classifier(
                 model, train, epochs=fine_tune_epochs, lr=fine_tune_lr, seed=seed, progress=progress
             )
 
         def validate(m: nn.Module) -> float:
-            return _accuracy(m, data.validation)
+            return _accuracy(m, held_out.validation)
 
         extra.update(
-            max_length=max_length,
-            batch_size=batch_size,
             fine_tune_epochs=fine_tune_epochs,
             fine_tune_lr=fine_tune_lr,
-            label_names=data.label_names,
+            label_names=held_out.label_names,
             metric="accuracy %",
         )
     result = rmt_kd(
@@ -673,6 +747,12 @@ def run_rmt_kd(
         progress=progress,
     )
     result.settings = {**result.settings, **extra}
+    result.plan.settings = result.settings
+    result.plan.calibration.update(recipe=recipe)
+    if fine_tune_epochs > 0:
+        result.plan.trained = (
+            f"the classifier was fine-tuned for {fine_tune_epochs} epoch(s) before the cuts"
+        )
     if out_dir is not None:
         from laserrmt.surgery.io import save_compressed
 

@@ -36,7 +36,7 @@ def plot_spectral_density(
     beta = small / big
     lam = np.asarray(singular_values, dtype=np.float64) ** 2 / big
     lo, hi = mp_support(beta, sigma) if sigma > 0 else (0.0, 0.0)
-    tw = choose_rank(singular_values, shape, "tw", sigma=sigma).edge
+    tw = choose_rank(singular_values, shape, "tw", sigma=sigma)
 
     # Log axis: the bulk and spikes orders of magnitude above it fit on one picture. Densities
     # are of u = log10 λ, so the MP law is drawn as ρ(λ)·λ·ln 10.
@@ -63,9 +63,14 @@ def plot_spectral_density(
             label=f"Marchenko–Pastur fit (σ={sigma:.3g})",
         )
         ax.axvline(np.log10(hi), color="#dd8452", ls="--", lw=1.2, label="MP edge")
-    ax.axvline(
-        np.log10(tw**2 / big), color="#55a868", ls=":", lw=1.4, label="Tracy–Widom edge (α=0.05)"
-    )
+    if tw.status == "ok" and tw.edge > 0:  # a spectrum too short has no edge to draw
+        ax.axvline(
+            np.log10(tw.edge**2 / big),
+            color="#55a868",
+            ls=":",
+            lw=1.4,
+            label="Tracy–Widom edge (α=0.05)",
+        )
     if kept_edge is not None and math.isfinite(kept_edge) and kept_edge > 0:
         ax.axvline(np.log10(kept_edge**2 / big), color="#c44e52", ls="-.", lw=1.2, label=kept_label)
     ax.set_ylim(0, 1.3 * float(np.max(counts)))

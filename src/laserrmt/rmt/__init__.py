@@ -3,11 +3,12 @@
 The weight view: for an m×n matrix, N = max(m, n), p = min(m, n), β = p/N, singular values
 s₁ ≥ … ≥ s_p, eigenvalues λ = s²/N. Entry point::
 
-    choice = choose_rank(s, (m, n), "mp")          # -> RankChoice(rank, sigma, edge, method, options)
+    choice = choose_rank(s, (m, n), "mp")          # -> RankChoice(rank, sigma, edge, method, options, status)
     row = spectrum_diagnostics(s, (m, n), choice)  # snr, entropy, stable rank, spikes, alpha
 
 Submodules: :mod:`~laserrmt.rmt.marchenko_pastur` (the noise law), :mod:`~laserrmt.rmt.noise`
 (σ estimators), :mod:`~laserrmt.rmt.tracy_widom` (edge fluctuations),
+:mod:`~laserrmt.rmt.null` (what pure noise does to a rule whose σ is estimated),
 :mod:`~laserrmt.rmt.thresholds` (rank rules), :mod:`~laserrmt.rmt.diagnostics`.
 """
 
@@ -29,6 +30,7 @@ from laserrmt.rmt.marchenko_pastur import (
     mp_density,
     mp_median,
     mp_quantile,
+    mp_share_below_bulk,
     mp_support,
 )
 from laserrmt.rmt.noise import (
@@ -39,7 +41,11 @@ from laserrmt.rmt.noise import (
     sigma_mp_fit,
     sigma_veraart,
 )
+from laserrmt.rmt.null import edge_false_positive_rate, sigma_ratio_draws, tracy_widom_level
 from laserrmt.rmt.thresholds import (
+    MAX_SHARE_BELOW_BULK,
+    MIN_SPECTRUM,
+    RANK_STATUSES,
     THRESHOLD_METHODS,
     RankChoice,
     choose_rank,
@@ -57,11 +63,15 @@ from laserrmt.rmt.tracy_widom import (
 )
 
 __all__ = [
+    "MAX_SHARE_BELOW_BULK",
+    "MIN_SPECTRUM",
+    "RANK_STATUSES",
     "SIGMA_ESTIMATORS",
     "THRESHOLD_METHODS",
     "PowerLawFit",
     "RankChoice",
     "choose_rank",
+    "edge_false_positive_rate",
     "estimate_sigma",
     "gavish_donoho_lambda",
     "gavish_donoho_omega",
@@ -75,6 +85,7 @@ __all__ = [
     "mp_density",
     "mp_median",
     "mp_quantile",
+    "mp_share_below_bulk",
     "mp_softrank",
     "mp_support",
     "n_spikes",
@@ -82,6 +93,7 @@ __all__ = [
     "sigma_laserrmt_iqr",
     "sigma_median_matching",
     "sigma_mp_fit",
+    "sigma_ratio_draws",
     "sigma_veraart",
     "snr",
     "spectral_entropy",
@@ -89,6 +101,7 @@ __all__ = [
     "stable_rank",
     "tracy_widom_cdf",
     "tracy_widom_edge",
+    "tracy_widom_level",
     "tracy_widom_pdf",
     "tracy_widom_quantile",
 ]

@@ -44,8 +44,20 @@ def check_scale(sigma: float, name: str = "sigma") -> float:
 
 
 def check_values(values: Any, name: str = "singular values") -> np.ndarray:
-    """A 1-D float64 copy of ``values``; NaN, Inf or negative entries raise :class:`NumericalError`."""
-    arr = np.asarray(values, dtype=np.float64)
+    """A 1-D float64 copy of ``values``; NaN, Inf or negative entries raise :class:`NumericalError`.
+
+    Torch tensors of any dtype are accepted without importing torch: numpy cannot convert
+    bfloat16, so anything with ``detach`` is turned into float64 by its own methods first.
+    """
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().double().numpy()
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        kind = getattr(values, "dtype", type(values).__name__)
+        raise InvalidOptionError(
+            f"{name} must be real numbers (a float array or tensor); got {kind}"
+        ) from None
     if arr.ndim != 1:
         raise InvalidOptionError(f"{name} must be a 1-D array; got an array of shape {arr.shape}")
     if arr.size == 0:

@@ -61,9 +61,10 @@ def _mass_ratio(signal: float, noise: float) -> float:
 def spectral_entropy(s: Any, normalized: bool = True) -> float:
     """Shannon entropy of p_i = s_i² / Σ_j s_j².
 
-    With ``normalized`` it is divided by log(len(s)), so it lies in [0, 1]: 1 when all values
-    are equal, 0 when one value carries everything. A single value, or an all-zero spectrum
-    (a zero matrix has no directions), gives 0.
+    With ``normalized`` it is divided by log(len(s)), so it lies in [0, 1] (up to rounding, and
+    not clipped: a value outside would be a bug to see, not to hide): 1 when all values are
+    equal, 0 when one value carries everything. A single value, or an all-zero spectrum (a zero
+    matrix has no directions), gives 0.
     """
     values = check_values(s)
     energy = values * values
@@ -74,7 +75,7 @@ def spectral_entropy(s: Any, normalized: bool = True) -> float:
     entropy = float(-(prob * np.log(prob)).sum())
     if not normalized:
         return entropy
-    return min(1.0, max(0.0, entropy / math.log(values.size)))
+    return entropy / math.log(values.size)
 
 
 def stable_rank(s: Any) -> float:

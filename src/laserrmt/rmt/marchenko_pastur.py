@@ -27,7 +27,7 @@ import numpy as np
 from scipy.optimize import brentq
 
 from laserrmt.errors import InvalidOptionError
-from laserrmt.rmt._checks import check_ratio, check_scale, check_shape
+from laserrmt.rmt._checks import check_ratio, check_scale, check_shape, check_spectrum
 
 __all__ = [
     "marchenko_pastur_bulk",
@@ -37,6 +37,7 @@ __all__ = [
     "mp_density",
     "mp_median",
     "mp_quantile",
+    "mp_share_below_bulk",
     "mp_support",
 ]
 
@@ -174,3 +175,29 @@ def marchenko_pastur_edge(shape: tuple[int, int], sigma: float = 1.0) -> float:
 def marchenko_pastur_lower_edge(shape: tuple[int, int], sigma: float = 1.0) -> float:
     """The lower end σ(√N − √p) of the noise singular values (0 for a square matrix)."""
     return marchenko_pastur_bulk(shape, sigma)[0]
+
+
+def mp_share_below_bulk(singular_values: Any, shape: tuple[int, int], sigma: float) -> float:
+    """Share of the spectrum lying far below the Marchenko–Pastur bulk of ``sigma``.
+
+    With λ = s²/N sorted ascending and G the MP CDF at a tenth of the variance (ratio β, scale
+    σ/√10), the largest excess max_i ((i+1)/p − G(λ_i)) over the ⌊p/2⌋ smallest values: how
+    much more of the spectrum sits at least ten times below the bulk than an MP law, even one
+    ten times too low, allows. Spikes sit at the top and do not count. Measured over 6 draws
+    each: pure, anisotropic (variances spread up to 400-fold), power-law and Student-t noise,
+    and noise with spikes on up to 45 % of the rank, stay at or below 0.05 from p = 20 on (0.13
+    at p = 8); a matrix of rank r ≥ p/2 with no or little noise gives about (p − r)/p, its
+    missing bulk, e.g. 0.25 for a noise-free rank-150 200×200 matrix.
+
+    Returns 1 when ``sigma`` is 0 while some of those values are not, 0 when all are 0.
+    """
+    s, big, small, beta = check_spectrum(singular_values, shape)
+    sigma = check_scale(sigma)
+    half = small // 2
+    if half == 0:
+        return 0.0
+    lam = np.sort(s * s / big)[:half]
+    if sigma == 0.0:
+        return 0.0 if lam[-1] == 0.0 else 1.0
+    cdf = mp_cdf(lam, beta, sigma / math.sqrt(10.0))
+    return float(np.max((np.arange(half) + 1) / small - cdf))

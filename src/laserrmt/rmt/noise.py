@@ -10,7 +10,8 @@ scale-equivariant (σ̂(c·s) = c·σ̂(s)) and does not depend on the orientati
 * :func:`sigma_mp_fit` (WeightWatcher; RMT-KD, arXiv 2509.15724): quantile start, then a
   least-squares fit of the eigenvalue histogram to the MP law.
 * :func:`sigma_veraart` (Veraart et al., NeuroImage 2016, MP-PCA): the largest set of small
-  eigenvalues whose spread matches the MP width of its own mean; self-consistent.
+  eigenvalues, at least half of them, whose spread matches the MP width of its own mean;
+  self-consistent.
 * :func:`sigma_laserrmt_iqr`: the original laserRMT project's IQR/1.349. Not consistent for
   MP spectra; a reproduction mode only.
 """
@@ -119,15 +120,28 @@ def sigma_veraart(s: Any, shape: tuple[int, int]) -> float:
     p − P values passes, i.e. the noise set is the *largest* consistent c, and σ̂² is its mean.
     (Growing c from the bottom and stopping at the first failure does not work for β near 1:
     there the few smallest eigenvalues, near λ₋ = 0, fail the test although they are noise.)
+
+    Only noise sets holding at least half of the values are candidates, the majority-noise
+    premise that median matching also makes. Without that floor a tiny set at the bottom always
+    passes (c = 0 trivially), and a bulk wider than any MP law, e.g. noise whose rows have
+    different scales, collapsed to it: σ̂ ≈ 0.0003 on a 500×500 matrix with rows scaled by
+    U(0.5, 1.5), which keeps 499 of 500 values. When no majority set passes, the consistency
+    search has no answer, and σ̂² is the mean of the values at or below the MP edge
+    (1 + √β)²·m̄ of the mean m̄ of all values. For noise with a variance profile the mean
+    eigenvalue is the average entry variance (tr WWᵀ / (Np)), the natural σ² of such a bulk;
+    the cut drops the spikes standing above it, which would inflate m̄. (Iterating the cut to a
+    fixed point would not stop there: on a bulk wider than MP each step trims its top again.)
     """
-    values, big, _, _ = check_spectrum(s, shape)
+    values, big, small, beta = check_spectrum(s, shape)
     lam = np.sort(values * values / big)
     count = np.arange(1, lam.size + 1)
     means = np.cumsum(lam) / count
     consistent = lam - lam[0] <= 4.0 * np.sqrt(count / big) * means
-    # c = 0 always passes (0 ≤ 4·sqrt(1/N)·L[0]), so there is a consistent set.
-    c = int(np.flatnonzero(consistent)[-1])
-    return math.sqrt(float(means[c]))
+    consistent[: (small + 1) // 2 - 1] = False
+    if np.any(consistent):
+        return math.sqrt(float(means[int(np.flatnonzero(consistent)[-1])]))
+    below = lam[lam <= (1.0 + math.sqrt(beta)) ** 2 * means[-1]]
+    return math.sqrt(float(below.mean()))
 
 
 def sigma_laserrmt_iqr(s: Any) -> float:

@@ -200,7 +200,9 @@ def johnstone_centering(n: int, p: int) -> tuple[float, float]:
 
 
 def tracy_widom_edge(shape: tuple[int, int], sigma: float = 1.0, alpha: float = 0.05) -> float:
-    """Singular-value threshold σ·sqrt(μ + t_{1−α} σ_TW): pure noise exceeds it with probability α.
+    """Singular-value threshold σ·sqrt(μ + t_{1−α} σ_TW): noise of entry scale exactly σ exceeds
+    it with probability α. With σ estimated from the same spectrum the rate is about 2α; use
+    :func:`laserrmt.rmt.null.tracy_widom_level` then (``choose_rank(..., "tw")`` does).
 
     Args:
         shape: ``(m, n)`` of the matrix, either orientation (N = max, p = min are used).

@@ -9,8 +9,10 @@ For a module seen with feature rows ``x_t`` (one per token, or per spatial posit
 convolution) the statistics are the Gram matrix ``G = Σ_t x_tᵀ x_t`` (float64, n × n), the
 number of rows and their mean. ``G`` is what activation-aware factorization needs
 (SVD-LLM, Wang et al., ICLR 2025: ``‖W X − W′X‖_F`` is governed by ``XᵀX``); ``G / n`` is the
-activation second moment ``C = X Xᵀ / n`` whose spectrum RMT-KD (arXiv 2509.15724, step 1)
-fits to Marchenko–Pastur; :meth:`ActivationStatistics.covariance` centres it.
+activation second moment ``C = X Xᵀ / n``; :meth:`ActivationStatistics.covariance` centres it.
+(RMT-KD's width spectra have their own statistics, :mod:`laserrmt.stats.activations`.)
+
+The passes over the whole model go through :func:`laserrmt.stats.forward.run_forward`.
 
 Models with a list of repeated blocks (:func:`find_blocks`) are calibrated **block by block**,
 as GPTQ and llm-compressor do: the inputs of every block are captured once, then each block in
@@ -29,8 +31,6 @@ whole-model pass (:func:`collect_fisher_diagonal`) with one backward per calibra
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,10 +44,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from laserrmt.errors import InvalidOptionError, NumericalError, TargetSelectionError
-
-Batch = torch.Tensor | Mapping[str, Any]
-"""One calibration batch: ``input_ids`` ``[b, T]`` (any tensor, passed positionally), or a
-mapping of keyword arguments for the model's forward (``input_ids``, ``attention_mask``…)."""
+from laserrmt.stats.forward import Batch, call_model, eval_mode, run_forward
 
 Where = Literal["input", "output"]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -101,7 +98,7 @@ class ActivationStatistics:
         return int(self.gram.shape[0])
 
     def second_moment(self) -> torch.Tensor:
-        """``G / n``: the uncentred activation matrix ``C = X Xᵀ / n`` of RMT-KD (float64)."""
+        """``G / n``: the uncentred activation matrix ``C = X Xᵀ / n`` (float64)."""
         return self.gram / self.n_samples
 
     def covariance(self) -> torch.Tensor:
@@ -407,46 +404,6 @@ class _StatisticsHooks:
 # Running the model
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-def _accepts_use_cache(model: nn.Module) -> bool:
-    try:
-        return "use_cache" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _call_model(model: nn.Module, batch: Batch, **extra: Any) -> Any:
-    """One forward call on a batch, with the KV cache off when the model has one."""
-    device = _model_device(model)
-    if _accepts_use_cache(model):
-        extra.setdefault("use_cache", False)
-    if isinstance(batch, torch.Tensor):
-        return model(batch.to(device), **extra)
-    if isinstance(batch, Mapping):
-        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        return model(**{**extra, **kwargs})
-    raise InvalidOptionError(
-        f"a calibration batch is a {type(batch).__name__}; pass input_ids tensors or dicts of "
-        "model keyword arguments"
-    )
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) for the duration, then every module's own flag back."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
-
-
 def _resolve(model: nn.Module, module_names: Sequence[str]) -> dict[str, nn.Module]:
     if isinstance(module_names, str):
         raise InvalidOptionError("module_names is one string; pass a list of module names")
@@ -541,7 +498,7 @@ def _probe_blocks(model: nn.Module, blocks: nn.ModuleList, batch: Batch) -> _Lay
     ]
     handles += [b.register_forward_hook(partial(post, i)) for i, b in enumerate(blocks)]
     try:
-        _call_model(model, batch)
+        call_model(model, batch)
     finally:
         for handle in handles:
             handle.remove()
@@ -611,7 +568,7 @@ def _capture_block_inputs(
             for i, b in enumerate(hooked)
         ]
         try:
-            _call_model(model, batch)
+            call_model(model, batch)
         except _StopForward:
             pass
         finally:
@@ -694,9 +651,13 @@ def _iter_whole_model(
 ) -> Iterator[ActivationStatistics]:
     hooks = _StatisticsHooks(modules, where)
     try:
-        for batch in tqdm(batches, desc="calibration", unit="window", disable=not progress):
-            _call_model(model, batch)
-            hooks.end_forward()
+        run_forward(
+            model,
+            batches,
+            after_each=lambda _batch, _output: hooks.end_forward(),
+            desc="calibration",
+            progress=progress,
+        )
         stats = hooks.finalize()
     finally:
         hooks.remove()
@@ -745,7 +706,7 @@ def iter_activation_statistics(
         if blocks is not None and any(
             _in_block(n, _block_prefix(blocks_name, i)) for n in modules for i in range(len(blocks))
         ):
-            with _eval_mode(model), torch.no_grad():
+            with eval_mode(model), torch.no_grad():
                 layout = _probe_blocks(model, blocks, listed[0])
             if layout.chained:
                 stream = _iter_blockwise(
@@ -775,7 +736,7 @@ def _stepwise_no_grad_eval(
     """
     try:
         while True:
-            with _eval_mode(model), torch.no_grad():
+            with eval_mode(model), torch.no_grad():
                 item = next(stream, None)
             if item is None:
                 return
@@ -871,7 +832,7 @@ def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
                 "the batch has neither labels nor input_ids; pass loss_fn=... for the Fisher pass"
             )
         kwargs["labels"] = kwargs["input_ids"]
-    output = _call_model(model, kwargs)
+    output = call_model(model, kwargs)
     loss = getattr(output, "loss", None)
     if not isinstance(loss, torch.Tensor):
         raise InvalidOptionError(
@@ -925,7 +886,7 @@ def collect_fisher_diagonal(
     listed = _as_batches(batches)
     fishers: dict[str, torch.Tensor] = {}
     flags = {id(w): (w, w.requires_grad) for w in weights.values()}
-    with _eval_mode(model), torch.enable_grad():
+    with eval_mode(model), torch.enable_grad():
         try:
             for w, _ in flags.values():
                 w.requires_grad_(True)

@@ -22,7 +22,7 @@ Every function returns ``{module name: score}`` normalised to mean 1 over the mo
 scores (for ``attention``: over the attention matrices; the others are 1, so the overall mean
 is 1 too). Scores that are all equal, including all zero, mean "no preference" and give 1
 everywhere. The scores are weights on each matrix's loss in
-:func:`laserrmt.budget.allocate_ranks`.
+:func:`laserrmt.allocation.allocate_ranks`.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from torch import nn
 
 from laserrmt.errors import InvalidOptionError, NumericalError, TargetSelectionError
 from laserrmt.models.architectures import block_index, module_role
+from laserrmt.stats.forward import Batch, run_forward
 
 __all__ = [
     "IMPORTANCE_KINDS",
@@ -53,8 +54,6 @@ __all__ = [
 
 ImportanceKind = Literal["none", "fisher", "entropy", "attention"]
 IMPORTANCE_KINDS: tuple[str, ...] = get_args(ImportanceKind)
-
-Batch = torch.Tensor | Mapping[str, Any]
 
 
 def normalize_scores(scores: Mapping[str, float]) -> dict[str, float]:
@@ -156,9 +155,8 @@ def entropy_importance(singular_values_by_module: Mapping[str, Any]) -> dict[str
 
 
 @contextlib.contextmanager
-def _eager_eval(model: nn.Module) -> Iterator[None]:
-    """Eval mode with eager attention (the only one that returns attention maps), restored after."""
-    flags = {module: module.training for module in model.modules()}
+def _eager_attention(model: nn.Module) -> Iterator[None]:
+    """Eager attention (the only one that returns attention maps), switched back afterwards."""
     config = getattr(model, "config", None)
     previous = getattr(config, "_attn_implementation", None) if config is not None else None
     switch = getattr(model, "set_attn_implementation", None)
@@ -168,7 +166,6 @@ def _eager_eval(model: nn.Module) -> Iterator[None]:
             switch("eager")
         else:
             config._attn_implementation = "eager"  # type: ignore[union-attr]
-    model.eval()
     try:
         yield
     finally:
@@ -177,19 +174,6 @@ def _eager_eval(model: nn.Module) -> Iterator[None]:
                 switch(previous)
             else:
                 config._attn_implementation = previous  # type: ignore[union-attr]
-        for module, flag in flags.items():
-            module.train(flag)
-
-
-def _call(model: nn.Module, batch: Batch) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return model(batch, output_attentions=True)
-    if isinstance(batch, Mapping):
-        return model(**batch, output_attentions=True)
-    raise InvalidOptionError(
-        f"a calibration batch must be a tensor of input ids or a mapping of model inputs, "
-        f"got {type(batch).__name__}"
-    )
 
 
 def attention_entropies(model: nn.Module, batches: Iterable[Batch]) -> dict[int, float]:
@@ -214,24 +198,24 @@ def attention_entropies(model: nn.Module, batches: Iterable[Batch]) -> dict[int,
     """
     sums: dict[int, float] = {}
     counts: dict[int, int] = {}
-    seen = False
-    with _eager_eval(model), torch.no_grad():
-        for batch in batches:
-            seen = True
-            outputs = _call(model, batch)
-            attentions = getattr(outputs, "attentions", None)
-            if not attentions or any(a is None for a in attentions):
-                raise TargetSelectionError(
-                    f"{type(model).__name__} returned no attention maps with "
-                    "output_attentions=True; use another importance (fisher, entropy or none)"
-                )
-            query_mask = None
-            if isinstance(batch, Mapping) and batch.get("attention_mask") is not None:
-                query_mask = batch["attention_mask"].to(torch.bool)
-            for layer, maps in enumerate(attentions):
-                total, rows = _normalised_entropy_sum(maps, query_mask)
-                sums[layer] = sums.get(layer, 0.0) + total
-                counts[layer] = counts.get(layer, 0) + rows
+
+    def observe(batch: Batch, outputs: Any) -> None:
+        attentions = getattr(outputs, "attentions", None)
+        if not attentions or any(a is None for a in attentions):
+            raise TargetSelectionError(
+                f"{type(model).__name__} returned no attention maps with "
+                "output_attentions=True; use another importance (fisher, entropy or none)"
+            )
+        query_mask = None
+        if isinstance(batch, Mapping) and batch.get("attention_mask") is not None:
+            query_mask = batch["attention_mask"].to(torch.bool)
+        for layer, maps in enumerate(attentions):
+            total, rows = _normalised_entropy_sum(maps, query_mask)
+            sums[layer] = sums.get(layer, 0.0) + total
+            counts[layer] = counts.get(layer, 0) + rows
+
+    with _eager_attention(model):
+        seen = run_forward(model, batches, after_each=observe, extra={"output_attentions": True})
     if not seen:
         raise InvalidOptionError("no calibration batches were given for attention entropy")
     result: dict[int, float] = {}

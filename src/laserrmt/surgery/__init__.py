@@ -1,8 +1,10 @@
 """Surgery: change a model as a plan says, and save or load the result.
 
-``lowrank`` holds the factorized layers and the in-place denoising, ``apply`` applies a
-:class:`~laserrmt.plan.CompressionPlan`, ``io`` saves and loads compressed folders, and
-``registry`` lets new compressed module types join saving and loading.
+``lowrank`` holds the factorized layers and the in-place denoising, ``width`` the width cuts,
+``apply`` applies a :class:`~laserrmt.plan.CompressionPlan` (or replays a
+:class:`~laserrmt.plan.WidthPlan`), ``io`` saves and loads compressed folders, ``replace``
+swaps one layer for another, and ``registry`` lets new compressed module types join saving and
+loading.
 """
 
 from laserrmt.surgery.apply import AppliedChange, apply_plan, revert_changes

@@ -9,17 +9,21 @@ model. Then each ``factorize`` decision replaces its layer by a low-rank module 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from laserrmt.errors import LaserRMTError, PlanError
-from laserrmt.plan import CompressionPlan, ModuleDecision
+from laserrmt.plan import CompressionPlan, ModuleDecision, WidthPlan
 from laserrmt.surgery.lowrank import denoise_, factorize, restore_, weight_as_matrix
+from laserrmt.surgery.replace import set_submodule
+
+if TYPE_CHECKING:
+    from laserrmt.surgery.width import WidthCut
 
 
 @dataclass
@@ -46,15 +50,43 @@ class AppliedChange:
     original: nn.Module | torch.Tensor | None = None
 
 
+@overload
 def apply_plan(
     model: nn.Module,
     plan: CompressionPlan,
     *,
     svd_cache: Mapping[str, Sequence[Any]] | None = None,
+    calibration: Iterable[Any] | None = None,
     progress: bool = True,
     keep_originals: bool = False,
-) -> list[AppliedChange]:
+) -> list[AppliedChange]: ...
+
+
+@overload
+def apply_plan(
+    model: nn.Module,
+    plan: WidthPlan,
+    *,
+    svd_cache: Mapping[str, Sequence[Any]] | None = None,
+    calibration: Iterable[Any] | None = None,
+    progress: bool = True,
+    keep_originals: bool = False,
+) -> list[WidthCut]: ...
+
+
+def apply_plan(
+    model: nn.Module,
+    plan: CompressionPlan | WidthPlan,
+    *,
+    svd_cache: Mapping[str, Sequence[Any]] | None = None,
+    calibration: Iterable[Any] | None = None,
+    progress: bool = True,
+    keep_originals: bool = False,
+) -> list[AppliedChange] | list[WidthCut]:
     """Factorize or denoise each planned module of ``model`` in place.
+
+    A :class:`~laserrmt.plan.WidthPlan` is replayed by
+    :func:`laserrmt.surgery.width.apply_width_plan` instead, on its ``calibration`` batches.
 
     Args:
         model: the model to change.
@@ -62,6 +94,7 @@ def apply_plan(
         svd_cache: module name → ``(U, S, Vh)`` of its out × in weight matrix (float64, torch or
             numpy, at least ``rank`` triplets), so the SVDs computed during analysis are reused;
             modules without an entry get a fresh float64 SVD.
+        calibration: the batches a width plan was made with (width plans only).
         progress: show a progress bar on stderr.
         keep_originals: keep what :func:`revert_changes` needs in each change (memory: the
             replaced layers and the denoised weights stay alive).
@@ -75,6 +108,10 @@ def apply_plan(
         NumericalError: a factorization produced NaN/Inf (names the module). Modules earlier in
             the plan have been changed by then; they are listed in the message.
     """
+    if isinstance(plan, WidthPlan):
+        from laserrmt.surgery.width import apply_width_plan  # it imports this package's parts
+
+        return apply_width_plan(model, plan, calibration, progress=progress)
     cache = svd_cache or {}
     active = [d for d in plan.decisions.values() if d.mode != "keep"]
     sharing = _shared_parameter_names(model)
@@ -90,7 +127,7 @@ def apply_plan(
         try:
             if decision.mode == "factorize":
                 replacement = factorize(module, decision.rank, svd=svd, name=name)
-                _set_submodule(model, name, replacement)
+                set_submodule(model, name, replacement)
                 original: nn.Module | torch.Tensor | None = module
             else:
                 original = denoise_(module, decision.rank, svd=svd, name=name)
@@ -127,7 +164,7 @@ def revert_changes(model: nn.Module, changes: Sequence[AppliedChange]) -> None:
     for change in reversed(changes):
         if change.mode == "factorize":
             assert isinstance(change.original, nn.Module)
-            _set_submodule(model, change.module, change.original)
+            set_submodule(model, change.module, change.original)
         else:
             assert isinstance(change.original, torch.Tensor)
             restore_(model.get_submodule(change.module), change.original, name=change.module)
@@ -180,7 +217,3 @@ def _shared_parameter_names(model: nn.Module) -> dict[int, list[str]]:
 def _parent(model: nn.Module, name: str) -> nn.Module:
     parent_name = name.rpartition(".")[0]
     return model.get_submodule(parent_name) if parent_name else model
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    setattr(_parent(model, name), name.rpartition(".")[2], module)

@@ -49,6 +49,7 @@ from laserrmt.surgery.registry import (
     module_class,
     registered_modules,
 )
+from laserrmt.surgery.replace import set_submodule
 
 #: Version of the folder layout; :func:`load` refuses any other.
 FORMAT_VERSION = 1
@@ -185,7 +186,7 @@ def load_into(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
                 f"{type(model).__name__}; the folder was saved from another architecture"
             ) from None
         shell = module_class(str(entry["type"])).from_laserrmt_config(entry["config"])
-        _set_submodule(model, name, shell)
+        set_submodule(model, name, shell)
 
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
@@ -473,12 +474,6 @@ def _untie_separately_stored(model: nn.Module, state: Mapping[str, torch.Tensor]
             parent = model.get_submodule(parent_name) if parent_name else model
             shared = getattr(parent, attr)
             setattr(parent, attr, nn.Parameter(shared.detach().clone(), shared.requires_grad))
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, module)
 
 
 def _few(names: list[str], limit: int = 5) -> str:

@@ -560,7 +560,7 @@ def weighted_spectrum(
     """Singular values (float64, descending) of the method's weighted matrix.
 
     Their tail sums ``Σ_{i>k} s_i²`` are the loss of rank k for that method: the input of
-    :class:`laserrmt.budget.LossCurve`. Only singular values are computed (no vectors).
+    :class:`laserrmt.allocation.LossCurve`. Only singular values are computed (no vectors).
     Arguments and errors as :func:`weighted_svd`.
     """
     weighting = _weighting(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from laserrmt.budget import (
+from laserrmt.allocation import (
     LossCurve,
     allocate_ranks,
     allocation_to_plan,
@@ -173,3 +175,112 @@ def test_loss_curve_sorts_and_sums_tails():
     np.testing.assert_array_equal(curve.singular_values, [3.0, 2.0, 1.0])
     np.testing.assert_allclose(curve.tail_energies(), [14.0, 5.0, 1.0, 0.0])
     assert curve.loss(1) == 5.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Oracle: the brute-force optimum over every rank tuple.
+#
+# What the greedy guarantees. A matrix's moves are points (parameters saved, loss) — dense at
+# (0, 0), rank k at (m·n − k(m + n), L(k)). When every matrix's points form a convex curve
+# (the jump from dense to the largest paying rank P costs no more per parameter than the step
+# after it: L(P)/(m·n − P(m + n)) ≤ s_P²/(m + n)), the greedy takes whole moves in order of cost
+# per parameter, which solves the fractional relaxation; its integer allocation has the
+# relaxation's value at its own total, so no allocation removing at least as many parameters
+# loses less. With every move the same size (square 2q × 2q matrices: the jump to rank q − 1
+# saves exactly m + n), any allocation that meets a target removes at least as much as the
+# greedy, so the greedy is optimal for the target itself. On non-convex curves a jump cut short
+# by the budget can be beaten; only the accounting (tested above) holds there.
+
+
+def _brute_force(curves, weights, at_least):
+    """The least weighted relative loss over every rank tuple removing ≥ ``at_least``."""
+    options = []
+    for name, curve in curves.items():
+        m, n = curve.shape
+        energy = curve.singular_values**2
+        choices = [(0, 0.0, curve.rank_full)]  # dense
+        for k in range(1, largest_paying_rank(curve.shape) + 1):
+            loss = weights[name] * energy[k:].sum() / energy.sum()
+            choices.append((m * n - k * (m + n), loss, k))
+        options.append(choices)
+    best = (np.inf, None)
+    for combo in itertools.product(*options):
+        if sum(c[0] for c in combo) >= at_least:
+            loss = sum(c[1] for c in combo)
+            if loss < best[0]:
+                best = (loss, tuple(c[2] for c in combo))
+    return best
+
+
+def _convex_spectrum(rng, shape):
+    """Random singular values whose (parameters saved, loss) points are convex (see above)."""
+    m, n = shape
+    p, paying = min(shape), largest_paying_rank(shape)
+    head = np.sort(rng.uniform(0.2, 3.0, paying))[::-1]
+    jump = m * n - paying * (m + n)
+    # the tail's energy may be at most s_P² · jump/(m + n); use a random part of it
+    room = head[-1] ** 2 * jump / (m + n) * rng.uniform(0.05, 0.95)
+    tail = rng.dirichlet(np.ones(p - paying)) * room
+    return np.concatenate([head, np.sort(np.sqrt(tail))[::-1]])
+
+
+def _move_costs(allocation, curves, weights):
+    """Weighted loss per parameter of every move taken, computed from the spectra."""
+    ranks = {name: curve.rank_full for name, curve in curves.items()}
+    costs = []
+    for name, rank_to in allocation.order:
+        curve = curves[name]
+        (m, n), energy = curve.shape, curve.singular_values**2
+        saved = (m * n if ranks[name] == curve.rank_full else ranks[name] * (m + n)) - rank_to * (
+            m + n
+        )
+        lost = energy[rank_to:].sum() - energy[ranks[name] :].sum()
+        costs.append(weights[name] * lost / energy.sum() / saved)
+        ranks[name] = rank_to
+    return np.array(costs)
+
+
+def _weighted_loss(allocation, curves):
+    return sum(allocation.importance[name] * allocation.losses[name] for name in curves)
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), count=st.integers(2, 4), data=st.data())
+def test_equal_moves_give_the_brute_force_optimum_for_the_target(seed, count, data):
+    rng = np.random.default_rng(seed)
+    q = data.draw(st.integers(2, 5))  # every matrix 2q × 2q: P = q − 1 moves of 4q parameters
+    shape = (2 * q, 2 * q)
+    curves = {f"m{i}": LossCurve(shape, _convex_spectrum(rng, shape)) for i in range(count)}
+    weights = {name: float(rng.uniform(0.1, 3.0)) for name in curves}
+    reachable = count * (q - 1) * 4 * q
+    target = data.draw(st.integers(1, reachable))
+    allocation = allocate_ranks(curves, target_params_removed=target, importance=weights)
+    loss, ranks = _brute_force(curves, weights, target)
+    assert tuple(allocation.ranks.values()) == ranks
+    assert _weighted_loss(allocation, curves) == pytest.approx(loss, rel=1e-12, abs=1e-15)
+    step = 4 * q
+    assert allocation.params_removed == -(-target // step) * step
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    shapes=st.lists(st.tuples(st.integers(2, 9), st.integers(2, 9)), min_size=2, max_size=4),
+    fraction=st.floats(0.0, 1.0),
+)
+def test_convex_curves_give_the_brute_force_optimum_for_what_they_remove(seed, shapes, fraction):
+    rng = np.random.default_rng(seed)
+    shapes = [s for s in shapes if largest_paying_rank(s) >= 1]
+    assume(len(shapes) >= 2)
+    curves = {f"m{i}": LossCurve(s, _convex_spectrum(rng, s)) for i, s in enumerate(shapes)}
+    weights = {name: float(rng.uniform(0.1, 3.0)) for name in curves}
+    reachable = sum(m * n - (m + n) for m, n in shapes)
+    target = int(fraction * reachable)
+    allocation = allocate_ranks(curves, target_params_removed=target, importance=weights)
+    removed = _removed(allocation.ranks, curves)
+    assert allocation.params_removed == removed >= target
+    loss, _ = _brute_force(curves, weights, removed)
+    assert _weighted_loss(allocation, curves) == pytest.approx(loss, rel=1e-9, abs=1e-12)
+    # cheapest first: every move costs at least as much per parameter as the one before
+    costs = _move_costs(allocation, curves, weights)
+    assert np.all(np.diff(costs) >= -1e-12 * costs[1:])

@@ -14,8 +14,9 @@ from typing import Any
 from torch import nn
 
 from laserrmt.analyze import analyze_model
-from laserrmt.errors import InvalidOptionError, NumericalError
-from laserrmt.methods.budget import budget_plan
+from laserrmt.data.text import PROTOCOL_NAME
+from laserrmt.errors import InvalidOptionError, NumericalError, PlanError
+from laserrmt.methods.budget import budget_plan, replay_factors
 from laserrmt.methods.heal import heal
 from laserrmt.methods.laser import (
     LASERRMT_CANDIDATES,
@@ -32,6 +33,9 @@ from laserrmt.surgery.io import weight_bytes
 from laserrmt.surgery.quantize import quantize_model_int8
 
 METHODS = ("laser", "budget", "rmt-kd")
+#: The calibration windows of every method: the pinned protocol's calibration split
+#: (:func:`laserrmt.data.text.calibration_windows`), as plans name them.
+CALIBRATION_SOURCE = f"{PROTOCOL_NAME} calibration split"
 QUANTIZATIONS = ("int8",)
 
 
@@ -168,8 +172,12 @@ def compress(
     """Compress ``model`` in place and return it with what was decided.
 
     ``settings`` (or keyword overrides of its fields) choose the method; a saved ``plan`` skips
-    the decision and is applied as it is. ``tokenizer`` is needed by methods that measure on
-    calibration text (the loop).
+    the decision and is applied as it is, its factors recomputed as the plan records them
+    (whitened ones on the calibration windows it names, whatever this call's seed and window
+    counts). Healing and quantization are not part of a plan: they follow ``settings``, so a
+    replay with the run's ``heal_steps``, ``heal_lr``, calibration options and ``quantize``
+    gives the run's model. ``tokenizer`` is needed by methods that measure on calibration text
+    (the loop, budget, healing, and replaying a whitened plan).
     """
     settings = replace(settings or CompressSettings(), **overrides)
     settings.validate()
@@ -184,7 +192,7 @@ def compress(
     start = time.perf_counter()
     if plan is not None:
         result.plan = plan
-        apply_plan(model, plan, progress=progress)
+        _replay(model, tokenizer, plan, progress)
     elif settings.method == "budget":
         _compress_budget(model, tokenizer, settings, result, progress)
     else:
@@ -283,6 +291,12 @@ def _compress_budget(
         model,
         targets,
         _calibration_windows(tokenizer, settings),
+        calibration_source={
+            "source": CALIBRATION_SOURCE,
+            "n_windows": settings.n_calibration_windows,
+            "window": settings.window,
+            "seed": settings.seed,
+        },
         target_params=settings.target_params,
         target_bytes=settings.target_size,
         quantize=settings.quantize,
@@ -295,6 +309,29 @@ def _compress_budget(
     )
     apply_plan(model, outcome.plan, svd_cache=outcome.svd_cache, progress=progress)
     result.plan = outcome.plan
+
+
+def _replay(model: nn.Module, tokenizer: Any, plan: CompressionPlan, progress: bool) -> None:
+    """Apply a saved plan with the factors it was made with: whitened factors are recomputed on
+    the calibration windows the plan names (the seed and counts of this call do not matter)."""
+    factors = plan.factors
+    cache = None
+    if factors.needs_calibration:
+        problem = factors.missing()
+        if problem:
+            raise PlanError(problem)
+        record = factors.calibration or {}
+        if record["source"] != CALIBRATION_SOURCE:
+            raise PlanError(
+                f"the plan's factors were computed on calibration source {record['source']!r}, "
+                f"which this laserrmt cannot read (it knows {CALIBRATION_SOURCE!r})"
+            )
+        recorded = CompressSettings(
+            calibration_windows=record["n_windows"], window=record["window"], seed=record["seed"]
+        )
+        windows = _calibration_windows(tokenizer, recorded)
+        cache = replay_factors(model, plan, windows, progress=progress)
+    apply_plan(model, plan, svd_cache=cache, progress=progress)
 
 
 def _calibration_windows(tokenizer: Any, settings: CompressSettings) -> Any:
