@@ -47,6 +47,7 @@ ACTIVATION_COLUMNS: tuple[str, ...] = (
     "edge",
     "n",
     "n_eff",
+    "status",
 )
 """The columns of the activation table, in order (see :func:`activation_table_rows`)."""
 
@@ -155,6 +156,7 @@ def analyze_activations(
                     "n_samples": st.n_samples,
                     "n_effective": st.independent_rows,
                     "per_head": decision.per_head,
+                    "status": decision.status,
                     "singular_values": _singular_values(st),
                 }
             )
@@ -174,6 +176,7 @@ def activation_table_rows(records: Sequence[dict[str, Any]]) -> list[list[Any]]:
             r["edge"],
             r["n_samples"],
             r["n_effective"],
+            r["status"],
         ]
         for r in records
     ]

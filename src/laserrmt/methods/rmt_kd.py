@@ -80,7 +80,8 @@ class SiteRecord:
 
     ``status`` is ``"kept"`` (cut and kept), ``"reverted"`` (cut, metric fell too far, undone),
     ``"skipped-floor"`` (k/d under the floor), ``"full"`` (all directions are signal: nothing to
-    cut) or ``"skipped-target"`` (the parameter target was met before this site).
+    cut), ``"unjudged"`` (the rank rule could not judge the spectrum, ``rank_status`` says why:
+    nothing cut) or ``"skipped-target"`` (the parameter target was met before this site).
     """
 
     index: int
@@ -100,6 +101,7 @@ class SiteRecord:
     k_rmt: int | None = None
     loss_first: float | None = None
     loss_last: float | None = None
+    rank_status: str = "ok"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -387,8 +389,11 @@ def rmt_kd(
             0.0,
             site_seed,
             k_rmt=k,
+            rank_status=choice.status,
         )
-        if k >= d:
+        if choice.status != "ok":
+            record.status = "unjudged"
+        elif k >= d:
             record.status = "full"
         elif k < 1 or k / d < floor:
             record.status = "skipped-floor"

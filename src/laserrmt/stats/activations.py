@@ -263,7 +263,9 @@ class SiteRank:
 
     For attention sites ``rank`` is ``heads × max(per-head counts)`` (every head keeps the same
     number of directions, so the heads stay one reshape) and ``per_head`` lists each head's
-    count; ``sigma`` and ``edge`` are those of the head that set the maximum.
+    count; ``sigma`` and ``edge`` are those of the head that set the maximum. ``status`` is the
+    rank rule's (:data:`laserrmt.rmt.thresholds.RANK_STATUSES`; for attention the first head
+    that could not be judged): anything but ``"ok"`` keeps the whole width.
     """
 
     rank: int
@@ -271,6 +273,7 @@ class SiteRank:
     sigma: float
     edge: float
     per_head: list[int] | None = None
+    status: str = "ok"
 
 
 def _head_blocks(c: torch.Tensor, heads: int) -> list[np.ndarray]:
@@ -281,8 +284,8 @@ def _head_blocks(c: torch.Tensor, heads: int) -> list[np.ndarray]:
 
 def attention_head_ranks(
     site: WidthSite, statistics: SiteStatistics, heads: int, *, tau: float, estimator: str
-) -> list[tuple[int, float, float]]:
-    """Per head ``(k, sigma, edge)``: directions of the head's covariance above the MP edge
+) -> list[tuple[int, float, float, str]]:
+    """Per head ``(k, sigma, edge, status)``: directions of the head's covariance above the MP edge
     (``attn_qk``: the smaller of the query and key counts, since ``rank(Q Kᵀ) ≤ min(rank Q,
     rank K)``). Every head uses the site's effective sample size, matched to the edge at the
     width of all heads; at small width/samples ratios both are Bartlett's ``n / Σρ(k)²``."""
@@ -291,7 +294,7 @@ def attention_head_ranks(
     if site.kind == "attn_vo":
         for c in _head_blocks(statistics.covariance(), heads):
             choice = activation_rank(c, n, tau=tau, estimator=estimator)
-            out.append((int(choice.rank), float(choice.sigma), float(choice.edge)))
+            out.append((int(choice.rank), float(choice.sigma), float(choice.edge), choice.status))
         return out
     for cq, ck in zip(
         _head_blocks(statistics.covariance(), heads),
@@ -301,7 +304,8 @@ def attention_head_ranks(
         q = activation_rank(cq, n, tau=tau, estimator=estimator)
         k = activation_rank(ck, n, tau=tau, estimator=estimator)
         smaller = q if int(q.rank) <= int(k.rank) else k
-        out.append((int(smaller.rank), float(smaller.sigma), float(smaller.edge)))
+        unjudged = next((c.status for c in (q, k) if c.status != "ok"), "ok")
+        out.append((int(smaller.rank), float(smaller.sigma), float(smaller.edge), unjudged))
     return out
 
 
@@ -336,8 +340,11 @@ def site_rank(
         heads = attention_layout(model, site).heads
         per_head = attention_head_ranks(site, statistics, heads, tau=tau, estimator=estimator)
         best = max(range(heads), key=lambda h: per_head[h][0])
-        k_head, sigma, edge = per_head[best]
-        return SiteRank(heads * k_head, statistics.width, sigma, edge, [p[0] for p in per_head])
+        k_head, sigma, edge, _ = per_head[best]
+        status = next((p[3] for p in per_head if p[3] != "ok"), "ok")
+        return SiteRank(
+            heads * k_head, statistics.width, sigma, edge, [p[0] for p in per_head], status
+        )
     choice = activation_rank(
         statistics.covariance().numpy(),
         statistics.independent_rows,
@@ -347,4 +354,6 @@ def site_rank(
     k = int(choice.rank)
     if carries_mean(model, site) and statistics.mean is not None:
         k = min(k + 1, statistics.width)
-    return SiteRank(k, statistics.width, float(choice.sigma), float(choice.edge))
+    return SiteRank(
+        k, statistics.width, float(choice.sigma), float(choice.edge), status=choice.status
+    )
