@@ -342,15 +342,31 @@ def build_parser() -> argparse.ArgumentParser:
         "and RUN_DIR/advice_plan.json from a SpectralMonitor's records.",
     )
     monitor.add_argument("run_dir", metavar="RUN_DIR", help="the folder the monitor wrote to")
-    monitor.add_argument("--steps", type=int, nargs="+", default=None,
-                         help="steps whose spectra are drawn (default: first and last)")
-    monitor.add_argument("--live", action="store_true",
-                         help="re-render while the run writes, until it ends or goes idle")
+    monitor.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        default=None,
+        help="steps whose spectra are drawn (default: first and last)",
+    )
+    monitor.add_argument(
+        "--live",
+        action="store_true",
+        help="re-render while the run writes, until it ends or goes idle",
+    )
     monitor.add_argument("--interval", type=float, default=10.0, help="seconds between checks")
-    monitor.add_argument("--idle", type=float, default=120.0,
-                         help="with --live: stop after this many seconds without new records")
-    monitor.add_argument("--max-seconds", type=float, default=None,
-                         help="with --live: stop after this many seconds in all")
+    monitor.add_argument(
+        "--idle",
+        type=float,
+        default=120.0,
+        help="with --live: stop after this many seconds without new records",
+    )
+    monitor.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="with --live: stop after this many seconds in all",
+    )
     monitor.set_defaults(run=run_monitor)
     return parser
 

@@ -236,8 +236,7 @@ def _now() -> str:
 def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
     """JSON has no inf or nan: write them as strings that ``float()`` reads back."""
     return {
-        k: str(v) if isinstance(v, float) and not math.isfinite(v) else v
-        for k, v in record.items()
+        k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
     }
 
 

@@ -67,7 +67,9 @@ def _time_series(run: MonitorRun, folder: Path) -> list[tuple[str, Path]]:
                 ax.axhline(bound, color="#999", ls=":", lw=1)
         if key == "spectral_entropy":
             for colour, module in zip(colours, modules, strict=True):
-                noise = [r["entropy_mp"] for r in rows if r["module"] == module and "entropy_mp" in r]
+                noise = [
+                    r["entropy_mp"] for r in rows if r["module"] == module and "entropy_mp" in r
+                ]
                 if noise:
                     ax.axhline(noise[0], color=colour, ls="--", lw=0.7)
         ax.set_title(label, fontsize=9)
@@ -139,7 +141,7 @@ def _spectra(
         return []
     counts = {m: sum(e["module"] == m for e in events) for m in run.modules()}
     chosen = sorted(counts, key=lambda m: -counts[m])[:_SPECTRUM_MODULES]
-    figures = []
+    figures: list[tuple[str, Path]] = []
     for module in chosen:
         rows = [r for r in with_spectrum if r["module"] == module]
         if not rows:
@@ -164,9 +166,7 @@ def _spectra(
     return figures
 
 
-def render_report(
-    run_dir: str | os.PathLike[str], *, steps: Sequence[int] | None = None
-) -> Path:
+def render_report(run_dir: str | os.PathLike[str], *, steps: Sequence[int] | None = None) -> Path:
     """Write ``report.html`` and ``advice_plan.json`` into the run folder; returns the report.
 
     ``steps`` chooses the steps whose spectra are drawn (default: first and last).
@@ -186,8 +186,11 @@ def render_report(
         ("steps recorded", len(run.steps())),
         ("last step", run.steps()[-1] if run.steps() else None),
         ("events", len(events)),
-        ("advice plan", f"{PLAN_FILE}: {plan.params_removed():,} of "
-                        f"{plan.params_before():,} target parameters removed"),
+        (
+            "advice plan",
+            f"{PLAN_FILE}: {plan.params_removed():,} of "
+            f"{plan.params_before():,} target parameters removed",
+        ),
     ]
     report.notes.append(
         "Spikes: singular values above the Tracy–Widom edge (level "
@@ -205,12 +208,35 @@ def render_report(
     report.tables.append(
         Table(
             "Last spectrum per matrix",
-            ("module", "step", "shape", "status", "σ", "spikes > MP", "spikes > TW", "α",
-             "entropy", "entropy (MP noise)", "stable rank", "MP soft rank"),
+            (
+                "module",
+                "step",
+                "shape",
+                "status",
+                "σ",
+                "spikes > MP",
+                "spikes > TW",
+                "α",
+                "entropy",
+                "entropy (MP noise)",
+                "stable rank",
+                "MP soft rank",
+            ),
             [
-                (m, r["step"], r["shape"], r["status"], r.get("sigma"), r.get("n_mp"),
-                 r.get("n_tw"), r.get("alpha"), r.get("spectral_entropy"), r.get("entropy_mp"),
-                 r.get("stable_rank"), _number(r.get("mp_softrank")))
+                (
+                    m,
+                    r["step"],
+                    r["shape"],
+                    r["status"],
+                    r.get("sigma"),
+                    r.get("n_mp"),
+                    r.get("n_tw"),
+                    r.get("alpha"),
+                    r.get("spectral_entropy"),
+                    r.get("entropy_mp"),
+                    r.get("stable_rank"),
+                    _number(r.get("mp_softrank")),
+                )
                 for m, r in last.items()
             ],
         )

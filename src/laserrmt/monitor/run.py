@@ -22,6 +22,7 @@ has a tuned threshold:
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections import defaultdict
@@ -32,7 +33,7 @@ from typing import Any
 from laserrmt.errors import DataError
 from laserrmt.monitor.hook import RECORDS_FILE
 from laserrmt.monitor.summary import WELL_TRAINED_ALPHA
-from laserrmt.plan import CompressionPlan, ModuleDecision, resolve_mode
+from laserrmt.plan import CompressionPlan, Mode, ModuleDecision, resolve_mode
 
 EVENT_KINDS = (
     "spike_emerged",
@@ -138,16 +139,23 @@ def detect_events(run: MonitorRun) -> list[dict[str, Any]]:
     order = {name: i for i, name in enumerate(run.modules())}
     events: list[dict[str, Any]] = []
     for module, rows in _by_module(run.weights()).items():
-        for before, after in zip(rows, rows[1:], strict=False):
+        for before, after in itertools.pairwise(rows):
             events += _pair_events(module, before, after)
     events.sort(key=lambda e: (e["step"], order.get(e["module"], len(order))))
     return events
 
 
-def _pair_events(module: str, before: dict[str, Any], after: dict[str, Any]) -> list[dict[str, Any]]:
+def _pair_events(
+    module: str, before: dict[str, Any], after: dict[str, Any]
+) -> list[dict[str, Any]]:
     def event(kind: str, detail: str) -> dict[str, Any]:
-        return {"step": after["step"], "since": before["step"], "module": module, "kind": kind,
-                "detail": detail}
+        return {
+            "step": after["step"],
+            "since": before["step"],
+            "module": module,
+            "kind": kind,
+            "detail": detail,
+        }
 
     out = []
     if before["status"] != after["status"] and "non_finite" not in (
@@ -203,6 +211,7 @@ def advice_plan(run: MonitorRun, mode: str = "factorize") -> CompressionPlan:
     for module, record in last_records(run).items():
         shape = (int(record["shape"][0]), int(record["shape"][1]))
         full = min(shape)
+        chosen: Mode
         if record["status"] != "ok":
             rank, chosen, reason = full, "keep", f"kept whole: status {record['status']}"
         else:
