@@ -243,7 +243,7 @@ def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
 class SpectralMonitorCallback(TrainerCallback):
     """A ``transformers.TrainerCallback`` that runs a :class:`SpectralMonitor`.
 
-    It records the initial spectra at ``on_train_begin`` (step 0), then every ``every``
+    It records the initial spectra at ``on_train_begin``, then every ``every``
     optimizer steps, on the main process only, and closes the monitor (end record, advice plan)
     at ``on_train_end``. Takes the same arguments as :class:`SpectralMonitor`.
     """
@@ -252,7 +252,8 @@ class SpectralMonitorCallback(TrainerCallback):
         self.monitor = SpectralMonitor(run_dir, **options)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._step(state, kwargs.get("model"), 0)
+        # global_step is 0 for a new run and the checkpoint's step for a resumed one.
+        self._step(state, kwargs.get("model"), state.global_step)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._step(state, kwargs.get("model"), state.global_step)
