@@ -282,3 +282,32 @@ def test_user_mistakes_are_one_line_errors(tmp_path: Path) -> None:
         SpectralMonitor(tmp_path)
     header = json.loads((tmp_path / RECORDS_FILE).read_text().splitlines()[0])
     assert header["settings"]["every"] == 1 and header["targets"][0]["name"] == "0"
+
+
+def test_compress_accepts_the_advice_plan(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from tests.test_analyze import PLANTED_RANK, plant_low_rank
+    from tests.tiny_models import save_tiny, tiny_tokenizer
+
+    model = plant_low_rank(tiny_llama(tie_word_embeddings=False))
+    save_tiny(model, tmp_path / "model", tiny_tokenizer())
+    monitor = SpectralMonitor(tmp_path / "run", every=1)
+    monitor.step(model, 0)
+    plan = CompressionPlan.load(monitor.close())
+    assert {d.rank for d in plan} == {PLANTED_RANK}
+    assert plan.counts()["factorize"] > 0  # the planted low ranks are worth factorizing
+    code = main(
+        [
+            "--quiet",
+            "compress",
+            str(tmp_path / "model"),
+            "--plan",
+            str(tmp_path / "run" / PLAN_FILE),
+            "--no-eval",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    saved = json.loads((tmp_path / "out" / "laserrmt.json").read_text())
+    assert saved["plan"]["method"] == "monitor"
+    assert saved["plan"]["modules"] == plan.to_dict()["modules"]
