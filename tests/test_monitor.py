@@ -41,8 +41,9 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 def _teacher_run(run_dir: Path, *, rank: int = 3, steps: int = 40) -> nn.Sequential:
     """A linear student trained by SGD on a rank-``rank`` linear teacher, monitored every 2
-    steps. From a random (MP-noise) initialisation the error W − T shrinks by the same factor
-    in every direction, so the teacher's ``rank`` directions rise out of the bulk one by one."""
+    steps. Batches are whitened (XᵀX = 64·I), so from a random (MP-noise) initialisation the
+    error W − T shrinks by the same factor in every direction: the bulk stays MP noise and the
+    teacher's ``rank`` directions rise out of it one by one."""
     g = torch.Generator().manual_seed(1)
     n_in, n_out = 48, 32
     u = torch.linalg.qr(torch.randn(n_out, rank, generator=g))[0]
@@ -54,7 +55,7 @@ def _teacher_run(run_dir: Path, *, rank: int = 3, steps: int = 40) -> nn.Sequent
     monitor = SpectralMonitor(run_dir, every=2)
     for step in range(steps + 1):
         monitor.step(student, step)
-        x = torch.randn(64, n_in, generator=g)
+        x = torch.linalg.qr(torch.randn(64, n_in, generator=g))[0] * 8.0
         y = x @ teacher.T + 0.1 * torch.randn(64, n_out, generator=g)
         loss = ((student(x) - y) ** 2).sum(1).mean()
         optimizer.zero_grad()
