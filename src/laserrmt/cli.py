@@ -368,6 +368,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluation_arguments(evaluate)
     evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
     evaluate.set_defaults(run=run_evaluate)
+
+    monitor = commands.add_parser(
+        "monitor",
+        help="render the report of a run recorded by laserrmt.monitor",
+        description="Render RUN_DIR/report.html (time series, spectra, spike heatmap, events) "
+        "and RUN_DIR/advice_plan.json from a SpectralMonitor's records.",
+    )
+    monitor.add_argument("run_dir", metavar="RUN_DIR", help="the folder the monitor wrote to")
+    monitor.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        default=None,
+        help="steps whose spectra are drawn (default: first and last)",
+    )
+    monitor.add_argument(
+        "--live",
+        action="store_true",
+        help="re-render while the run writes, until it ends or goes idle",
+    )
+    monitor.add_argument("--interval", type=float, default=10.0, help="seconds between checks")
+    monitor.add_argument(
+        "--idle",
+        type=float,
+        default=120.0,
+        help="with --live: stop after this many seconds without new records",
+    )
+    monitor.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="with --live: stop after this many seconds in all",
+    )
+    monitor.set_defaults(run=run_monitor)
     return parser
 
 
@@ -811,6 +845,29 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
         print(f"written: {args.json}")
+    return 0
+
+
+def run_monitor(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from laserrmt.errors import DataError
+    from laserrmt.monitor import PLAN_FILE, render_report, watch
+
+    if not args.live:
+        print(f"report: {render_report(args.run_dir, steps=args.steps)}")
+    else:
+        renders = watch(
+            args.run_dir,
+            interval=args.interval,
+            idle=args.idle,
+            max_seconds=args.max_seconds,
+            steps=args.steps,
+            on_render=None if args.quiet else lambda path: print(f"report: {path}", flush=True),
+        )
+        if renders == 0:
+            raise DataError(f"{args.run_dir} received no monitor records while watched")
+    print(f"advice plan: {Path(args.run_dir) / PLAN_FILE}")
     return 0
 
 
