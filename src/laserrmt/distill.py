@@ -561,9 +561,7 @@ def distill(
                 teacher.eval()  # type: ignore[union-attr]
             model.train()
             order: list[int] = []
-            bar = tqdm(
-                range(steps), desc="distill", disable=not progress or rank != 0, leave=False
-            )
+            bar = tqdm(range(steps), desc="distill", disable=not progress or rank != 0, leave=False)
             for step in bar:
                 if not order:
                     order = list(range(len(listed)))

@@ -99,7 +99,17 @@ def heal(
         progress=progress,
         seed=seed,
     )
-    cached = None if isinstance(teacher, nn.Module) else list(teacher)
+    if isinstance(teacher, nn.Module):
+        kind, held, tail = (
+            "model",
+            sum(p.numel() * p.element_size() for p in teacher.parameters()),
+            0.0,
+        )
+    else:
+        cached = list(teacher)
+        kind, held = f"top-{cached[0].k} cache", sum(c.nbytes for c in cached)
+        # The top-k loss falls short of the full KL by this mass times the KL of the tails.
+        tail = float(torch.cat([c.log_tail.exp().flatten() for c in cached]).mean())
     return {
         "steps": steps,
         "lr": lr,
@@ -107,18 +117,9 @@ def heal(
         "temperature": temperature,
         "windows": int(windows.shape[0]),
         "batch_size": batch_size,
-        "teacher": "model" if cached is None else f"top-{cached[0].k} cache",
-        "teacher_bytes": (
-            sum(p.numel() * p.element_size() for p in teacher.parameters())  # type: ignore[union-attr]
-            if cached is None
-            else sum(c.nbytes for c in cached)
-        ),
-        # The error of the top-k loss is this mass times the KL between the tails.
-        "teacher_tail_mass": (
-            0.0
-            if cached is None
-            else float(torch.cat([c.log_tail.exp().flatten() for c in cached]).mean())
-        ),
+        "teacher": kind,
+        "teacher_bytes": held,
+        "teacher_tail_mass": tail,
         "trainable_parameters": sum(p.numel() for p in trainable),
         "loss_first": float(log.losses[0]),
         "loss_last": float(log.losses[-1]),
