@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from laserrmt.distill import distill, init_distributed
+from laserrmt.errors import InvalidOptionError
 from laserrmt.pipeline import compress
 from small_text import small_calibration_split
 from tiny_models import tiny_llama, tiny_tokenizer
@@ -57,10 +58,23 @@ def distilled_classifier() -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in student.state_dict().items()}
 
 
+def refusal_of_a_batch_smaller_than_the_processes() -> str:
+    one_row = [(torch.randn(1, 6), torch.tensor([1]))]
+    try:
+        distill(_mlp(1), _mlp(0), one_row, steps=1, lr=1e-2, task="classification")
+    except InvalidOptionError as error:
+        return str(error)
+    return ""
+
+
 if __name__ == "__main__":
     if not init_distributed():
         sys.exit("run this under torchrun with --nproc_per_node 2")
     rank = torch.distributed.get_rank()
-    results = {"llama": healed_llama(), "classifier": distilled_classifier()}
+    results = {
+        "llama": healed_llama(),
+        "classifier": distilled_classifier(),
+        "refusal": refusal_of_a_batch_smaller_than_the_processes(),
+    }
     torch.save(results, Path(sys.argv[1]) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()

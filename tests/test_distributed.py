@@ -44,6 +44,7 @@ def test_two_processes_heal_to_the_single_process_result(tmp_path):
         _, stderr = launch.communicate(timeout=240)
     assert launch.returncode == 0, stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert all("fewer than the 2 processes" in r["refusal"] for r in ranks)
     for model, expected in single.items():
         for name, value in expected.items():
             # DDP keeps the processes identical: the same all-reduced gradients, the same steps.

@@ -430,7 +430,10 @@ def init_distributed() -> bool:
             "WORLD_SIZE > 1 but this torch build has no torch.distributed; run a single process"
         )
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        # More processes than GPUs is a CPU run on a GPU machine: those need no device.
+        if local_rank < torch.cuda.device_count():
+            torch.cuda.set_device(local_rank)
         dist.init_process_group("cpu:gloo,cuda:nccl")
     else:
         dist.init_process_group("gloo")
