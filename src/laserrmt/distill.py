@@ -32,10 +32,11 @@ then the KL divergence between the two distributions coarsened to those ``k + 1`
 
 with ``q_tail`` the student's mass outside the teacher's top-k set ``S``. By the chain rule of
 the KL divergence the error is exactly ``KL − KLₖ = p_tail · KL(p(·|tail) ‖ q(·|tail))`` ≥ 0:
-it vanishes for ``k`` = the number of classes, it is at most ``p_tail`` times the divergence
-of the two tail-conditional distributions, and what the student loses is only the pull on the
-*shape* of its tail (the tail's total mass is still matched). The cache costs
-``k · 8 + 4`` bytes per position instead of a second copy of the model.
+the teacher's tail mass times the divergence between the two distributions *within* the tail,
+zero for ``k`` = the number of classes and small wherever the teacher is confident. What the
+student loses is only the pull on the shape of its tail (the tail's total mass is still
+matched). The cache costs ``k · 8 + 4`` bytes per position instead of a second copy of the
+model.
 
 Data parallelism
 ----------------
