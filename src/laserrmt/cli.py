@@ -294,6 +294,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compress.add_argument("--heal-lr", type=float, default=1e-4, help="healing learning rate")
     compress.add_argument(
+        "--heal-batch-size",
+        type=int,
+        default=1,
+        help="calibration windows per healing step: the global batch, split over the processes "
+        "of a torchrun launch (default 1)",
+    )
+    compress.add_argument(
+        "--heal-top-k",
+        type=int,
+        default=64,
+        help="healing's teacher: the original model's k most probable next tokens per position "
+        "plus a tail bucket, computed once before the cut (default 64)",
+    )
+    compress.add_argument(
         "--quantize",
         default=None,
         help="int8: per-channel symmetric int8 weights for every linear layer",
@@ -538,6 +552,7 @@ def _analyze_activations(args: argparse.Namespace, loaded: Any) -> int:
 def run_compress(args: argparse.Namespace) -> int:
     import json
 
+    from laserrmt.distill import init_distributed, is_main_process
     from laserrmt.models.loading import load_model
     from laserrmt.models.targets import find_targets, select_targets
     from laserrmt.outputs import atomic_output_dir, check_output_dir
@@ -546,6 +561,9 @@ def run_compress(args: argparse.Namespace) -> int:
     from laserrmt.report.compression import comparison_markdown, compression_report
     from laserrmt.surgery.io import write_compressed
 
+    # Under torchrun every process compresses; healing is data-parallel; process 0 writes.
+    init_distributed()
+    main_process = is_main_process()
     options = _threshold_options(args)
     common = dict(
         method=args.method or ("budget" if args.whiten or args.target_size else "laser"),
@@ -562,6 +580,8 @@ def run_compress(args: argparse.Namespace) -> int:
         importance=args.importance,
         heal_steps=args.heal_steps,
         heal_lr=args.heal_lr,
+        heal_batch_size=args.heal_batch_size,
+        heal_top_k=args.heal_top_k,
         quantize=args.quantize,
     )
     if args.reproduce_laserrmt:
@@ -592,12 +612,18 @@ def run_compress(args: argparse.Namespace) -> int:
         found = find_targets(loaded.model, include_heads=args.include_heads)
         target_names = [t.name for t in select_targets(found, args.targets)]
     before = None
-    if not args.no_eval:
+    if not args.no_eval and main_process:
         print("evaluating the original model…", file=sys.stderr)
         before = _evaluate(loaded.model, loaded.tokenizer, args, target_names=target_names)
     model, result = compress(
-        loaded.model, loaded.tokenizer, settings=settings, plan=plan, progress=not args.quiet
+        loaded.model,
+        loaded.tokenizer,
+        settings=settings,
+        plan=plan,
+        progress=not args.quiet and main_process,
     )
+    if not main_process:
+        return 0
     with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
         write_compressed(
             model,
@@ -645,7 +671,7 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
     """RMT-KD: widths from activation spectra, each cut healed by self-distillation."""
     import json
 
-    from laserrmt.distill import Task
+    from laserrmt.distill import Task, init_distributed, is_main_process
     from laserrmt.methods.rmt_kd import run_rmt_kd
     from laserrmt.models.architectures import is_causal_lm
     from laserrmt.models.loading import load_model
@@ -653,6 +679,8 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
     from laserrmt.report.html import Report, Table, markdown_table
     from laserrmt.surgery.io import write_compressed
 
+    init_distributed()
+    main_process = is_main_process()
     check_output_dir(args.out, args.overwrite)
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
     task: Task = "causal-lm" if is_causal_lm(loaded.model) else "classification"
@@ -666,7 +694,7 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
         model = sequence_classifier_from_encoder(model, len(bbc_news().label_names))
         fine_tune_epochs = 1
     before = None
-    if task == "causal-lm" and not args.no_eval:
+    if task == "causal-lm" and not args.no_eval and main_process:
         print("evaluating the original model…", file=sys.stderr)
         before = _evaluate(loaded.model, loaded.tokenizer, args)
     result = run_rmt_kd(
@@ -687,8 +715,10 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
         checkpoint_dir=args.checkpoint_dir,
         resume=args.resume,
         seed=args.seed,
-        progress=not args.quiet,
+        progress=not args.quiet and main_process,
     )
+    if not main_process:
+        return 0
     columns = (
         "site",
         "kind",

@@ -6,7 +6,6 @@ is written to ``laserrmt.json`` so that a run can be repeated exactly.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -17,7 +16,7 @@ from laserrmt.analyze import analyze_model
 from laserrmt.data.text import PROTOCOL_NAME
 from laserrmt.errors import InvalidOptionError, NumericalError, PlanError
 from laserrmt.methods.budget import budget_plan, replay_factors
-from laserrmt.methods.heal import heal
+from laserrmt.methods.heal import heal, healing_teacher
 from laserrmt.methods.laser import (
     LASERRMT_CANDIDATES,
     SELECTIONS,
@@ -67,6 +66,8 @@ class CompressSettings:
     fisher_windows: int = 4
     heal_steps: int = 0
     heal_lr: float = 1e-4
+    heal_batch_size: int = 1
+    heal_top_k: int = 64
     quantize: str | None = None
 
     @property
@@ -123,6 +124,8 @@ class CompressSettings:
             )
         if self.heal_steps < 0:
             raise InvalidOptionError("--heal-steps must be ≥ 0")
+        if self.heal_batch_size < 1 or self.heal_top_k < 1:
+            raise InvalidOptionError("--heal-batch-size and --heal-top-k must be ≥ 1")
         if self.target_size is not None and self.method != "budget":
             raise InvalidOptionError(
                 "--target-size is a budget for --method budget (or --whiten); the laser method "
@@ -187,8 +190,16 @@ def compress(
             "laserrmt.methods.rmt_kd.run_rmt_kd(model, tokenizer, task=...)"
         )
     result = CompressionResult(CompressionPlan({}), settings)
-    # Healing distils from the model as it was: keep a frozen copy before any surgery.
-    teacher = copy.deepcopy(model).eval() if settings.heal_steps else None
+    if settings.heal_steps:
+        # Healing distils from the model as it was: its top-k predictions on the healing
+        # batches, taken before any surgery (a few MB where a copy of the model would be GB).
+        heal_windows = _calibration_windows(tokenizer, settings)
+        teacher = healing_teacher(
+            model,
+            heal_windows,
+            batch_size=settings.heal_batch_size,
+            top_k=settings.heal_top_k,
+        )
     start = time.perf_counter()
     if plan is not None:
         result.plan = plan
@@ -202,10 +213,11 @@ def compress(
         start = time.perf_counter()
         result.healing = heal(
             model,
-            teacher,  # type: ignore[arg-type]  # set whenever heal_steps > 0
-            _calibration_windows(tokenizer, settings),
+            teacher,
+            heal_windows,
             steps=settings.heal_steps,
             lr=settings.heal_lr,
+            batch_size=settings.heal_batch_size,
             seed=settings.seed,
             progress=progress,
         )

@@ -45,7 +45,7 @@ from typing import Any
 
 from torch import nn
 
-from laserrmt.distill import TASKS, Task, distill, model_inputs
+from laserrmt.distill import TASKS, Task, distill, is_main_process, model_inputs
 from laserrmt.errors import InvalidOptionError, PlanError
 from laserrmt.evaluate import count_parameters
 from laserrmt.models.widths import WidthSite, find_width_sites
@@ -438,7 +438,7 @@ def rmt_kd(
                 f"{record.metric_before:.4f}→{record.metric_after:.4f}",
                 flush=True,
             )
-        if folder is not None:
+        if folder is not None and is_main_process():
             state["next_site"] = index + 1
             state["records"] = [r.to_dict() for r in records]
             state["decisions"] = [d.to_dict() for d in decisions]
