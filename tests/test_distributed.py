@@ -44,6 +44,7 @@ def _torchrun(*args: str) -> tuple[list[str], dict[str, str]]:
     return command, env
 
 
+@pytest.mark.slow  # two torchrun processes
 def test_two_processes_heal_to_the_single_process_result(tmp_path):
     command, env = _torchrun(str(TESTS / "distributed_worker.py"), str(tmp_path))
     with subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) as launch:
