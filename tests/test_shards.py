@@ -168,9 +168,7 @@ def test_device_map_offloads_blocks_to_disk(tmp_path):
     assert all(p.is_meta for p in block.parameters())
     assert not any(p.is_meta for p in loaded.model.layers[0].parameters())
     offloaded = json.loads((offload / "index.json").read_text())
-    assert set(offloaded) == {
-        k for k in model.state_dict() if k.startswith("model.layers.1.")
-    }
+    assert set(offloaded) == {k for k in model.state_dict() if k.startswith("model.layers.1.")}
     # accelerate's hooks bring the block in for its forward pass.
     assert torch.equal(_logits(loaded), _logits(model))
 
@@ -182,13 +180,32 @@ def test_device_map_offloads_blocks_to_disk(tmp_path):
         ({"": "cpu", "model.decoder": "cpu"}, None, "names model.decoder, not modules"),
         ({"": "cpu", "model.layers.1": "disk"}, None, "offload_folder"),
         ({"": "warp-drive"}, None, "not a device"),
+        ({"": "cpu", "lm_head": "disk"}, "{tmp}", "lm_head.weight and model.embed_tokens.weight"),
     ],
 )
 def test_bad_device_maps_are_one_line_errors(tmp_path, device_map, offload, message):
     out = save_compressed(tiny_llama(), tmp_path / "out", max_shard_size=SMALL_SHARD)
+    if offload is not None:
+        offload = tmp_path / "offload"
     with pytest.raises(InvalidOptionError, match=message) as info:
         load(out, device_map=device_map, offload_folder=offload)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_maps_on_a_gpu(tmp_path):
+    model = _factorized(tiny_llama())
+    out = save_compressed(model, tmp_path / "out", max_shard_size=SMALL_SHARD)
+    expected = _logits(model)
+    split = {"": "cpu", "model.layers.1": 0}
+    for device_map in ({"": "cuda:0"}, "auto", split):
+        loaded, _ = load(out, device_map=device_map)
+        if device_map is split:
+            assert loaded.model.layers[1].self_attn.q_proj.A.device.type == "cuda"
+            assert loaded.model.layers[0].self_attn.q_proj.A.device.type == "cpu"
+        with torch.no_grad():
+            logits = loaded(input_ids=IDS.to(loaded.device)).logits.cpu()
+        assert (logits - expected).abs().max().item() < 1e-4
 
 
 # ---------------------------------------------------------------------------------------------

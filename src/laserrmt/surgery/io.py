@@ -52,7 +52,6 @@ from laserrmt.surgery.registry import (
 from laserrmt.surgery.replace import set_submodule
 from laserrmt.surgery.shards import (
     DEFAULT_MAX_SHARD_SIZE,
-    WEIGHTS_FILE,
     ShardWriter,
     WeightFiles,
     check_max_shard_size,
@@ -155,8 +154,9 @@ def load(
     Raises:
         ModelLoadError: not a laserrmt folder, a newer format, an unknown architecture or module
             type, or weights that do not fit the architecture.
-        InvalidOptionError: a device map that leaves tensors without a device or names modules
-            the model does not have, or ``"disk"`` without ``offload_folder``.
+        InvalidOptionError: a device map that leaves tensors without a device, names modules
+            the model does not have, splits tied tensors, or has ``"disk"`` without
+            ``offload_folder``.
     """
     from accelerate import init_empty_weights
 
@@ -298,6 +298,13 @@ def _read_tensors(
     """
     from accelerate.utils import offload_weight, save_offload_index, set_module_tensor_to_device
 
+    for alias, stored in aliases.items():
+        pair = (_device_of(alias, devices), _device_of(stored, devices))
+        if pair[0] != pair[1]:
+            raise InvalidOptionError(
+                f"device_map puts {alias} and {stored}, one tensor tied in the model, on "
+                f"{pair[0]} and {pair[1]}; put both modules on the same device"
+            )
     expected = model.state_dict()
     offload_index: dict[str, Any] = {}
     for name, value in files.tensors():
@@ -318,7 +325,7 @@ def _read_tensors(
     left = [
         name
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]
-        if tensor.is_meta and _device_of(name, devices) != "disk"
+        if tensor.is_meta and name not in offload_index
     ]
     if left:
         raise ModelLoadError(

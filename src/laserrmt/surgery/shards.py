@@ -140,7 +140,9 @@ class WeightFiles:
                 aliases.update(handle.metadata() or {})
             self._files[file] = keys
         #: Names stored once under another name: ``alias → stored name``.
-        self.aliases = {k: v for k, v in aliases.items() if v in self.shapes and k not in self.shapes}
+        self.aliases = {
+            k: v for k, v in aliases.items() if v in self.shapes and k not in self.shapes
+        }
 
     def names(self) -> list[str]:
         """The stored tensor names (aliases not included)."""
