@@ -8,8 +8,9 @@ files' metadata as ``alias → stored name`` (``from_pretrained`` ignores that m
 re-ties from the config).
 
 :class:`ShardWriter` takes tensors one at a time, so that a caller can hand over a model block
-by block: it holds the tensors of the shard being filled, and ``save_file`` serialises that
-shard once more in memory; never more of the model. Reading (:class:`WeightFiles`) opens each
+by block: it holds the tensors of the shard being filled (references to the model's, copied
+only from another device or when not contiguous; ``save_file`` writes from their memory), never
+more of the model. Reading (:class:`WeightFiles`) opens each
 file with ``safe_open`` and returns one tensor at a time.
 """
 
@@ -114,9 +115,10 @@ class ShardWriter:
 class WeightFiles:
     """The tensors of a folder's single or sharded safetensors weights, read one at a time.
 
-    Construction reads only the headers (names, shapes, alias metadata). :meth:`tensors` then
-    opens one file at a time: safetensors maps a file into memory, and its pages count as
-    resident while it is open, so keeping every shard open would hold a second copy.
+    Construction reads only the headers (names, shapes, alias metadata); :meth:`tensors` opens
+    one file at a time. A tensor read here is a copy-on-write view of safetensors' memory map
+    of its file: it costs page cache, not private memory, until it is written, cast or moved
+    to another device.
 
     Raises:
         ModelLoadError: no weights, an unreadable index or file, a shard the index names that is
