@@ -315,9 +315,7 @@ def _read_tensors(
         if device == "disk":
             offload_weight(value, name, str(offload_folder), index=offload_index)
             continue
-        set_module_tensor_to_device(
-            model, name, device, value=value, dtype=target, clear_cache=False
-        )
+        set_module_tensor_to_device(model, name, device, value=value, dtype=target)
     if offload_index:
         save_offload_index(offload_index, str(offload_folder))
     for alias, stored in aliases.items():
