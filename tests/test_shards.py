@@ -17,6 +17,7 @@ from laserrmt.errors import InvalidOptionError, ModelLoadError
 from laserrmt.surgery.io import load, load_into, save_compressed
 from laserrmt.surgery.lowrank import LowRankConv2d, LowRankLinear
 from laserrmt.surgery.quantize import Int8Linear
+from laserrmt.surgery.shards import ShardWriter, WeightFiles
 from tests.test_surgery_io import _factorized, _int8, _width_cut
 from tests.tiny_models import tiny_llama
 
@@ -230,6 +231,33 @@ def test_index_that_disagrees_with_a_shard_is_a_model_load_error(tmp_path):
     index_file.write_text(json.dumps(index))
     with pytest.raises(ModelLoadError, match="holds other tensors than"):
         load(out)
+
+
+def test_unreadable_index_is_a_model_load_error(tmp_path):
+    out = save_compressed(tiny_llama(), tmp_path / "out", max_shard_size=SMALL_SHARD)
+    (out / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(ModelLoadError, match="is not a safetensors index"):
+        load(out)
+
+
+def test_an_alias_recorded_after_its_tensor_was_written_is_read_back(tmp_path):
+    # The streaming order: the embedding goes first, the tied head is known only at the end.
+    writer = ShardWriter(tmp_path, max_shard_size=100)
+    embedding = torch.arange(40, dtype=torch.float32)
+    writer.add("embed.weight", embedding)
+    for i in range(3):
+        writer.add(f"block{i}.weight", torch.full((10,), float(i)))
+    writer.alias("head.weight", "embed.weight")
+    files = writer.close()
+    # 160 bytes alone (over the limit), then 40 + 40, then the last 40 that would overflow.
+    assert [f.name for f in files] == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    with safe_open(files[0], framework="pt") as handle:
+        assert "head.weight" not in handle.metadata()  # written before the alias was known
+    read = WeightFiles(tmp_path)
+    assert read.aliases == {"head.weight": "embed.weight"}
+    tensors = dict(read.tensors())
+    assert torch.equal(tensors["embed.weight"], embedding)
+    assert torch.equal(tensors["block2.weight"], torch.full((10,), 2.0))
 
 
 def test_load_into_reads_shards(tmp_path):
