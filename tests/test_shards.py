@@ -94,6 +94,7 @@ def test_sharded_folder_loads_back_to_identical_logits(tmp_path, change):
     }
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    assert all(p.requires_grad for p in loaded.parameters())  # healing can train it
 
 
 @pytest.mark.parametrize("change", [_factorized, _int8, _width_cut])
