@@ -28,18 +28,21 @@ _SIZE_UNITS = {
 }
 
 
-def parse_size(text: str) -> int:
-    """``"60MB"``, ``"0.5 GiB"``, ``"52428800"`` → bytes (kB/MB/GB are powers of 1000)."""
+def parse_size(text: str, option: str = "--target-size") -> int:
+    """``"60MB"``, ``"0.5 GiB"``, ``"52428800"`` → bytes (kB/MB/GB are powers of 1000).
+
+    ``option`` names the option in the error message.
+    """
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     unit = match.group(2).lower() if match else ""
     if match is None or unit not in _SIZE_UNITS:
         raise InvalidOptionError(
-            f"--target-size {text!r} is not a size; write a number of bytes or a number with B, kB, MB, GB, "
+            f"{option} {text!r} is not a size; write a number of bytes or a number with B, kB, MB, GB, "
             "KiB, MiB or GiB (e.g. 60MB)"
         )
     size = int(float(match.group(1)) * _SIZE_UNITS[unit])
     if size <= 0:
-        raise InvalidOptionError(f"--target-size {text!r}: the size must be positive")
+        raise InvalidOptionError(f"{option} {text!r}: the size must be positive")
     return size
 
 
@@ -225,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(compress)
     compress.add_argument("--out", required=True, help="output model folder (written atomically)")
     compress.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    compress.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        metavar="BYTES",
+        help="largest weight file of the saved model, e.g. 2GB or 500MiB; a larger model is "
+        "split into shards with model.safetensors.index.json, as save_pretrained does "
+        "(default 5GB)",
+    )
     _add_target_arguments(compress)
     _add_threshold_arguments(compress)
     compress.add_argument(
@@ -565,6 +576,7 @@ def run_compress(args: argparse.Namespace) -> int:
     init_distributed()
     main_process = is_main_process()
     options = _threshold_options(args)
+    max_shard_size = parse_size(args.max_shard_size, "--max-shard-size")
     common = dict(
         method=args.method or ("budget" if args.whiten or args.target_size else "laser"),
         threshold_options=options,
@@ -631,6 +643,7 @@ def run_compress(args: argparse.Namespace) -> int:
             tokenizer=loaded.tokenizer,
             plan=result.plan,
             settings={"compress": result.to_dict(), "source": loaded.source},
+            max_shard_size=max_shard_size,
         )
         after = None
         if not args.no_eval:
@@ -752,6 +765,7 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
             tmp,
             tokenizer=loaded.tokenizer,
             settings={"rmt_kd": result.to_dict(), "source": loaded.source},
+            max_shard_size=parse_size(args.max_shard_size, "--max-shard-size"),
         )
         after = None
         if before is not None:
@@ -839,6 +853,7 @@ def run_width_plan_command(args: argparse.Namespace, plan: Any) -> int:
             tmp,
             tokenizer=loaded.tokenizer,
             settings={"width_plan": plan.to_dict(), "source": loaded.source},
+            max_shard_size=parse_size(args.max_shard_size, "--max-shard-size"),
         )
         plan.save(tmp / WIDTH_PLAN_FILE)
         if before is not None:
