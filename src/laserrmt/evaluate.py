@@ -42,6 +42,7 @@ from laserrmt.errors import (
     NumericalError,
     TargetSelectionError,
 )
+from laserrmt.models.placement import place_model
 from laserrmt.stats.forward import eval_mode
 from laserrmt.surgery.io import weight_bytes
 
@@ -658,6 +659,8 @@ def evaluate_model(
     saved_path: str | os.PathLike[str] | None = None,
     latency: bool = True,
     latency_repeats: int = 5,
+    device: str | None = None,
+    dtype: str | None = None,
     progress: bool = True,
 ) -> EvaluationResult:
     """Everything ``laserrmt evaluate`` reports, under the pinned protocol unless told otherwise.
@@ -675,6 +678,8 @@ def evaluate_model(
             state dict's distinct tensors in memory (:func:`~laserrmt.surgery.io.weight_bytes`).
         latency: measure :func:`measure_latency` (prompt 128, 32 new tokens).
         latency_repeats: measured runs after one warm-up run.
+        device, dtype: move and cast ``model`` in place first
+            (:func:`~laserrmt.models.placement.place_model`; ``None``: as it is).
         progress: show a progress bar on stderr.
 
     Raises:
@@ -682,6 +687,7 @@ def evaluate_model(
         NumericalError: the model's logits are not finite.
     """
     started = time.perf_counter()
+    place_model(model, device, dtype)
     windows, protocol = _windows_and_protocol(tokenizer, windows, n_windows, text_file)
     with track_peak_memory() as memory:
         ppl = perplexity(model, windows, progress=progress)

@@ -26,6 +26,7 @@ from laserrmt.methods.laser import (
     oneshot_plan,
 )
 from laserrmt.methods.objectives import make_objective
+from laserrmt.models.placement import place_model, resolve_device, resolve_dtype
 from laserrmt.models.targets import find_targets, select_targets
 from laserrmt.plan import CompressionPlan
 from laserrmt.surgery.apply import apply_plan
@@ -68,6 +69,10 @@ class CompressSettings:
     heal_steps: int = 0
     heal_lr: float = 1e-4
     quantize: str | None = None
+    #: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``, and ``float32``, ``bfloat16`` or ``float16``:
+    #: the model is moved and cast to them once, before anything is measured (``None``: as it is).
+    device: str | None = None
+    dtype: str | None = None
 
     @property
     def n_calibration_windows(self) -> int:
@@ -123,6 +128,10 @@ class CompressSettings:
             )
         if self.heal_steps < 0:
             raise InvalidOptionError("--heal-steps must be ≥ 0")
+        if self.device is not None:
+            resolve_device(self.device)
+        if self.dtype is not None:
+            resolve_dtype(self.dtype)
         if self.target_size is not None and self.method != "budget":
             raise InvalidOptionError(
                 "--target-size is a budget for --method budget (or --whiten); the laser method "
@@ -177,7 +186,8 @@ def compress(
     counts). Healing and quantization are not part of a plan: they follow ``settings``, so a
     replay with the run's ``heal_steps``, ``heal_lr``, calibration options and ``quantize``
     gives the run's model. ``tokenizer`` is needed by methods that measure on calibration text
-    (the loop, budget, healing, and replaying a whitened plan).
+    (the loop, budget, healing, and replaying a whitened plan). ``settings.device`` and
+    ``settings.dtype`` move and cast ``model`` in place first.
     """
     settings = replace(settings or CompressSettings(), **overrides)
     settings.validate()
@@ -186,6 +196,7 @@ def compress(
             "RMT-KD trains the model and has its own entry point: "
             "laserrmt.methods.rmt_kd.run_rmt_kd(model, tokenizer, task=...)"
         )
+    place_model(model, settings.device, settings.dtype)
     result = CompressionResult(CompressionPlan({}), settings)
     # Healing distils from the model as it was: keep a frozen copy before any surgery.
     teacher = copy.deepcopy(model).eval() if settings.heal_steps else None

@@ -254,7 +254,7 @@ def cut_attention(
         w = output.weight.detach().to(torch.float64)
         size = w.shape[1] // heads
         mean = statistics.mean
-        mu = torch.zeros(w.shape[1], dtype=torch.float64) if mean is None else mean
+        mu = torch.zeros(w.shape[1], dtype=torch.float64, device=w.device) if mean is None else mean
         mu = mu.to(w.device, torch.float64)
         folded, shift = [], torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
         for h in range(heads):
