@@ -41,7 +41,7 @@ from laserrmt.evaluate import evaluate_model
 from laserrmt.methods.budget import budget_plan
 from laserrmt.methods.laser import oneshot_plan
 from laserrmt.methods.rmt_kd import rmt_kd
-from laserrmt.models.placement import resolve_device, resolve_dtype
+from laserrmt.models.placement import place_model, resolve_device, resolve_dtype
 from laserrmt.models.targets import find_targets
 from laserrmt.pipeline import CompressSettings, compress
 from laserrmt.stats.activations import collect_site_statistics
@@ -322,6 +322,7 @@ def test_a_cuda_device_without_cuda_is_one_line(tmp_path: Path, capsys) -> None:
     with pytest.raises(DeviceError, match="no CUDA GPU"):
         resolve_device("cuda:0")
     folder = save_tiny(tiny_llama(), tmp_path / "m", tiny_tokenizer())
+    capsys.readouterr()
     code = main(["analyze", str(folder), "--out", str(tmp_path / "a"), "-q", "--device", "cuda"])
     err = capsys.readouterr().err
     assert code == 2
@@ -346,42 +347,95 @@ def test_compress_settings_place_the_model_once() -> None:
 # bfloat16 end to end
 
 
-def _cli_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
-    model, _ = load(folder)
-    with torch.no_grad():
-        return model.to(torch.float32)(ids).logits
-
-
 def test_budget_in_bfloat16_from_the_command_line_matches_float32(tmp_path: Path) -> None:
+    """The bfloat16 run decides the same ranks, and its logits differ from the float32 run's by
+    no more than twice what casting the dense model to bfloat16 costs (measured: 0.37 % against
+    0.51 %): bfloat16 keeps 8 significant bits (unit roundoff 2⁻⁸ ≈ 0.4 %), and a cut computed
+    in float64 from bfloat16 weights and activations should add no error of its own order."""
+    import json
+
     source = save_tiny(tiny_llama(), tmp_path / "m", tiny_tokenizer())
     ids = _windows(2, 32, seed=5)
-    logits = {}
+    dense = tiny_llama()
+    with torch.no_grad():
+        reference = dense(ids).logits
+        cast = dense.to(torch.bfloat16)(ids).logits.float()
+    cast_error = float((cast - reference).norm() / reference.norm())
+    logits, ranks = {}, {}
     for dtype in ("float32", "bfloat16"):
         out = tmp_path / dtype
-        code = main(
-            [
-                "compress",
-                str(source),
-                "--out",
-                str(out),
-                "--method",
-                "budget",
-                "--target-params",
-                "0.3",
-                "--calibration-windows",
-                "2",
-                "--no-eval",
-                "-q",
-                "--importance",
-                "none",
-                "--dtype",
-                dtype,
-            ]
-        )
-        assert code == 0
+        argv = ["compress", str(source), "--out", str(out), "--method", "budget"]
+        argv += ["--target-params", "0.3", "--calibration-windows", "2", "--no-eval", "-q"]
+        assert main([*argv, "--importance", "none", "--dtype", dtype]) == 0
+        modules = json.loads((out / "laserrmt.json").read_text())["plan"]["modules"]
+        ranks[dtype] = {name: m["rank"] for name, m in modules.items()}
         model, _ = load(out)
         assert next(model.parameters()).dtype == getattr(torch, dtype)
-        logits[dtype] = _cli_logits(out, ids)
-    reference = logits["float32"]
-    error = (logits["bfloat16"] - reference).norm() / reference.norm()
-    assert float(error) < 0.03
+        with torch.no_grad():
+            logits[dtype] = model.to(torch.float32)(ids).logits
+    assert ranks["bfloat16"] == ranks["float32"]
+    assert any(r < 64 for r in ranks["float32"].values())
+    error = (logits["bfloat16"] - logits["float32"]).norm() / logits["float32"].norm()
+    assert float(error) <= 2 * cast_error
+
+
+# ---------------------------------------------------------------------------------------------
+# on a GPU
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_pipelines_on_cuda(dtype: str) -> None:
+    run_pipelines(tiny_llama, lambda m: place_model(m, device="cuda", dtype=dtype))
+
+
+@pytest.mark.gpu
+@CUDA
+def test_budget_on_cuda_decides_as_on_the_cpu() -> None:
+    windows, probe = _windows(), _windows(1, 16, seed=9)
+    plans, logits = {}, {}
+    for device in ("cpu", "cuda"):
+        model = place_model(tiny_llama(), device=device)
+        outcome = budget_plan(
+            model, find_targets(model), windows, target_params=0.3, progress=False
+        )
+        apply_plan(model, outcome.plan, svd_cache=outcome.svd_cache, progress=False)
+        plans[device] = {d.module: d.rank for d in outcome.plan}
+        with torch.no_grad():
+            logits[device] = model(probe.to(device)).logits.cpu()
+    assert plans["cuda"] == plans["cpu"]
+    error = (logits["cuda"] - logits["cpu"]).norm() / logits["cpu"].norm()
+    assert float(error) < 1e-4
+
+
+@pytest.mark.gpu
+@CUDA
+def test_compress_and_analyze_on_cuda_from_the_command_line(tmp_path: Path) -> None:
+    source = save_tiny(tiny_llama(), tmp_path / "m", tiny_tokenizer())
+    assert (
+        main(["analyze", str(source), "--out", str(tmp_path / "a"), "-q", "--device", "cuda"]) == 0
+    )
+    code = main(
+        [
+            "compress",
+            str(source),
+            "--out",
+            str(tmp_path / "c"),
+            "--method",
+            "budget",
+            "--target-params",
+            "0.3",
+            "--calibration-windows",
+            "2",
+            "--no-eval",
+            "-q",
+            "--device",
+            "cuda",
+            "--dtype",
+            "bfloat16",
+        ]
+    )
+    assert code == 0
+    model, _ = load(tmp_path / "c")
+    assert next(model.parameters()).dtype == torch.bfloat16
