@@ -574,6 +574,9 @@ def run_compress(args: argparse.Namespace) -> int:
             **common,
         )
     if args.method == "rmt-kd":
+        from laserrmt.models.placement import check_trainable_dtype
+
+        check_trainable_dtype(args.dtype, "--method rmt-kd")
         return run_rmt_kd_command(args)
     settings.validate()
     plan = load_plan(args.plan) if args.plan else None

@@ -42,7 +42,7 @@ from laserrmt.errors import (
     NumericalError,
     TargetSelectionError,
 )
-from laserrmt.models.placement import place_model
+from laserrmt.models.placement import model_device, place_model
 from laserrmt.stats.forward import eval_mode
 from laserrmt.surgery.io import weight_bytes
 
@@ -56,14 +56,6 @@ _LOGIT_ELEMENTS_PER_CHUNK = 1 << 26
 
 # ---------------------------------------------------------------------------------------------
 # shared helpers
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for parameter in model.parameters():
-        return parameter.device
-    for buffer in model.buffers():
-        return buffer.device
-    return torch.device("cpu")
 
 
 def _synchronize(device: torch.device) -> None:
@@ -166,7 +158,7 @@ def perplexity(
     _check_count("batch_size", batch_size, 1)
     from transformers import PreTrainedModel
 
-    device = _model_device(model)
+    device = model_device(model)
     # No KV cache: each window is scored in one pass, and a cache would only cost memory.
     kwargs = {"use_cache": False} if isinstance(model, PreTrainedModel) else {}
     total, tokens = 0.0, 0
@@ -469,7 +461,7 @@ def measure_latency(
     _check_count("new_tokens", new_tokens, 1)
     _check_count("repeats", repeats, 1)
     _check_count("warmup", warmup, 0)
-    device = _model_device(model)
+    device = model_device(model)
     generator = torch.Generator().manual_seed(seed)
     prompt = torch.randint(
         0, _vocab_size(model, vocab_size), (1, prompt_tokens), generator=generator
@@ -536,7 +528,7 @@ def measure_forward_latency(
     """
     _check_count("repeats", repeats, 1)
     _check_count("warmup", warmup, 0)
-    device = _model_device(model)
+    device = model_device(model)
     if inputs is None:
         _check_count("seq_len", seq_len, 1)
         _check_count("batch_size", batch_size, 1)

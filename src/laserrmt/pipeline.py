@@ -26,7 +26,12 @@ from laserrmt.methods.laser import (
     oneshot_plan,
 )
 from laserrmt.methods.objectives import make_objective
-from laserrmt.models.placement import place_model, resolve_device, resolve_dtype
+from laserrmt.models.placement import (
+    check_trainable_dtype,
+    place_model,
+    resolve_device,
+    resolve_dtype,
+)
 from laserrmt.models.targets import find_targets, select_targets
 from laserrmt.plan import CompressionPlan
 from laserrmt.surgery.apply import apply_plan
@@ -132,6 +137,8 @@ class CompressSettings:
             resolve_device(self.device)
         if self.dtype is not None:
             resolve_dtype(self.dtype)
+        if self.heal_steps:
+            check_trainable_dtype(self.dtype, "--heal-steps")
         if self.target_size is not None and self.method != "budget":
             raise InvalidOptionError(
                 "--target-size is a budget for --method budget (or --whiten); the laser method "

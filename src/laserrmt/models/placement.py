@@ -15,6 +15,7 @@ from laserrmt.errors import DeviceError
 __all__ = [
     "DEVICES",
     "DTYPES",
+    "check_trainable_dtype",
     "float64_device",
     "model_device",
     "place_model",
@@ -74,6 +75,20 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     if dtype is None:
         raise DeviceError(f"unknown --dtype {name!r}; choose one of {', '.join(DTYPES)}")
     return dtype
+
+
+def check_trainable_dtype(dtype: str | torch.dtype | None, what: str) -> None:
+    """Refuse training (healing, distillation) in float16: without loss scaling AdamW's updates
+    underflow and the weights turn NaN within a step or two (seen on a tiny Llama).
+
+    Raises:
+        DeviceError: ``dtype`` is float16.
+    """
+    if dtype is not None and resolve_dtype(dtype) == torch.float16:
+        raise DeviceError(
+            f"{what} trains the model, and float16 training needs loss scaling that laserrmt "
+            "does not do; use --dtype bfloat16 or float32"
+        )
 
 
 def model_device(model: nn.Module) -> torch.device:
