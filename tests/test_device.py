@@ -48,7 +48,7 @@ from laserrmt.stats.activations import collect_site_statistics
 from laserrmt.surgery.apply import apply_plan
 from laserrmt.surgery.io import load
 from laserrmt.surgery.width import cut_width, find_width_sites
-from tests.tiny_models import TINY_VOCAB_SIZE, save_tiny, tiny_llama, tiny_tokenizer
+from tests.tiny_models import TINY_VOCAB_SIZE, save_tiny, tiny_bert, tiny_llama, tiny_tokenizer
 
 SRC = Path(laserrmt.__file__).resolve().parent
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
@@ -64,8 +64,9 @@ def _windows(n: int = 4, length: int = 24, seed: int = 0) -> torch.Tensor:
 
 
 def run_pipelines(model_factory: Callable[[], torch.nn.Module], place: Callable) -> None:
-    """analyze (weights and whitened), laser one-shot, budget, MLP and residual width cuts and
-    RMT-KD, each on a fresh model that ``place`` moves/casts once; checks the logits are finite."""
+    """analyze (weights and whitened), laser one-shot, budget, MLP and residual width cuts,
+    BERT attention width cuts and RMT-KD, each on a fresh model that ``place`` moves/casts once;
+    checks the outputs are finite."""
     windows = _windows()
     probe = _windows(1, 16, seed=9)
 
@@ -88,6 +89,15 @@ def run_pipelines(model_factory: Callable[[], torch.nn.Module], place: Callable)
         cut_width(model, site, stats[site.name], k)
     assert model.config.hidden_size == 40
     _check_finite(model, probe)
+
+    encoder = place(tiny_bert())
+    for kind in ("attn_vo", "attn_qk"):
+        site = find_width_sites(encoder, [kind])[0]
+        stats = collect_site_statistics(encoder, list(windows.split(2)), [site], progress=False)
+        cut_width(encoder, site, stats[site.name], site.width // 2)
+    with torch.no_grad():
+        hidden = encoder(probe.to(next(encoder.parameters()).device)).last_hidden_state
+    assert bool(torch.isfinite(hidden).all())
 
     model = place(model_factory())
     result = rmt_kd(
