@@ -365,6 +365,9 @@ def test_compress_settings_place_the_model_once() -> None:
     )
     assert next(model.parameters()).dtype == torch.bfloat16
     assert np.isfinite(result.perplexity)
+    other = tiny_llama()
+    analysis = analyze_model(other, dtype="bfloat16", device="cpu", progress=False)
+    assert next(other.parameters()).dtype == torch.bfloat16 and len(analysis.records) == 14
 
 
 # ---------------------------------------------------------------------------------------------
