@@ -72,7 +72,7 @@ def _passes(sites: Sequence[WidthSite]) -> list[list[WidthSite]]:
 def _singular_values(statistics: SiteStatistics) -> np.ndarray:
     """Singular values ``sqrt(n λ)`` of the centred ``d × n`` activation matrix, descending,
     with ``n`` the effective sample size (the scale the MP edge of the decision is drawn on)."""
-    c = statistics.covariance().numpy()
+    c = statistics.covariance().cpu().numpy()
     eigenvalues = np.clip(np.linalg.eigvalsh((c + c.T) / 2)[::-1], 0.0, None)
     n = max(int(statistics.independent_rows), 1)
     return np.sqrt(n * eigenvalues[: min(len(eigenvalues), n)])

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from laserrmt.models.placement import place_model
 from laserrmt.models.targets import Target, find_targets, select_targets, weight_matrix
 from laserrmt.outputs import atomic_output_dir
 from laserrmt.report.html import Report, Table
@@ -113,14 +114,19 @@ def analyze_model(
     threshold_options: dict[str, Any] | None = None,
     include_heads: bool = False,
     keep_vectors: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
     progress: bool = True,
 ) -> AnalysisResult:
     """Analyse the spectrum of every selected weight matrix of ``model``.
 
     ``targets`` are selection patterns (names, regular expressions, ``role:…``, ``block:…``);
-    ``threshold`` is one of :data:`laserrmt.rmt.THRESHOLD_METHODS`. Each matrix is decomposed once;
-    with ``keep_vectors`` the singular vectors are kept on the result for later surgery.
+    ``threshold`` is one of :data:`laserrmt.rmt.THRESHOLD_METHODS`. Each matrix is decomposed once,
+    in float64 on the model's device; with ``keep_vectors`` the singular vectors are kept on the
+    result for later surgery. ``device`` and ``dtype`` (see
+    :func:`~laserrmt.models.placement.place_model`) move and cast ``model`` in place first.
     """
+    place_model(model, device, dtype)
     options = dict(threshold_options or {})
     timings: dict[str, float] = {}
     start = time.perf_counter()

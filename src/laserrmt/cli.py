@@ -87,6 +87,33 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model computes: cpu, cuda, cuda:N or auto (cuda when available) "
+        "(default cpu)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        help="dtype of the weights and block computations: float32, bfloat16 or float16 "
+        "(default float32); Gram matrices and decompositions stay float64",
+    )
+
+
+def _load_placed(args: argparse.Namespace) -> Any:
+    """The model of ``args``, loaded in ``--dtype`` and moved to ``--device`` once (both are
+    checked before anything is loaded)."""
+    from laserrmt.models.loading import load_model
+    from laserrmt.models.placement import place_model, resolve_device, resolve_dtype
+
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code, dtype=dtype)
+    place_model(loaded.model, device)
+    return loaded
+
+
 def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--targets",
@@ -186,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_output_arguments(analyze, top=False)
     _add_model_arguments(analyze)
+    _add_device_arguments(analyze)
     analyze.add_argument("--out", required=True, help="output folder (written atomically)")
     analyze.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_target_arguments(analyze)
@@ -226,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_output_arguments(compress, top=False)
     _add_model_arguments(compress)
+    _add_device_arguments(compress)
     compress.add_argument("--out", required=True, help="output model folder (written atomically)")
     compress.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     compress.add_argument(
@@ -385,11 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate",
-        help="perplexity, parameters, size, peak memory and CPU latency of a model",
+        help="perplexity, parameters, size, peak memory and latency of a model",
         description="Evaluate a model or a laserrmt output folder under the pinned protocol.",
     )
     _add_output_arguments(evaluate, top=False)
     _add_model_arguments(evaluate)
+    _add_device_arguments(evaluate)
     _add_evaluation_arguments(evaluate)
     evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
     evaluate.set_defaults(run=run_evaluate)
@@ -432,7 +462,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_analyze(args: argparse.Namespace) -> int:
     from laserrmt.analyze import analyze_model, write_analysis
-    from laserrmt.models.loading import load_model
     from laserrmt.outputs import check_output_dir
     from laserrmt.report.html import markdown_table
     from laserrmt.surgery.whiten import WHITEN_METHODS
@@ -444,7 +473,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         )
     check_output_dir(args.out, args.overwrite)
     start = time.perf_counter()
-    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    loaded = _load_placed(args)
     load_s = time.perf_counter() - start
     if args.activations:
         return _analyze_activations(args, loaded)
@@ -564,7 +593,6 @@ def run_compress(args: argparse.Namespace) -> int:
     import json
 
     from laserrmt.distill import init_distributed, is_main_process
-    from laserrmt.models.loading import load_model
     from laserrmt.models.targets import find_targets, select_targets
     from laserrmt.outputs import atomic_output_dir, check_output_dir
     from laserrmt.pipeline import CompressSettings, compress
@@ -595,6 +623,8 @@ def run_compress(args: argparse.Namespace) -> int:
         heal_batch_size=args.heal_batch_size,
         heal_top_k=args.heal_top_k,
         quantize=args.quantize,
+        device=args.device,
+        dtype=args.dtype,
     )
     if args.reproduce_laserrmt:
         settings = CompressSettings.reproduce_laserrmt_preset(**common)
@@ -610,6 +640,9 @@ def run_compress(args: argparse.Namespace) -> int:
             **common,
         )
     if args.method == "rmt-kd":
+        from laserrmt.models.placement import check_trainable_dtype
+
+        check_trainable_dtype(args.dtype, "--method rmt-kd")
         return run_rmt_kd_command(args)
     settings.validate()
     plan = load_plan(args.plan) if args.plan else None
@@ -617,7 +650,7 @@ def run_compress(args: argparse.Namespace) -> int:
         return run_width_plan_command(args, plan)
     check_output_dir(args.out, args.overwrite)
 
-    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    loaded = _load_placed(args)
     if plan is not None:
         target_names = list(plan.decisions)
     else:
@@ -687,7 +720,6 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
     from laserrmt.distill import Task, init_distributed, is_main_process
     from laserrmt.methods.rmt_kd import run_rmt_kd
     from laserrmt.models.architectures import is_causal_lm
-    from laserrmt.models.loading import load_model
     from laserrmt.outputs import atomic_output_dir, check_output_dir
     from laserrmt.report.html import Report, Table, markdown_table
     from laserrmt.surgery.io import write_compressed
@@ -695,7 +727,7 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
     init_distributed()
     main_process = is_main_process()
     check_output_dir(args.out, args.overwrite)
-    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    loaded = _load_placed(args)
     task: Task = "causal-lm" if is_causal_lm(loaded.model) else "classification"
     model, fine_tune_epochs = loaded.model, 0
     if task == "classification" and not hasattr(model, "classifier"):
@@ -703,8 +735,10 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
         # epoch on the training split, so that there is a baseline to distil from.
         from laserrmt.data.classification import bbc_news
         from laserrmt.methods.rmt_kd import sequence_classifier_from_encoder
+        from laserrmt.models.placement import place_model
 
         model = sequence_classifier_from_encoder(model, len(bbc_news().label_names))
+        place_model(model, args.device, args.dtype)
         fine_tune_epochs = 1
     before = None
     if task == "causal-lm" and not args.no_eval and main_process:
@@ -830,14 +864,13 @@ def run_width_plan_command(args: argparse.Namespace, plan: Any) -> int:
 
     from laserrmt.evaluate import count_parameters
     from laserrmt.methods.rmt_kd import replay_calibration
-    from laserrmt.models.loading import load_model
     from laserrmt.outputs import atomic_output_dir, check_output_dir
     from laserrmt.surgery.apply import apply_plan
     from laserrmt.surgery.io import write_compressed
 
     plan.check_replayable()
     check_output_dir(args.out, args.overwrite)
-    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    loaded = _load_placed(args)
     causal = plan.calibration.get("recipe", {}).get("task") == "causal-lm"
     before = None
     if causal and not args.no_eval:
@@ -874,11 +907,10 @@ def run_width_plan_command(args: argparse.Namespace, plan: Any) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from laserrmt.models.loading import load_model
     from laserrmt.outputs import write_text_atomic
     from laserrmt.report.html import markdown_table
 
-    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    loaded = _load_placed(args)
     result = _evaluate(loaded.model, loaded.tokenizer, args, saved_path=loaded.path)
     print(f"model: {loaded.source}")
     print(

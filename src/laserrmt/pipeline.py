@@ -25,6 +25,12 @@ from laserrmt.methods.laser import (
     oneshot_plan,
 )
 from laserrmt.methods.objectives import make_objective
+from laserrmt.models.placement import (
+    check_trainable_dtype,
+    place_model,
+    resolve_device,
+    resolve_dtype,
+)
 from laserrmt.models.targets import find_targets, select_targets
 from laserrmt.plan import CompressionPlan
 from laserrmt.surgery.apply import apply_plan
@@ -69,6 +75,10 @@ class CompressSettings:
     heal_batch_size: int = 1
     heal_top_k: int = 64
     quantize: str | None = None
+    #: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``, and ``float32``, ``bfloat16`` or ``float16``:
+    #: the model is moved and cast to them once, before anything is measured (``None``: as it is).
+    device: str | None = None
+    dtype: str | None = None
 
     @property
     def n_calibration_windows(self) -> int:
@@ -126,6 +136,12 @@ class CompressSettings:
             raise InvalidOptionError("--heal-steps must be ≥ 0")
         if self.heal_batch_size < 1 or self.heal_top_k < 1:
             raise InvalidOptionError("--heal-batch-size and --heal-top-k must be ≥ 1")
+        if self.device is not None:
+            resolve_device(self.device)
+        if self.dtype is not None:
+            resolve_dtype(self.dtype)
+        if self.heal_steps:
+            check_trainable_dtype(self.dtype, "--heal-steps")
         if self.target_size is not None and self.method != "budget":
             raise InvalidOptionError(
                 "--target-size is a budget for --method budget (or --whiten); the laser method "
@@ -180,7 +196,8 @@ def compress(
     counts). Healing and quantization are not part of a plan: they follow ``settings``, so a
     replay with the run's ``heal_steps``, ``heal_lr``, calibration options and ``quantize``
     gives the run's model. ``tokenizer`` is needed by methods that measure on calibration text
-    (the loop, budget, healing, and replaying a whitened plan).
+    (the loop, budget, healing, and replaying a whitened plan). ``settings.device`` and
+    ``settings.dtype`` move and cast ``model`` in place first.
     """
     settings = replace(settings or CompressSettings(), **overrides)
     settings.validate()
@@ -189,6 +206,7 @@ def compress(
             "RMT-KD trains the model and has its own entry point: "
             "laserrmt.methods.rmt_kd.run_rmt_kd(model, tokenizer, task=...)"
         )
+    place_model(model, settings.device, settings.dtype)
     result = CompressionResult(CompressionPlan({}), settings)
     if settings.heal_steps:
         # Healing distils from the model as it was: its top-k predictions on the healing

@@ -45,7 +45,14 @@ from typing import Any
 
 from torch import nn
 
-from laserrmt.distill import TASKS, Task, distill, is_main_process, model_inputs
+from laserrmt.distill import (
+    TASKS,
+    Task,
+    batch_logits_and_labels,
+    distill,
+    is_main_process,
+    model_inputs,
+)
 from laserrmt.errors import InvalidOptionError, PlanError
 from laserrmt.evaluate import count_parameters
 from laserrmt.models.widths import WidthSite, find_width_sites
@@ -532,9 +539,10 @@ def _accuracy(model: nn.Module, batches: Sequence[dict[str, Any]]) -> float:
     model.eval()
     with torch.no_grad():
         for batch in batches:
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-            hits += int((logits.argmax(-1) == batch["labels"]).sum())
-            total += len(batch["labels"])
+            # Moved to the model's device, wherever the batches were made.
+            logits, labels = batch_logits_and_labels(model, batch, "classification")
+            hits += int((logits.argmax(-1) == labels).sum())
+            total += len(labels)
     return 100.0 * hits / total
 
 
@@ -568,7 +576,8 @@ def fine_tune_classifier(
             order = list(range(len(batches)))
             order_rng.shuffle(order)
             for step, i in enumerate(order):
-                loss = model(**batches[i]).loss
+                logits, labels = batch_logits_and_labels(model, batches[i], "classification")
+                loss = torch.nn.functional.cross_entropy(logits.float(), labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

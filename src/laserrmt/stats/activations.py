@@ -93,8 +93,10 @@ class _Moments:
     """Streamed ``Σ h``, ``Σ h hᵀ``, the row count and per-axis lag products of a unit stream."""
 
     def __init__(self, width: int) -> None:
-        self.gram = torch.zeros(width, width, dtype=torch.float64)
-        self.total = torch.zeros(width, dtype=torch.float64)
+        self.width = width
+        # Allocated by the first batch, on its device (a GPU model sums on the GPU).
+        self.gram: torch.Tensor | None = None
+        self.total: torch.Tensor | None = None
         self.count = 0
         # axis position → [lag, (Σ h_t h_{t+k}, Σ h_t, Σ h_{t+k}), unit], and pair counts per lag
         self.lags: dict[int, torch.Tensor] = {}
@@ -102,10 +104,10 @@ class _Moments:
 
     def add(self, x: torch.Tensor) -> None:
         """``x``: units on the last axis, batch first, the axes between are sequence axes."""
-        # Accumulate where the activations are (a GPU model sums on the GPU).
         x = x.detach().to(torch.float64)
-        if self.gram.device != x.device:
-            self.gram, self.total = self.gram.to(x.device), self.total.to(x.device)
+        if self.gram is None or self.total is None:
+            self.gram = torch.zeros(self.width, self.width, dtype=torch.float64, device=x.device)
+            self.total = torch.zeros(self.width, dtype=torch.float64, device=x.device)
         rows = x.reshape(-1, x.shape[-1])
         self.gram.addmm_(rows.T, rows)
         self.total += rows.sum(dim=0)
@@ -115,7 +117,9 @@ class _Moments:
             lags = self.lags.setdefault(
                 axis, torch.zeros(MAX_LAG, 3, x.shape[-1], dtype=torch.float64, device=x.device)
             )
-            pairs = self.pairs.setdefault(axis, torch.zeros(MAX_LAG, dtype=torch.float64))
+            pairs = self.pairs.setdefault(
+                axis, torch.zeros(MAX_LAG, dtype=torch.float64, device=x.device)
+            )
             for k in range(1, min(MAX_LAG, length - 1) + 1):
                 head = x.narrow(axis, 0, length - k).reshape(-1, x.shape[-1])
                 tail = x.narrow(axis, k, length - k).reshape(-1, x.shape[-1])
@@ -137,12 +141,16 @@ class _Moments:
             # Σ (h_t − μ)(h_{t+k} − μ) / pairs, per unit, with the mean of all rows.
             lagged = (product - mean * (first + second)) / pairs[:, None] + mean * mean
             rho = (lagged[:, live] / variance[live]).mean(dim=1)
-            axes.append(truncated_autocorrelation(rho.numpy(), pairs.numpy()))
+            axes.append(truncated_autocorrelation(rho.cpu().numpy(), pairs.cpu().numpy()))
         return effective_sample_size(self.count, int(mean.numel()), axes)
 
     def statistics(self, site: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        # The one host copy of a site: its d × d moment is read by the numpy RMT rule and by
+        # scipy's pivoted QR (units.select_units), which have no GPU counterpart.
+        assert self.gram is not None and self.total is not None  # collect checks count > 0
         self.gram, self.total = self.gram.cpu(), self.total.cpu()
         self.lags = {axis: lags.cpu() for axis, lags in self.lags.items()}
+        self.pairs = {axis: pairs.cpu() for axis, pairs in self.pairs.items()}
         n = max(self.count, 1)
         moment = (self.gram + self.gram.T) / (2 * n)
         mean = self.total / n
@@ -346,7 +354,7 @@ def site_rank(
             heads * k_head, statistics.width, sigma, edge, [p[0] for p in per_head], status
         )
     choice = activation_rank(
-        statistics.covariance().numpy(),
+        statistics.covariance().cpu().numpy(),
         statistics.independent_rows,
         tau=tau,
         estimator=estimator,
