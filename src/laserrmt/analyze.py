@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from laserrmt.models.checkpoint import Checkpoint
+from laserrmt.models.streaming import BlockStream
 from laserrmt.models.targets import Target, find_targets, select_targets, weight_matrix
 from laserrmt.outputs import atomic_output_dir
 from laserrmt.report.html import Report, Table
@@ -114,12 +116,15 @@ def analyze_model(
     include_heads: bool = False,
     keep_vectors: bool = False,
     progress: bool = True,
+    stream: BlockStream | None = None,
 ) -> AnalysisResult:
     """Analyse the spectrum of every selected weight matrix of ``model``.
 
     ``targets`` are selection patterns (names, regular expressions, ``role:…``, ``block:…``);
     ``threshold`` is one of :data:`laserrmt.rmt.THRESHOLD_METHODS`. Each matrix is decomposed once;
-    with ``keep_vectors`` the singular vectors are kept on the result for later surgery.
+    with ``keep_vectors`` the singular vectors are kept on the result for later surgery. With
+    ``stream``, ``model`` is its meta-device skeleton and every matrix is read from the checkpoint
+    only for its own decomposition (see :func:`analyze_checkpoint`).
     """
     options = dict(threshold_options or {})
     timings: dict[str, float] = {}
@@ -130,7 +135,9 @@ def analyze_model(
     timings["discover"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    spectra, failures = weight_spectra(model, selected, vectors=keep_vectors, progress=progress)
+    spectra, failures = weight_spectra(
+        model, selected, vectors=keep_vectors, progress=progress, stream=stream
+    )
     timings["svd"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -139,6 +146,38 @@ def analyze_model(
     ]
     timings["statistics"] = time.perf_counter() - start
     return AnalysisResult(records, failures, threshold, options, timings, spectra)
+
+
+def analyze_checkpoint(
+    checkpoint: Checkpoint,
+    *,
+    targets: Sequence[str] | None = None,
+    threshold: str = "mp",
+    threshold_options: dict[str, Any] | None = None,
+    include_heads: bool = False,
+    progress: bool = True,
+    trust_remote_code: bool = False,
+) -> tuple[AnalysisResult, str]:
+    """:func:`analyze_model` without building the model: the result and the model's description.
+
+    Targets are found on a meta-device skeleton of the checkpoint's model (no weight memory),
+    then each matrix is read from the checkpoint, decomposed and freed: peak memory is one
+    matrix and its decomposition. The records equal :func:`analyze_model`'s on the loaded model.
+    """
+    start = time.perf_counter()
+    stream = BlockStream(checkpoint, trust_remote_code=trust_remote_code)
+    build_s = time.perf_counter() - start
+    result = analyze_model(
+        stream.model,
+        targets=targets,
+        threshold=threshold,
+        threshold_options=threshold_options,
+        include_heads=include_heads,
+        progress=progress,
+        stream=stream,
+    )
+    result.timings["discover"] += build_s
+    return result, stream.source
 
 
 def add_whitened_ranks(

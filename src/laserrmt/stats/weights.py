@@ -1,12 +1,17 @@
 """Singular-value spectra of weight matrices, computed once per matrix.
 
-Statistics never modify the model: the weights are copied to float64 before decomposition.
+Statistics never modify the model: the weights are copied to float64 before decomposition. The
+model may be a meta-device skeleton whose weights stream from a checkpoint
+(:class:`~laserrmt.models.streaming.BlockStream`): each target is then read, decomposed and freed
+in turn, so only one matrix is in memory at a time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,6 +19,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from laserrmt.models.targets import Target, weight_matrix
+
+if TYPE_CHECKING:
+    from laserrmt.models.streaming import BlockStream
 
 
 @dataclass
@@ -51,8 +59,12 @@ def weight_spectra(
     *,
     vectors: bool = False,
     progress: bool = True,
+    stream: BlockStream | None = None,
 ) -> tuple[dict[str, WeightSpectrum], list[SpectrumFailure]]:
     """Decompose every target matrix once, in float64.
+
+    With ``stream``, ``model`` is its skeleton and each matrix is read from the checkpoint just
+    before its decomposition and freed right after.
 
     Matrices holding NaN or Inf are not decomposed: they are returned as failures naming the
     module so that the caller can report them and carry on with the others.
@@ -61,7 +73,7 @@ def weight_spectra(
     failures: list[SpectrumFailure] = []
     bar = tqdm(targets, desc="singular values", unit="matrix", disable=not progress)
     for target in bar:
-        with torch.no_grad():
+        with torch.no_grad(), stream.materialized([target.name]) if stream else nullcontext():
             w = weight_matrix(model.get_submodule(target.name)).detach().to("cpu", torch.float64)
         finite = torch.isfinite(w)
         if not bool(finite.all()):
