@@ -6,10 +6,11 @@ a ``.gguf`` file, or the packaged default model (its converted safetensors cache
 :mod:`laserrmt.models.loading`). It lists the tensor names, their shapes and dtypes from the
 headers alone, and reads a tensor only when :meth:`Checkpoint.get` asks for it.
 
-Memory: every :meth:`~Checkpoint.get` opens the safetensors file, copies the one tensor out and
-closes it again, so the pages of the memory map read for a tensor leave this process's resident
-set with it; a long-lived map would keep every page ever read resident. A GGUF file stays mapped
-(gguf's reader has no per-tensor open); its tensors are dequantised one at a time, to float32.
+Memory: every :meth:`~Checkpoint.get` opens the safetensors file for that one tensor; the tensor
+is backed by a memory map of its own bytes, which is released with the tensor, so the pages read
+leave this process's resident set when the caller drops it (one long-lived map of the whole file
+would keep every page ever read resident). A GGUF file stays mapped (gguf's reader has no
+per-tensor open); its tensors are dequantised one at a time, to float32.
 
 GGUF tensor names (``blk.3.attn_q.weight``) are mapped to the model's names
 (``model.layers.3.self_attn.q_proj.weight``) with transformers' own GGUF tables and tensor
@@ -109,8 +110,8 @@ class Checkpoint:
             from safetensors import safe_open
 
             with safe_open(str(self._files[name]), framework="pt") as handle:
-                # A copy owned by torch: the memory map is closed when the block ends.
-                tensor = handle.get_tensor(name).clone()
+                # Backed by this tensor's own memory map: freed with the tensor.
+                tensor = handle.get_tensor(name)
         return tensor.to(device=device or "cpu", dtype=dtype or tensor.dtype)
 
     def tensors(
