@@ -60,6 +60,10 @@ def test_analyze_writes_the_report(capsys, tiny_folder, tmp_path):
         (["compress", "{folder}", "--out", "{out}", "--target-params", "1.5"], ["--target-params"]),
         (["compress", "{folder}", "--out", "{out}", "--plan", "{missing}"], []),
         (["compress", "{folder}", "--out", "{out}", "--target-size", "lots"], ["not a size", "MB"]),
+        (
+            ["compress", "{folder}", "--out", "{out}", "--max-shard-size", "0MB"],
+            ["--max-shard-size '0MB'", "positive"],
+        ),
     ],
 )
 def test_user_errors_are_one_line(capsys, tiny_folder, tmp_path, argv, fragments):
@@ -278,6 +282,24 @@ def test_a_size_budget_from_the_command_line(capsys, tiny_folder, tmp_path):
     assert achieved <= target and f"weights: {achieved:,} bytes" in stdout
     model, _ = laserrmt.load(out)
     assert weight_bytes(model) == achieved
+
+
+def test_compress_writes_shards_of_the_asked_size(capsys, tiny_folder, tmp_path):
+    import laserrmt
+
+    out = tmp_path / "sharded"
+    code, _, err = run(
+        capsys, "compress", tiny_folder, "--max-shard-size", "40kB", "--no-eval", "--out", out
+    )
+    assert code == 0, err
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and set(index["weight_map"].values()) == {p.name for p in shards}
+    for shard in shards:  # 40,000 bytes and a header at most, or one larger tensor alone
+        tensors = [k for k, f in index["weight_map"].items() if f == shard.name]
+        assert shard.stat().st_size < 40_000 + 4096 or len(tensors) == 1
+    model, _ = laserrmt.load(out)
+    assert sum(p.numel() for p in model.parameters()) * 4 == index["metadata"]["total_size"]
 
 
 # ---------------------------------------------------------------------------------------------

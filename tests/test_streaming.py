@@ -297,3 +297,12 @@ def test_run_blocks_refuses_a_model_it_does_not_know(tmp_path):
     stream = BlockStream(open_checkpoint(save_tiny(tiny_gpt2(), tmp_path / "m")))
     with pytest.raises(ModelLoadError, match="Llama-style"):
         stream.run_blocks(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_streaming_analysis_in_bfloat16_equals_the_placed_model(tmp_path):
+    folder = save_tiny(tiny_llama(), tmp_path / "m")
+    placed = analyze_model(load_model(folder).model, dtype="bfloat16", progress=False)
+    streamed, _ = analyze_checkpoint(open_checkpoint(folder), dtype="bfloat16", progress=False)
+    float32, _ = analyze_checkpoint(open_checkpoint(folder), progress=False)
+    assert streamed.to_json() == placed.to_json()
+    assert streamed.records[0]["s_max"] != float32.records[0]["s_max"]  # the cast took effect

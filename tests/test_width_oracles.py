@@ -741,3 +741,26 @@ def test_residual_stream_in_a_planted_subspace_is_sliced_exactly() -> None:
     per_block = gone * (64 + 32 + 32) + gone * 64 + gone * 2 * 128 + gone * 128 + 2 * gone
     removed = 2 * per_block + gone + 264 * 64 - 2 * 264 * 12
     assert before - sum(p.numel() for p in model.parameters()) == removed
+
+
+def test_a_site_of_noise_free_rank_above_half_is_left_whole_and_says_why() -> None:
+    # 12 independent units and 4 copies of 16: the activations have no noise bulk at all, and
+    # a median read off signal values would cut real units.
+    planted = plant(16, 12, 0, dead=0)
+    net = planted_mlp(planted, nn.ReLU())
+    site = mlp_site(net)
+    calibration = inputs(10, 0)
+    stats = collect_site_statistics(net, calibration, [site], progress=False)[site.name]
+    decision = site_rank(net, site, stats)
+    assert (decision.status, decision.rank) == ("no_bulk", 16)
+
+    from laserrmt.methods.rmt_kd import rmt_kd
+
+    batches = [(x, torch.zeros(len(x), dtype=torch.long)) for x in calibration]
+    result = rmt_kd(
+        net, batches, batches, lambda m: 0.0, task="classification", steps_per_cut=0,
+        tolerance=float("inf"), floor=0.0, progress=False,
+    )  # fmt: skip
+    (record,) = result.records
+    assert (record.status, record.rank_status, record.k) == ("unjudged", "no_bulk", 16)
+    assert len(result.plan) == 0

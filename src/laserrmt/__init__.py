@@ -2,8 +2,8 @@
 
 The public API, imported lazily so that ``laserrmt --help`` stays fast::
 
-    laserrmt.load(folder) -> (model, tokenizer)
-    laserrmt.save(model, folder, tokenizer=..., plan=...)
+    laserrmt.load(folder, dtype=None, device_map=None) -> (model, tokenizer)
+    laserrmt.save(model, folder, tokenizer=..., plan=..., max_shard_size=5 * 10**9)
     laserrmt.compress(model, tokenizer, **settings) -> (model, CompressionResult)
     laserrmt.analyze_model(model, threshold="mp") -> AnalysisResult
     laserrmt.evaluate_model(model, tokenizer) -> EvaluationResult

@@ -47,6 +47,7 @@ ACTIVATION_COLUMNS: tuple[str, ...] = (
     "edge",
     "n",
     "n_eff",
+    "status",
 )
 """The columns of the activation table, in order (see :func:`activation_table_rows`)."""
 
@@ -71,7 +72,7 @@ def _passes(sites: Sequence[WidthSite]) -> list[list[WidthSite]]:
 def _singular_values(statistics: SiteStatistics) -> np.ndarray:
     """Singular values ``sqrt(n λ)`` of the centred ``d × n`` activation matrix, descending,
     with ``n`` the effective sample size (the scale the MP edge of the decision is drawn on)."""
-    c = statistics.covariance().numpy()
+    c = statistics.covariance().cpu().numpy()
     eigenvalues = np.clip(np.linalg.eigvalsh((c + c.T) / 2)[::-1], 0.0, None)
     n = max(int(statistics.independent_rows), 1)
     return np.sqrt(n * eigenvalues[: min(len(eigenvalues), n)])
@@ -155,6 +156,7 @@ def analyze_activations(
                     "n_samples": st.n_samples,
                     "n_effective": st.independent_rows,
                     "per_head": decision.per_head,
+                    "status": decision.status,
                     "singular_values": _singular_values(st),
                 }
             )
@@ -174,6 +176,7 @@ def activation_table_rows(records: Sequence[dict[str, Any]]) -> list[list[Any]]:
             r["edge"],
             r["n_samples"],
             r["n_effective"],
+            r["status"],
         ]
         for r in records
     ]

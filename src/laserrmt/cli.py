@@ -28,18 +28,21 @@ _SIZE_UNITS = {
 }
 
 
-def parse_size(text: str) -> int:
-    """``"60MB"``, ``"0.5 GiB"``, ``"52428800"`` → bytes (kB/MB/GB are powers of 1000)."""
+def parse_size(text: str, option: str = "--target-size") -> int:
+    """``"60MB"``, ``"0.5 GiB"``, ``"52428800"`` → bytes (kB/MB/GB are powers of 1000).
+
+    ``option`` names the option in the error message.
+    """
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     unit = match.group(2).lower() if match else ""
     if match is None or unit not in _SIZE_UNITS:
         raise InvalidOptionError(
-            f"--target-size {text!r} is not a size; write a number of bytes or a number with B, kB, MB, GB, "
+            f"{option} {text!r} is not a size; write a number of bytes or a number with B, kB, MB, GB, "
             "KiB, MiB or GiB (e.g. 60MB)"
         )
     size = int(float(match.group(1)) * _SIZE_UNITS[unit])
     if size <= 0:
-        raise InvalidOptionError(f"--target-size {text!r}: the size must be positive")
+        raise InvalidOptionError(f"{option} {text!r}: the size must be positive")
     return size
 
 
@@ -82,6 +85,33 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow models whose code ships with the checkpoint (runs that code: only if you trust it)",
     )
+
+
+def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model computes: cpu, cuda, cuda:N or auto (cuda when available) "
+        "(default cpu)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        help="dtype of the weights and block computations: float32, bfloat16 or float16 "
+        "(default float32); Gram matrices and decompositions stay float64",
+    )
+
+
+def _load_placed(args: argparse.Namespace) -> Any:
+    """The model of ``args``, loaded in ``--dtype`` and moved to ``--device`` once (both are
+    checked before anything is loaded)."""
+    from laserrmt.models.loading import load_model
+    from laserrmt.models.placement import place_model, resolve_device, resolve_dtype
+
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code, dtype=dtype)
+    place_model(loaded.model, device)
+    return loaded
 
 
 def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
@@ -183,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_output_arguments(analyze, top=False)
     _add_model_arguments(analyze)
+    _add_device_arguments(analyze)
     analyze.add_argument("--out", required=True, help="output folder (written atomically)")
     analyze.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_target_arguments(analyze)
@@ -223,8 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_output_arguments(compress, top=False)
     _add_model_arguments(compress)
+    _add_device_arguments(compress)
     compress.add_argument("--out", required=True, help="output model folder (written atomically)")
     compress.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    compress.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        metavar="BYTES",
+        help="largest weight file of the saved model, e.g. 2GB or 500MiB; a larger model is "
+        "split into shards with model.safetensors.index.json, as save_pretrained does "
+        "(default 5GB)",
+    )
     _add_target_arguments(compress)
     _add_threshold_arguments(compress)
     compress.add_argument(
@@ -294,6 +334,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compress.add_argument("--heal-lr", type=float, default=1e-4, help="healing learning rate")
     compress.add_argument(
+        "--heal-batch-size",
+        type=int,
+        default=1,
+        help="calibration windows per healing step: the global batch, split over the processes "
+        "of a torchrun launch (default 1)",
+    )
+    compress.add_argument(
+        "--heal-top-k",
+        type=int,
+        default=64,
+        help="healing's teacher: the original model's k most probable next tokens per position "
+        "plus a tail bucket, computed once before the cut (default 64)",
+    )
+    compress.add_argument(
         "--quantize",
         default=None,
         help="int8: per-channel symmetric int8 weights for every linear layer",
@@ -360,21 +414,56 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate",
-        help="perplexity, parameters, size, peak memory and CPU latency of a model",
+        help="perplexity, parameters, size, peak memory and latency of a model",
         description="Evaluate a model or a laserrmt output folder under the pinned protocol.",
     )
     _add_output_arguments(evaluate, top=False)
     _add_model_arguments(evaluate)
+    _add_device_arguments(evaluate)
     _add_evaluation_arguments(evaluate)
     evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
     evaluate.set_defaults(run=run_evaluate)
+
+    monitor = commands.add_parser(
+        "monitor",
+        help="render the report of a run recorded by laserrmt.monitor",
+        description="Render RUN_DIR/report.html (time series, spectra, spike heatmap, events) "
+        "and RUN_DIR/advice_plan.json from a SpectralMonitor's records.",
+    )
+    monitor.add_argument("run_dir", metavar="RUN_DIR", help="the folder the monitor wrote to")
+    monitor.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        default=None,
+        help="steps whose spectra are drawn (default: first and last)",
+    )
+    monitor.add_argument(
+        "--live",
+        action="store_true",
+        help="re-render while the run writes, until it ends or goes idle",
+    )
+    monitor.add_argument("--interval", type=float, default=10.0, help="seconds between checks")
+    monitor.add_argument(
+        "--idle",
+        type=float,
+        default=120.0,
+        help="with --live: stop after this many seconds without new records",
+    )
+    monitor.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="with --live: stop after this many seconds in all",
+    )
+    monitor.set_defaults(run=run_monitor)
     return parser
 
 
 def run_analyze(args: argparse.Namespace) -> int:
     from laserrmt.analyze import analyze_checkpoint, analyze_model
     from laserrmt.models.checkpoint import open_checkpoint, readable_lazily
-    from laserrmt.models.loading import load_model
+    from laserrmt.models.placement import resolve_device, resolve_dtype
     from laserrmt.outputs import check_output_dir
     from laserrmt.surgery.whiten import WHITEN_METHODS
 
@@ -387,6 +476,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if not args.activations and args.whiten == "none" and readable_lazily(args.model):
         # Weights only: stream each matrix from the checkpoint instead of building the model.
+        device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
         checkpoint = open_checkpoint(args.model, trust_remote_code=args.trust_remote_code)
         load_s = time.perf_counter() - start
         result, source = analyze_checkpoint(
@@ -397,9 +487,11 @@ def run_analyze(args: argparse.Namespace) -> int:
             include_heads=args.include_heads,
             progress=not args.quiet,
             trust_remote_code=args.trust_remote_code,
+            device=device,
+            dtype=dtype,
         )
         return _finish_analyze(args, result, source, load_s)
-    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    loaded = _load_placed(args)
     load_s = time.perf_counter() - start
     if args.activations:
         return _analyze_activations(args, loaded)
@@ -525,7 +617,7 @@ def _analyze_activations(args: argparse.Namespace, loaded: Any) -> int:
 def run_compress(args: argparse.Namespace) -> int:
     import json
 
-    from laserrmt.models.loading import load_model
+    from laserrmt.distill import init_distributed, is_main_process
     from laserrmt.models.targets import find_targets, select_targets
     from laserrmt.outputs import atomic_output_dir, check_output_dir
     from laserrmt.pipeline import CompressSettings, compress
@@ -533,7 +625,11 @@ def run_compress(args: argparse.Namespace) -> int:
     from laserrmt.report.compression import comparison_markdown, compression_report
     from laserrmt.surgery.io import write_compressed
 
+    # Under torchrun every process compresses; healing is data-parallel; process 0 writes.
+    init_distributed()
+    main_process = is_main_process()
     options = _threshold_options(args)
+    max_shard_size = parse_size(args.max_shard_size, "--max-shard-size")
     common = dict(
         method=args.method or ("budget" if args.whiten or args.target_size else "laser"),
         threshold_options=options,
@@ -549,7 +645,11 @@ def run_compress(args: argparse.Namespace) -> int:
         importance=args.importance,
         heal_steps=args.heal_steps,
         heal_lr=args.heal_lr,
+        heal_batch_size=args.heal_batch_size,
+        heal_top_k=args.heal_top_k,
         quantize=args.quantize,
+        device=args.device,
+        dtype=args.dtype,
     )
     if args.reproduce_laserrmt:
         settings = CompressSettings.reproduce_laserrmt_preset(**common)
@@ -565,6 +665,9 @@ def run_compress(args: argparse.Namespace) -> int:
             **common,
         )
     if args.method == "rmt-kd":
+        from laserrmt.models.placement import check_trainable_dtype
+
+        check_trainable_dtype(args.dtype, "--method rmt-kd")
         return run_rmt_kd_command(args)
     settings.validate()
     plan = load_plan(args.plan) if args.plan else None
@@ -572,19 +675,25 @@ def run_compress(args: argparse.Namespace) -> int:
         return run_width_plan_command(args, plan)
     check_output_dir(args.out, args.overwrite)
 
-    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    loaded = _load_placed(args)
     if plan is not None:
         target_names = list(plan.decisions)
     else:
         found = find_targets(loaded.model, include_heads=args.include_heads)
         target_names = [t.name for t in select_targets(found, args.targets)]
     before = None
-    if not args.no_eval:
+    if not args.no_eval and main_process:
         print("evaluating the original model…", file=sys.stderr)
         before = _evaluate(loaded.model, loaded.tokenizer, args, target_names=target_names)
     model, result = compress(
-        loaded.model, loaded.tokenizer, settings=settings, plan=plan, progress=not args.quiet
+        loaded.model,
+        loaded.tokenizer,
+        settings=settings,
+        plan=plan,
+        progress=not args.quiet and main_process,
     )
+    if not main_process:
+        return 0
     with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
         write_compressed(
             model,
@@ -592,6 +701,7 @@ def run_compress(args: argparse.Namespace) -> int:
             tokenizer=loaded.tokenizer,
             plan=result.plan,
             settings={"compress": result.to_dict(), "source": loaded.source},
+            max_shard_size=max_shard_size,
         )
         after = None
         if not args.no_eval:
@@ -632,16 +742,17 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
     """RMT-KD: widths from activation spectra, each cut healed by self-distillation."""
     import json
 
-    from laserrmt.distill import Task
+    from laserrmt.distill import Task, init_distributed, is_main_process
     from laserrmt.methods.rmt_kd import run_rmt_kd
     from laserrmt.models.architectures import is_causal_lm
-    from laserrmt.models.loading import load_model
     from laserrmt.outputs import atomic_output_dir, check_output_dir
     from laserrmt.report.html import Report, Table, markdown_table
     from laserrmt.surgery.io import write_compressed
 
+    init_distributed()
+    main_process = is_main_process()
     check_output_dir(args.out, args.overwrite)
-    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    loaded = _load_placed(args)
     task: Task = "causal-lm" if is_causal_lm(loaded.model) else "classification"
     model, fine_tune_epochs = loaded.model, 0
     if task == "classification" and not hasattr(model, "classifier"):
@@ -649,11 +760,13 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
         # epoch on the training split, so that there is a baseline to distil from.
         from laserrmt.data.classification import bbc_news
         from laserrmt.methods.rmt_kd import sequence_classifier_from_encoder
+        from laserrmt.models.placement import place_model
 
         model = sequence_classifier_from_encoder(model, len(bbc_news().label_names))
+        place_model(model, args.device, args.dtype)
         fine_tune_epochs = 1
     before = None
-    if task == "causal-lm" and not args.no_eval:
+    if task == "causal-lm" and not args.no_eval and main_process:
         print("evaluating the original model…", file=sys.stderr)
         before = _evaluate(loaded.model, loaded.tokenizer, args)
     result = run_rmt_kd(
@@ -674,8 +787,10 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
         checkpoint_dir=args.checkpoint_dir,
         resume=args.resume,
         seed=args.seed,
-        progress=not args.quiet,
+        progress=not args.quiet and main_process,
     )
+    if not main_process:
+        return 0
     columns = (
         "site",
         "kind",
@@ -709,6 +824,7 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
             tmp,
             tokenizer=loaded.tokenizer,
             settings={"rmt_kd": result.to_dict(), "source": loaded.source},
+            max_shard_size=parse_size(args.max_shard_size, "--max-shard-size"),
         )
         after = None
         if before is not None:
@@ -773,14 +889,13 @@ def run_width_plan_command(args: argparse.Namespace, plan: Any) -> int:
 
     from laserrmt.evaluate import count_parameters
     from laserrmt.methods.rmt_kd import replay_calibration
-    from laserrmt.models.loading import load_model
     from laserrmt.outputs import atomic_output_dir, check_output_dir
     from laserrmt.surgery.apply import apply_plan
     from laserrmt.surgery.io import write_compressed
 
     plan.check_replayable()
     check_output_dir(args.out, args.overwrite)
-    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    loaded = _load_placed(args)
     causal = plan.calibration.get("recipe", {}).get("task") == "causal-lm"
     before = None
     if causal and not args.no_eval:
@@ -796,6 +911,7 @@ def run_width_plan_command(args: argparse.Namespace, plan: Any) -> int:
             tmp,
             tokenizer=loaded.tokenizer,
             settings={"width_plan": plan.to_dict(), "source": loaded.source},
+            max_shard_size=parse_size(args.max_shard_size, "--max-shard-size"),
         )
         plan.save(tmp / WIDTH_PLAN_FILE)
         if before is not None:
@@ -816,11 +932,10 @@ def run_width_plan_command(args: argparse.Namespace, plan: Any) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from laserrmt.models.loading import load_model
     from laserrmt.outputs import write_text_atomic
     from laserrmt.report.html import markdown_table
 
-    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    loaded = _load_placed(args)
     result = _evaluate(loaded.model, loaded.tokenizer, args, saved_path=loaded.path)
     print(f"model: {loaded.source}")
     print(
@@ -832,6 +947,29 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
         print(f"written: {args.json}")
+    return 0
+
+
+def run_monitor(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from laserrmt.errors import DataError
+    from laserrmt.monitor import PLAN_FILE, render_report, watch
+
+    if not args.live:
+        print(f"report: {render_report(args.run_dir, steps=args.steps)}")
+    else:
+        renders = watch(
+            args.run_dir,
+            interval=args.interval,
+            idle=args.idle,
+            max_seconds=args.max_seconds,
+            steps=args.steps,
+            on_render=None if args.quiet else lambda path: print(f"report: {path}", flush=True),
+        )
+        if renders == 0:
+            raise DataError(f"{args.run_dir} received no monitor records while watched")
+    print(f"advice plan: {Path(args.run_dir) / PLAN_FILE}")
     return 0
 
 

@@ -20,19 +20,50 @@ Batches
     a pair ``(inputs, labels)`` (an image batch ``[b, C, H, W]`` and its class indices), or a
     mapping of forward keyword arguments with a ``labels`` entry (Hugging Face sequence
     classification). The model returns logits ``[b, classes]`` or an object with ``.logits``.
+
+The teacher
+-----------
+Either a model run on every batch, or :class:`TopKLogits`, its next-token distribution
+computed once per batch before training (:func:`teacher_top_k`): the ``k`` most probable
+classes of every position and one *tail bucket* holding the rest of the mass. The soft term is
+then the KL divergence between the two distributions coarsened to those ``k + 1`` cells,
+
+    KLₖ = Σ_{i∈S} p_i log(p_i / q_i) + p_tail log(p_tail / q_tail),   p_tail = Σ_{j∉S} p_j,
+
+with ``q_tail`` the student's mass outside the teacher's top-k set ``S``. By the chain rule of
+the KL divergence the error is exactly ``KL − KLₖ = p_tail · KL(p(·|tail) ‖ q(·|tail))`` ≥ 0:
+the teacher's tail mass times the divergence between the two distributions *within* the tail,
+zero for ``k`` = the number of classes and small wherever the teacher is confident. What the
+student loses is only the pull on the shape of its tail (the tail's total mass is still
+matched). The cache costs ``k · 8 + 4`` bytes per position instead of a second copy of the
+model.
+
+Data parallelism
+----------------
+When :mod:`torch.distributed` is initialised (``torchrun``/``accelerate launch`` set the
+environment; :func:`init_distributed` starts the process group from it), :func:`distill`
+trains data-parallel with torch's ``DistributedDataParallel``: every process holds the same
+batches, takes a disjoint slice of the rows of each step's (global) batch and of the teacher's
+cache, and the loss of a slice is its *sum* over positions divided by the position count of the
+whole global batch, so that the gradients DDP averages are those of the single-process mean
+over the global batch. FSDP (sharding a model that does not fit on one device) is not offered:
+every process runs the whole compression before healing, so the model must fit on each anyway.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from laserrmt.errors import InvalidOptionError, NumericalError
@@ -43,56 +74,134 @@ TASKS: tuple[str, ...] = ("causal-lm", "classification")
 __all__ = [
     "TASKS",
     "Task",
+    "TopKLogits",
     "TrainLog",
     "batch_logits_and_labels",
     "distill",
     "distillation_loss",
+    "init_distributed",
+    "is_main_process",
     "model_inputs",
+    "teacher_top_k",
 ]
+
+
+@dataclass(frozen=True)
+class TopKLogits:
+    """A teacher's distribution at every position, cut to its ``k`` most probable classes and
+    one tail bucket (see the module docstring); made by :func:`teacher_top_k`.
+
+    Attributes:
+        log_probs: ``[..., k]`` float32 log-probabilities at ``temperature``, descending.
+        indices: ``[..., k]`` int32 class of each.
+        log_tail: ``[...]`` float32 log of the probability of all other classes (``-inf``
+            when ``k`` is the number of classes).
+        classes: the number of classes of the full distribution.
+        temperature: the softmax temperature the probabilities were computed at.
+    """
+
+    log_probs: torch.Tensor
+    indices: torch.Tensor
+    log_tail: torch.Tensor
+    classes: int
+    temperature: float
+
+    @property
+    def k(self) -> int:
+        return int(self.indices.shape[-1])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cache's tensors."""
+        tensors = (self.log_probs, self.indices, self.log_tail)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, k: int, temperature: float = 1.0) -> TopKLogits:
+        """The top-``k`` entries of ``softmax(logits / temperature)`` over the last axis."""
+        scaled = logits.detach().float() / temperature
+        classes = scaled.shape[-1]
+        log_z = scaled.logsumexp(-1)
+        values, indices = scaled.topk(min(k, classes), dim=-1)
+        if indices.shape[-1] < classes:
+            log_tail = scaled.scatter(-1, indices, float("-inf")).logsumexp(-1) - log_z
+        else:
+            log_tail = torch.full_like(log_z, float("-inf"))
+        return cls(
+            values - log_z.unsqueeze(-1),
+            indices.to(torch.int32),
+            log_tail,
+            classes,
+            float(temperature),
+        )
+
+    def rows(self, start: int, stop: int) -> TopKLogits:
+        """The entries of batch rows ``start:stop`` (a data-parallel process's slice)."""
+        return TopKLogits(
+            self.log_probs[start:stop],
+            self.indices[start:stop],
+            self.log_tail[start:stop],
+            self.classes,
+            self.temperature,
+        )
 
 
 def distillation_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | TopKLogits,
     labels: torch.Tensor | None = None,
     *,
     alpha: float = 0.7,
     temperature: float = 1.0,
     ignore_index: int = -100,
+    normalizer: float | None = None,
 ) -> torch.Tensor:
     """α · CE(student, labels) + (1 − α) · T² · KL(p_teacher ‖ p_student), mean over positions.
 
     Args:
         student_logits: ``[..., C]`` logits of the model being trained.
-        teacher_logits: the same shape; treated as constants (no gradient flows into them).
+        teacher_logits: the same shape, or the teacher's :class:`TopKLogits` at the same
+            positions (the KL on the top-k support plus a tail bucket); treated as constants
+            (no gradient flows into them).
         labels: ``[...]`` class indices aligned with the logits (for a language model the
             caller shifts them: the logits at ``t`` against the token at ``t + 1``). ``None``
             means no hard labels: only the distillation term is used, as if ``alpha`` were 0.
         alpha: weight of the hard-label cross-entropy, in ``[0, 1]``.
         temperature: softmax temperature ``T > 0`` of the soft term.
         ignore_index: label value of positions that count in neither term (padding).
+        normalizer: divide the sum over positions by this instead of their number: a
+            data-parallel process passes the position count of the whole global batch, so
+            that the slices' losses add up to the global mean.
 
     Returns:
         A scalar tensor.
 
     Raises:
-        InvalidOptionError: ``alpha`` outside ``[0, 1]``, ``T ≤ 0``, mismatched shapes, or no
-            position left to average over.
+        InvalidOptionError: ``alpha`` outside ``[0, 1]``, ``T ≤ 0``, mismatched shapes, a
+            top-k cache made at another temperature, or no position left to average over.
     """
     if not 0.0 <= alpha <= 1.0:
         raise InvalidOptionError(f"alpha={alpha}; the CE weight must lie in [0, 1]")
     if not (temperature > 0 and math.isfinite(temperature)):
         raise InvalidOptionError(f"temperature={temperature}; use a finite T > 0 (0.5-1.5 works)")
-    if student_logits.shape != teacher_logits.shape:
+    classes = student_logits.shape[-1]
+    if isinstance(teacher_logits, TopKLogits):
+        teacher_shape = (*teacher_logits.indices.shape[:-1], teacher_logits.classes)
+        if teacher_logits.temperature != temperature:
+            raise InvalidOptionError(
+                f"the teacher's top-k cache was made at temperature {teacher_logits.temperature}, "
+                f"not {temperature}; rebuild it with teacher_top_k(..., temperature={temperature})"
+            )
+    else:
+        teacher_shape = tuple(teacher_logits.shape)
+    if tuple(student_logits.shape) != teacher_shape:
         raise InvalidOptionError(
             f"student logits {tuple(student_logits.shape)} and teacher logits "
-            f"{tuple(teacher_logits.shape)} differ; both models must predict the same classes"
+            f"{teacher_shape} differ; both models must predict the same classes"
         )
-    classes = student_logits.shape[-1]
     student = student_logits.reshape(-1, classes).float()
-    teacher = teacher_logits.detach().reshape(-1, classes).float()
+    rows = torch.arange(student.shape[0], device=student.device)
     if labels is None:
-        keep = None
         alpha = 0.0
     else:
         if labels.shape != student_logits.shape[:-1]:
@@ -102,20 +211,76 @@ def distillation_loss(
             )
         flat_labels = labels.reshape(-1).to(student.device)
         keep = flat_labels != ignore_index
-        if not bool(keep.any()):
+        if normalizer is None and not bool(keep.any()):
             raise InvalidOptionError("every label equals ignore_index; nothing to learn from")
-        student, teacher, flat_labels = student[keep], teacher[keep], flat_labels[keep]
+        rows, flat_labels = rows[keep], flat_labels[keep]
+        student = student[keep]
+    count = float(student.shape[0]) if normalizer is None else float(normalizer)
     loss = student.new_zeros(())
     if alpha > 0:
-        loss = loss + alpha * F.cross_entropy(student, flat_labels)
+        loss = loss + alpha * F.cross_entropy(student, flat_labels, reduction="sum") / count
     if alpha < 1:
         log_p_student = F.log_softmax(student / temperature, dim=-1)
-        log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)
-        # KL(p_t ‖ p_s) summed over classes, averaged over positions ("batchmean" per row).
-        kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="sum")
-        kl = kl / student.shape[0]
-        loss = loss + (1.0 - alpha) * temperature**2 * kl
+        if isinstance(teacher_logits, TopKLogits):
+            kl = _top_k_kl(log_p_student, teacher_logits, rows)
+        else:
+            teacher = teacher_logits.detach().reshape(-1, classes).float().to(student.device)
+            log_p_teacher = F.log_softmax(teacher[rows] / temperature, dim=-1)
+            # KL(p_t ‖ p_s) summed over classes and positions.
+            kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="sum")
+        loss = loss + (1.0 - alpha) * temperature**2 * kl / count
     return loss
+
+
+def _top_k_kl(log_q: torch.Tensor, teacher: TopKLogits, rows: torch.Tensor) -> torch.Tensor:
+    """Σ over positions of the KL between teacher and student coarsened to the teacher's top-k
+    classes and one tail bucket."""
+    device = log_q.device
+    k = teacher.k
+    log_p = teacher.log_probs.reshape(-1, k).to(device)[rows].float()
+    index = teacher.indices.reshape(-1, k).to(device)[rows].long()
+    kl = (log_p.exp() * (log_p - log_q.gather(-1, index))).sum()
+    if k < teacher.classes:
+        log_p_tail = teacher.log_tail.reshape(-1).to(device)[rows].float()
+        # The student's mass outside the teacher's top k: never empty here, so always finite.
+        log_q_tail = log_q.scatter(-1, index, float("-inf")).logsumexp(-1)
+        kl = kl + (log_p_tail.exp() * (log_p_tail - log_q_tail)).sum()
+    return kl
+
+
+def teacher_top_k(
+    teacher: nn.Module,
+    batches: Iterable[Any],
+    *,
+    k: int,
+    temperature: float = 1.0,
+    task: Task = "causal-lm",
+) -> list[TopKLogits]:
+    """Run ``teacher`` once on every batch and keep its top-``k`` distribution per position.
+
+    The entries follow ``batches`` (pass the same list to :func:`distill`) and stay on the
+    teacher's device. ``k`` above the number of classes keeps them all (the exact KL).
+
+    Raises:
+        InvalidOptionError: ``k < 1``, ``T ≤ 0``, or a bad batch.
+    """
+    _check_task(task)
+    if k < 1:
+        raise InvalidOptionError(f"top-k={k}; keep at least the most probable class (k ≥ 1)")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise InvalidOptionError(f"temperature={temperature}; use a finite T > 0 (0.5-1.5 works)")
+    flags = [(m, m.training) for m in teacher.modules()]
+    teacher.eval()
+    cache = []
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                logits, _ = batch_logits_and_labels(teacher, batch, task)
+                cache.append(TopKLogits.from_logits(logits, k, temperature))
+    finally:
+        for module, training in flags:
+            module.training = training
+    return cache
 
 
 @dataclass
@@ -191,17 +356,14 @@ def batch_logits_and_labels(
     (the last position predicts nothing and is dropped); padding is ``-100``.
     """
     device = _device_of(model)
+    labels = _batch_labels(batch, task).to(device)
     inputs = model_inputs(batch, task)
     if task == "classification":
-        if isinstance(batch, Mapping):
-            labels = batch.get("labels")
-            output = model(**{k: _to(v, device) for k, v in inputs.items()})  # type: ignore[union-attr]
+        if isinstance(inputs, Mapping):
+            output = model(**{k: _to(v, device) for k, v in inputs.items()})
         else:
-            labels = batch[1]
             output = model(_to(inputs, device))
-        if labels is None:
-            raise InvalidOptionError("a classification batch dict needs a 'labels' entry")
-        return _output_logits(output), labels.to(device)
+        return _output_logits(output), labels
 
     kwargs: dict[str, Any] = (
         {k: _to(v, device) for k, v in inputs.items()}
@@ -210,14 +372,84 @@ def batch_logits_and_labels(
     )
     if "use_cache" not in kwargs:
         kwargs["use_cache"] = False
-    output = model(**kwargs)
-    logits = _output_logits(output)
-    labels = batch.get("labels") if isinstance(batch, Mapping) else None
-    labels = (kwargs["input_ids"] if labels is None else labels.to(device)).clone()
-    mask = kwargs.get("attention_mask")
-    if mask is not None:
-        labels[mask == 0] = -100
-    return logits[:, :-1], labels[:, 1:]
+    return _output_logits(model(**kwargs))[:, :-1], labels
+
+
+def _batch_labels(batch: Any, task: Task) -> torch.Tensor:
+    """The labels :func:`batch_logits_and_labels` aligns with the logits, without a forward."""
+    inputs = model_inputs(batch, task)
+    if task == "classification":
+        labels = batch.get("labels") if isinstance(batch, Mapping) else batch[1]
+        if labels is None:
+            raise InvalidOptionError("a classification batch dict needs a 'labels' entry")
+        return labels
+    if isinstance(inputs, Mapping):
+        given = batch.get("labels")
+        labels = (inputs["input_ids"] if given is None else given).clone()
+        mask = inputs.get("attention_mask")
+        if mask is not None:
+            labels[mask.to(labels.device) == 0] = -100
+    else:
+        labels = inputs.clone()
+    return labels[:, 1:]
+
+
+def _batch_rows(batch: Any, task: Task) -> int:
+    inputs = model_inputs(batch, task)
+    if isinstance(inputs, Mapping):
+        first = inputs.get("input_ids")
+        if first is None:
+            first = next(v for v in inputs.values() if isinstance(v, torch.Tensor))
+        return int(first.shape[0])
+    return int(inputs.shape[0])
+
+
+def _batch_slice(batch: Any, rows: int, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of every batch-shaped tensor of ``batch`` (other values as they are)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop] if batch.dim() > 0 and batch.shape[0] == rows else batch
+    if isinstance(batch, Mapping):
+        return {k: _batch_slice(v, rows, start, stop) for k, v in batch.items()}
+    if isinstance(batch, tuple | list):
+        return type(batch)(_batch_slice(v, rows, start, stop) for v in batch)
+    return batch
+
+
+def init_distributed() -> bool:
+    """Start :mod:`torch.distributed` from the environment of ``torchrun`` / ``accelerate
+    launch`` (``WORLD_SIZE`` > 1); returns whether this process is one of several.
+
+    The backend is gloo for CPU tensors and NCCL for CUDA tensors (each process on the GPU of
+    its ``LOCAL_RANK``). A process group already started by the caller is used as it is.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_available():
+        raise InvalidOptionError(
+            "WORLD_SIZE > 1 but this torch build has no torch.distributed; run a single process"
+        )
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        # More processes than GPUs is a CPU run on a GPU machine: those need no device.
+        if local_rank < torch.cuda.device_count():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("cpu:gloo,cuda:nccl")
+    else:
+        dist.init_process_group("gloo")
+    return dist.get_world_size() > 1
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    """Whether this process writes outputs and progress: rank 0, or the only process."""
+    return _rank_and_world()[0] == 0
 
 
 def _check_task(task: str) -> None:
@@ -249,7 +481,7 @@ def _trainable_parameters(student: nn.Module, trainable: Trainable) -> list[nn.P
 
 def distill(
     student: nn.Module,
-    teacher: nn.Module,
+    teacher: nn.Module | Sequence[TopKLogits],
     batches: Iterable[Any],
     *,
     steps: int,
@@ -265,16 +497,24 @@ def distill(
     """Fine-tune ``student`` towards ``teacher`` with :func:`distillation_loss` for ``steps`` steps.
 
     AdamW, one batch per step, batches visited in an order shuffled with ``seed`` (a new
-    permutation per pass). The teacher runs in eval mode without gradients; the student trains in
-    train mode and is left in eval mode. Only the ``trainable`` parameters change (all of the
-    student's by default; a list of parameters, or a predicate ``(name, parameter) → bool``): the
-    others are frozen for the duration and their ``requires_grad`` flags restored afterwards.
+    permutation per pass). The teacher is a model, run in eval mode without gradients, or its
+    :func:`teacher_top_k` cache of the same ``batches``. The student trains in train mode and
+    is left in eval mode. Only the ``trainable`` parameters change (all of the student's by
+    default; a list of parameters, or a predicate ``(name, parameter) → bool``): the others
+    are frozen for the duration and their ``requires_grad`` flags restored afterwards.
 
     The run is deterministic given ``seed``: the batch order and any dropout draw from a
     forked RNG, so the caller's random state is neither used nor disturbed.
 
+    Under :mod:`torch.distributed` (see the module docstring) every process must call this with
+    the same arguments; each trains on its slice of the rows of every batch, and the student
+    ends identical in all processes and equal, up to float32 rounding, to a single-process run
+    on the same batches. Dropout masks and train-mode batch normalisation are per slice, as in
+    any DDP run; progress shows in process 0 only.
+
     Raises:
-        InvalidOptionError: a bad task, option or batch form.
+        InvalidOptionError: a bad task, option or batch form; a cache that does not match the
+            batches; a batch with fewer rows than processes.
         NumericalError: the loss became NaN or Inf (lower ``lr``).
     """
     _check_task(task)
@@ -285,52 +525,94 @@ def distill(
     listed = list(batches)
     if not listed:
         raise InvalidOptionError("no training batches; pass at least one batch")
+    cache = None if isinstance(teacher, nn.Module) else list(teacher)
+    if cache is not None and len(cache) != len(listed):
+        raise InvalidOptionError(
+            f"the teacher's top-k cache holds {len(cache)} batches for {len(listed)} training "
+            "batches; build it with teacher_top_k on the same batches"
+        )
+    rank, world = _rank_and_world()
+    rows = [_batch_rows(b, task) for b in listed]
+    if min(rows) < world:
+        raise InvalidOptionError(
+            f"a training batch has {min(rows)} rows, fewer than the {world} processes; use "
+            f"batches of at least {world} rows so that every process gets a slice"
+        )
     params = _trainable_parameters(student, trainable)
     log = TrainLog(
         lr=float(lr), steps=int(steps), trainable_parameters=sum(p.numel() for p in params)
     )
 
     flags = {id(p): p.requires_grad for p in student.parameters()}
-    teacher_flags = [(m, m.training) for m in teacher.modules()]
+    teacher_flags = [] if cache is not None else [(m, m.training) for m in teacher.modules()]  # type: ignore[union-attr]
     chosen = {id(p) for p in params}
     for p in student.parameters():
         p.requires_grad_(id(p) in chosen)
     order_rng = random.Random(seed)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    model: nn.Module = student
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
+            if world > 1:
+                device = _device_of(student)
+                # Built after the requires_grad flags are set: DDP reduces the trainable only.
+                model = DistributedDataParallel(
+                    student, device_ids=[device] if device.type == "cuda" else None
+                )
             optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-            teacher.eval()
-            student.train()
+            if cache is None:
+                teacher.eval()  # type: ignore[union-attr]
+            model.train()
             order: list[int] = []
-            bar = tqdm(range(steps), desc="distill", disable=not progress, leave=False)
+            bar = tqdm(range(steps), desc="distill", disable=not progress or rank != 0, leave=False)
             for step in bar:
                 if not order:
                     order = list(range(len(listed)))
                     order_rng.shuffle(order)
-                batch = listed[order.pop()]
-                with torch.no_grad():
-                    teacher_logits, _ = batch_logits_and_labels(teacher, batch, task)
-                student_logits, labels = batch_logits_and_labels(student, batch, task)
+                index = order.pop()
+                batch = listed[index]
+                # The global mean: every slice's sum over positions divided by the count of
+                # the whole batch, which each process reads from its copy of the batch.
+                positions = int((_batch_labels(batch, task) != -100).sum())
+                if positions == 0:
+                    raise InvalidOptionError(
+                        "every label equals ignore_index; nothing to learn from"
+                    )
+                start = rank * rows[index] // world
+                stop = (rank + 1) * rows[index] // world
+                local = _batch_slice(batch, rows[index], start, stop) if world > 1 else batch
+                soft: torch.Tensor | TopKLogits
+                if cache is not None:
+                    soft = cache[index].rows(start, stop)
+                else:
+                    with torch.no_grad():
+                        soft, _ = batch_logits_and_labels(teacher, local, task)  # type: ignore[arg-type]
+                student_logits, labels = batch_logits_and_labels(model, local, task)
                 loss = distillation_loss(
                     student_logits,
-                    teacher_logits.to(student_logits.device),
+                    soft,
                     labels,
                     alpha=alpha,
                     temperature=temperature,
+                    normalizer=positions,
                 )
-                value = float(loss.detach())
+                total = loss.detach().clone()
+                if world > 1:
+                    dist.all_reduce(total)
+                value = float(total)
                 if not math.isfinite(value):
                     raise NumericalError(
                         f"the distillation loss is {value} at step {step}; lower lr (now {lr})"
                     )
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                # DDP averages the processes' gradients; the sum is the global batch's.
+                (loss * world).backward()
                 optimizer.step()
                 log.losses.append(value)
                 bar.set_postfix(loss=f"{value:.4f}")
     finally:
+        del model
         for p in student.parameters():
             p.requires_grad_(flags.get(id(p), p.requires_grad))
         student.eval()

@@ -44,3 +44,7 @@ class OutputExistsError(LaserRMTError):
 
 class DataError(LaserRMTError):
     """A data set or text file that is missing or unusable."""
+
+
+class DeviceError(LaserRMTError):
+    """A device or dtype that this machine or this computation cannot use."""

@@ -42,6 +42,7 @@ from laserrmt.errors import (
     NumericalError,
     TargetSelectionError,
 )
+from laserrmt.models.placement import model_device, place_model
 from laserrmt.stats.forward import eval_mode
 from laserrmt.surgery.io import weight_bytes
 
@@ -55,14 +56,6 @@ _LOGIT_ELEMENTS_PER_CHUNK = 1 << 26
 
 # ---------------------------------------------------------------------------------------------
 # shared helpers
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for parameter in model.parameters():
-        return parameter.device
-    for buffer in model.buffers():
-        return buffer.device
-    return torch.device("cpu")
 
 
 def _synchronize(device: torch.device) -> None:
@@ -165,7 +158,7 @@ def perplexity(
     _check_count("batch_size", batch_size, 1)
     from transformers import PreTrainedModel
 
-    device = _model_device(model)
+    device = model_device(model)
     # No KV cache: each window is scored in one pass, and a cache would only cost memory.
     kwargs = {"use_cache": False} if isinstance(model, PreTrainedModel) else {}
     total, tokens = 0.0, 0
@@ -468,7 +461,7 @@ def measure_latency(
     _check_count("new_tokens", new_tokens, 1)
     _check_count("repeats", repeats, 1)
     _check_count("warmup", warmup, 0)
-    device = _model_device(model)
+    device = model_device(model)
     generator = torch.Generator().manual_seed(seed)
     prompt = torch.randint(
         0, _vocab_size(model, vocab_size), (1, prompt_tokens), generator=generator
@@ -535,7 +528,7 @@ def measure_forward_latency(
     """
     _check_count("repeats", repeats, 1)
     _check_count("warmup", warmup, 0)
-    device = _model_device(model)
+    device = model_device(model)
     if inputs is None:
         _check_count("seq_len", seq_len, 1)
         _check_count("batch_size", batch_size, 1)
@@ -658,6 +651,8 @@ def evaluate_model(
     saved_path: str | os.PathLike[str] | None = None,
     latency: bool = True,
     latency_repeats: int = 5,
+    device: str | None = None,
+    dtype: str | None = None,
     progress: bool = True,
 ) -> EvaluationResult:
     """Everything ``laserrmt evaluate`` reports, under the pinned protocol unless told otherwise.
@@ -675,6 +670,8 @@ def evaluate_model(
             state dict's distinct tensors in memory (:func:`~laserrmt.surgery.io.weight_bytes`).
         latency: measure :func:`measure_latency` (prompt 128, 32 new tokens).
         latency_repeats: measured runs after one warm-up run.
+        device, dtype: move and cast ``model`` in place first
+            (:func:`~laserrmt.models.placement.place_model`; ``None``: as it is).
         progress: show a progress bar on stderr.
 
     Raises:
@@ -682,6 +679,7 @@ def evaluate_model(
         NumericalError: the model's logits are not finite.
     """
     started = time.perf_counter()
+    place_model(model, device, dtype)
     windows, protocol = _windows_and_protocol(tokenizer, windows, n_windows, text_file)
     with track_peak_memory() as memory:
         ppl = perplexity(model, windows, progress=progress)

@@ -6,7 +6,6 @@ is written to ``laserrmt.json`` so that a run can be repeated exactly.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -17,7 +16,7 @@ from laserrmt.analyze import analyze_model
 from laserrmt.data.text import PROTOCOL_NAME
 from laserrmt.errors import InvalidOptionError, NumericalError, PlanError
 from laserrmt.methods.budget import budget_plan, replay_factors
-from laserrmt.methods.heal import heal
+from laserrmt.methods.heal import heal, healing_teacher
 from laserrmt.methods.laser import (
     LASERRMT_CANDIDATES,
     SELECTIONS,
@@ -26,6 +25,12 @@ from laserrmt.methods.laser import (
     oneshot_plan,
 )
 from laserrmt.methods.objectives import make_objective
+from laserrmt.models.placement import (
+    check_trainable_dtype,
+    place_model,
+    resolve_device,
+    resolve_dtype,
+)
 from laserrmt.models.targets import find_targets, select_targets
 from laserrmt.plan import CompressionPlan
 from laserrmt.surgery.apply import apply_plan
@@ -67,7 +72,13 @@ class CompressSettings:
     fisher_windows: int = 4
     heal_steps: int = 0
     heal_lr: float = 1e-4
+    heal_batch_size: int = 1
+    heal_top_k: int = 64
     quantize: str | None = None
+    #: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``, and ``float32``, ``bfloat16`` or ``float16``:
+    #: the model is moved and cast to them once, before anything is measured (``None``: as it is).
+    device: str | None = None
+    dtype: str | None = None
 
     @property
     def n_calibration_windows(self) -> int:
@@ -123,6 +134,14 @@ class CompressSettings:
             )
         if self.heal_steps < 0:
             raise InvalidOptionError("--heal-steps must be ≥ 0")
+        if self.heal_batch_size < 1 or self.heal_top_k < 1:
+            raise InvalidOptionError("--heal-batch-size and --heal-top-k must be ≥ 1")
+        if self.device is not None:
+            resolve_device(self.device)
+        if self.dtype is not None:
+            resolve_dtype(self.dtype)
+        if self.heal_steps:
+            check_trainable_dtype(self.dtype, "--heal-steps")
         if self.target_size is not None and self.method != "budget":
             raise InvalidOptionError(
                 "--target-size is a budget for --method budget (or --whiten); the laser method "
@@ -177,7 +196,8 @@ def compress(
     counts). Healing and quantization are not part of a plan: they follow ``settings``, so a
     replay with the run's ``heal_steps``, ``heal_lr``, calibration options and ``quantize``
     gives the run's model. ``tokenizer`` is needed by methods that measure on calibration text
-    (the loop, budget, healing, and replaying a whitened plan).
+    (the loop, budget, healing, and replaying a whitened plan). ``settings.device`` and
+    ``settings.dtype`` move and cast ``model`` in place first.
     """
     settings = replace(settings or CompressSettings(), **overrides)
     settings.validate()
@@ -186,9 +206,18 @@ def compress(
             "RMT-KD trains the model and has its own entry point: "
             "laserrmt.methods.rmt_kd.run_rmt_kd(model, tokenizer, task=...)"
         )
+    place_model(model, settings.device, settings.dtype)
     result = CompressionResult(CompressionPlan({}), settings)
-    # Healing distils from the model as it was: keep a frozen copy before any surgery.
-    teacher = copy.deepcopy(model).eval() if settings.heal_steps else None
+    if settings.heal_steps:
+        # Healing distils from the model as it was: its top-k predictions on the healing
+        # batches, taken before any surgery (a few MB where a copy of the model would be GB).
+        heal_windows = _calibration_windows(tokenizer, settings)
+        teacher = healing_teacher(
+            model,
+            heal_windows,
+            batch_size=settings.heal_batch_size,
+            top_k=settings.heal_top_k,
+        )
     start = time.perf_counter()
     if plan is not None:
         result.plan = plan
@@ -202,10 +231,11 @@ def compress(
         start = time.perf_counter()
         result.healing = heal(
             model,
-            teacher,  # type: ignore[arg-type]  # set whenever heal_steps > 0
-            _calibration_windows(tokenizer, settings),
+            teacher,
+            heal_windows,
             steps=settings.heal_steps,
             lr=settings.heal_lr,
+            batch_size=settings.heal_batch_size,
             seed=settings.seed,
             progress=progress,
         )

@@ -94,13 +94,13 @@ def budget_plan(
         # A whole-model backward per window: a few windows rank layers well enough.
         fisher = collect_fisher_diagonal(model, batches[:fisher_windows], names, progress=progress)
     spectra = weighted_decompositions(model, names, whiten, stats, fisher, floor, progress)
+    # Only the singular values come to the host (numpy: the RMT rule and the allocation); the
+    # factors stay on the model's device for the cut.
+    values = {name: spectra[name].s.cpu().numpy() for name in names}
     # The RMT rule in the weighted space: directions standing above the MP bulk.
-    free_ranks = {
-        t.name: choose_rank(spectra[t.name].s.numpy(), t.shape, "mp").rank for t in targets
-    }
+    free_ranks = {t.name: choose_rank(values[t.name], t.shape, "mp").rank for t in targets}
     curves = {
-        name: LossCurve(t.shape, spectra[name].s.numpy())
-        for name, t in zip(names, targets, strict=True)
+        name: LossCurve(t.shape, values[name]) for name, t in zip(names, targets, strict=True)
     }
     extras = {
         name: {"whiten": whiten, "importance": importance, "free_rank": free_ranks[name]}

@@ -45,7 +45,14 @@ from typing import Any
 
 from torch import nn
 
-from laserrmt.distill import TASKS, Task, distill, model_inputs
+from laserrmt.distill import (
+    TASKS,
+    Task,
+    batch_logits_and_labels,
+    distill,
+    is_main_process,
+    model_inputs,
+)
 from laserrmt.errors import InvalidOptionError, PlanError
 from laserrmt.evaluate import count_parameters
 from laserrmt.models.widths import WidthSite, find_width_sites
@@ -80,7 +87,8 @@ class SiteRecord:
 
     ``status`` is ``"kept"`` (cut and kept), ``"reverted"`` (cut, metric fell too far, undone),
     ``"skipped-floor"`` (k/d under the floor), ``"full"`` (all directions are signal: nothing to
-    cut) or ``"skipped-target"`` (the parameter target was met before this site).
+    cut), ``"unjudged"`` (the rank rule could not judge the spectrum, ``rank_status`` says why:
+    nothing cut) or ``"skipped-target"`` (the parameter target was met before this site).
     """
 
     index: int
@@ -100,6 +108,7 @@ class SiteRecord:
     k_rmt: int | None = None
     loss_first: float | None = None
     loss_last: float | None = None
+    rank_status: str = "ok"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -387,8 +396,11 @@ def rmt_kd(
             0.0,
             site_seed,
             k_rmt=k,
+            rank_status=choice.status,
         )
-        if k >= d:
+        if choice.status != "ok":
+            record.status = "unjudged"
+        elif k >= d:
             record.status = "full"
         elif k < 1 or k / d < floor:
             record.status = "skipped-floor"
@@ -433,7 +445,7 @@ def rmt_kd(
                 f"{record.metric_before:.4f}→{record.metric_after:.4f}",
                 flush=True,
             )
-        if folder is not None:
+        if folder is not None and is_main_process():
             state["next_site"] = index + 1
             state["records"] = [r.to_dict() for r in records]
             state["decisions"] = [d.to_dict() for d in decisions]
@@ -527,9 +539,10 @@ def _accuracy(model: nn.Module, batches: Sequence[dict[str, Any]]) -> float:
     model.eval()
     with torch.no_grad():
         for batch in batches:
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-            hits += int((logits.argmax(-1) == batch["labels"]).sum())
-            total += len(batch["labels"])
+            # Moved to the model's device, wherever the batches were made.
+            logits, labels = batch_logits_and_labels(model, batch, "classification")
+            hits += int((logits.argmax(-1) == labels).sum())
+            total += len(labels)
     return 100.0 * hits / total
 
 
@@ -563,7 +576,8 @@ def fine_tune_classifier(
             order = list(range(len(batches)))
             order_rng.shuffle(order)
             for step, i in enumerate(order):
-                loss = model(**batches[i]).loss
+                logits, labels = batch_logits_and_labels(model, batches[i], "classification")
+                loss = torch.nn.functional.cross_entropy(logits.float(), labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

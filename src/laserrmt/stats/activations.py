@@ -93,8 +93,10 @@ class _Moments:
     """Streamed ``Σ h``, ``Σ h hᵀ``, the row count and per-axis lag products of a unit stream."""
 
     def __init__(self, width: int) -> None:
-        self.gram = torch.zeros(width, width, dtype=torch.float64)
-        self.total = torch.zeros(width, dtype=torch.float64)
+        self.width = width
+        # Allocated by the first batch, on its device (a GPU model sums on the GPU).
+        self.gram: torch.Tensor | None = None
+        self.total: torch.Tensor | None = None
         self.count = 0
         # axis position → [lag, (Σ h_t h_{t+k}, Σ h_t, Σ h_{t+k}), unit], and pair counts per lag
         self.lags: dict[int, torch.Tensor] = {}
@@ -102,10 +104,10 @@ class _Moments:
 
     def add(self, x: torch.Tensor) -> None:
         """``x``: units on the last axis, batch first, the axes between are sequence axes."""
-        # Accumulate where the activations are (a GPU model sums on the GPU).
         x = x.detach().to(torch.float64)
-        if self.gram.device != x.device:
-            self.gram, self.total = self.gram.to(x.device), self.total.to(x.device)
+        if self.gram is None or self.total is None:
+            self.gram = torch.zeros(self.width, self.width, dtype=torch.float64, device=x.device)
+            self.total = torch.zeros(self.width, dtype=torch.float64, device=x.device)
         rows = x.reshape(-1, x.shape[-1])
         self.gram.addmm_(rows.T, rows)
         self.total += rows.sum(dim=0)
@@ -115,7 +117,9 @@ class _Moments:
             lags = self.lags.setdefault(
                 axis, torch.zeros(MAX_LAG, 3, x.shape[-1], dtype=torch.float64, device=x.device)
             )
-            pairs = self.pairs.setdefault(axis, torch.zeros(MAX_LAG, dtype=torch.float64))
+            pairs = self.pairs.setdefault(
+                axis, torch.zeros(MAX_LAG, dtype=torch.float64, device=x.device)
+            )
             for k in range(1, min(MAX_LAG, length - 1) + 1):
                 head = x.narrow(axis, 0, length - k).reshape(-1, x.shape[-1])
                 tail = x.narrow(axis, k, length - k).reshape(-1, x.shape[-1])
@@ -137,12 +141,16 @@ class _Moments:
             # Σ (h_t − μ)(h_{t+k} − μ) / pairs, per unit, with the mean of all rows.
             lagged = (product - mean * (first + second)) / pairs[:, None] + mean * mean
             rho = (lagged[:, live] / variance[live]).mean(dim=1)
-            axes.append(truncated_autocorrelation(rho.numpy(), pairs.numpy()))
+            axes.append(truncated_autocorrelation(rho.cpu().numpy(), pairs.cpu().numpy()))
         return effective_sample_size(self.count, int(mean.numel()), axes)
 
     def statistics(self, site: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        # The one host copy of a site: its d × d moment is read by the numpy RMT rule and by
+        # scipy's pivoted QR (units.select_units), which have no GPU counterpart.
+        assert self.gram is not None and self.total is not None  # collect checks count > 0
         self.gram, self.total = self.gram.cpu(), self.total.cpu()
         self.lags = {axis: lags.cpu() for axis, lags in self.lags.items()}
+        self.pairs = {axis: pairs.cpu() for axis, pairs in self.pairs.items()}
         n = max(self.count, 1)
         moment = (self.gram + self.gram.T) / (2 * n)
         mean = self.total / n
@@ -263,7 +271,9 @@ class SiteRank:
 
     For attention sites ``rank`` is ``heads × max(per-head counts)`` (every head keeps the same
     number of directions, so the heads stay one reshape) and ``per_head`` lists each head's
-    count; ``sigma`` and ``edge`` are those of the head that set the maximum.
+    count; ``sigma`` and ``edge`` are those of the head that set the maximum. ``status`` is the
+    rank rule's (:data:`laserrmt.rmt.thresholds.RANK_STATUSES`; for attention the first head
+    that could not be judged): anything but ``"ok"`` keeps the whole width.
     """
 
     rank: int
@@ -271,6 +281,7 @@ class SiteRank:
     sigma: float
     edge: float
     per_head: list[int] | None = None
+    status: str = "ok"
 
 
 def _head_blocks(c: torch.Tensor, heads: int) -> list[np.ndarray]:
@@ -281,8 +292,8 @@ def _head_blocks(c: torch.Tensor, heads: int) -> list[np.ndarray]:
 
 def attention_head_ranks(
     site: WidthSite, statistics: SiteStatistics, heads: int, *, tau: float, estimator: str
-) -> list[tuple[int, float, float]]:
-    """Per head ``(k, sigma, edge)``: directions of the head's covariance above the MP edge
+) -> list[tuple[int, float, float, str]]:
+    """Per head ``(k, sigma, edge, status)``: directions of the head's covariance above the MP edge
     (``attn_qk``: the smaller of the query and key counts, since ``rank(Q Kᵀ) ≤ min(rank Q,
     rank K)``). Every head uses the site's effective sample size, matched to the edge at the
     width of all heads; at small width/samples ratios both are Bartlett's ``n / Σρ(k)²``."""
@@ -291,7 +302,7 @@ def attention_head_ranks(
     if site.kind == "attn_vo":
         for c in _head_blocks(statistics.covariance(), heads):
             choice = activation_rank(c, n, tau=tau, estimator=estimator)
-            out.append((int(choice.rank), float(choice.sigma), float(choice.edge)))
+            out.append((int(choice.rank), float(choice.sigma), float(choice.edge), choice.status))
         return out
     for cq, ck in zip(
         _head_blocks(statistics.covariance(), heads),
@@ -301,7 +312,8 @@ def attention_head_ranks(
         q = activation_rank(cq, n, tau=tau, estimator=estimator)
         k = activation_rank(ck, n, tau=tau, estimator=estimator)
         smaller = q if int(q.rank) <= int(k.rank) else k
-        out.append((int(smaller.rank), float(smaller.sigma), float(smaller.edge)))
+        unjudged = next((c.status for c in (q, k) if c.status != "ok"), "ok")
+        out.append((int(smaller.rank), float(smaller.sigma), float(smaller.edge), unjudged))
     return out
 
 
@@ -336,10 +348,13 @@ def site_rank(
         heads = attention_layout(model, site).heads
         per_head = attention_head_ranks(site, statistics, heads, tau=tau, estimator=estimator)
         best = max(range(heads), key=lambda h: per_head[h][0])
-        k_head, sigma, edge = per_head[best]
-        return SiteRank(heads * k_head, statistics.width, sigma, edge, [p[0] for p in per_head])
+        k_head, sigma, edge, _ = per_head[best]
+        status = next((p[3] for p in per_head if p[3] != "ok"), "ok")
+        return SiteRank(
+            heads * k_head, statistics.width, sigma, edge, [p[0] for p in per_head], status
+        )
     choice = activation_rank(
-        statistics.covariance().numpy(),
+        statistics.covariance().cpu().numpy(),
         statistics.independent_rows,
         tau=tau,
         estimator=estimator,
@@ -347,4 +362,6 @@ def site_rank(
     k = int(choice.rank)
     if carries_mean(model, site) and statistics.mean is not None:
         k = min(k + 1, statistics.width)
-    return SiteRank(k, statistics.width, float(choice.sigma), float(choice.edge))
+    return SiteRank(
+        k, statistics.width, float(choice.sigma), float(choice.edge), status=choice.status
+    )

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from laserrmt.errors import InvalidOptionError
+from laserrmt.models.placement import model_device
 
 Batch = torch.Tensor | Mapping[str, Any]
 """One calibration batch: ``input_ids`` ``[b, T]`` (any tensor, passed positionally), or a
@@ -31,11 +32,6 @@ Hook = tuple[nn.Module, Literal["input", "output"], Callable[..., Any]]
 __all__ = ["Batch", "Hook", "batches_fingerprint", "call_model", "eval_mode", "run_forward"]
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def _accepts_use_cache(model: nn.Module) -> bool:
     try:
         return "use_cache" in inspect.signature(model.forward).parameters
@@ -46,7 +42,7 @@ def _accepts_use_cache(model: nn.Module) -> bool:
 def call_model(model: nn.Module, batch: Batch, **extra: Any) -> Any:
     """One forward call on a batch (moved to the model's device), with the KV cache off when the
     model has one."""
-    device = _model_device(model)
+    device = model_device(model)
     if _accepts_use_cache(model):
         extra.setdefault("use_cache", False)
     if isinstance(batch, torch.Tensor):

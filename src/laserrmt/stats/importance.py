@@ -101,16 +101,17 @@ def fisher_importance(fisher_stats: Mapping[str, Any]) -> dict[str, float]:
             raise InvalidOptionError(
                 f"no Fisher information for {name}; collect calibration statistics with fisher=True"
             )
-        array = (
-            fisher.detach().to("cpu", torch.float64).numpy()
+        # Checked and averaged where it was collected: only the mean comes to the host.
+        f = (
+            fisher.detach().to(torch.float64)
             if isinstance(fisher, torch.Tensor)
-            else np.asarray(fisher, dtype=np.float64)
+            else torch.as_tensor(np.asarray(fisher, dtype=np.float64))
         )
-        if array.size == 0 or not np.isfinite(array).all() or (array < 0).any():
+        if f.numel() == 0 or not bool(torch.isfinite(f).all()) or bool((f < 0).any()):
             raise NumericalError(
                 f"Fisher information of {name} is empty, negative or not finite; recompute it"
             )
-        raw[name] = float(array.mean())
+        raw[name] = float(f.mean())
     if raw and not any(raw.values()):
         raise NumericalError(
             "the Fisher information is zero for every matrix; check that the calibration loss "

@@ -1,6 +1,8 @@
 """Singular-value spectra of weight matrices, computed once per matrix.
 
-Statistics never modify the model: the weights are copied to float64 before decomposition. The
+Statistics never modify the model: the weights are copied to float64 before decomposition, on
+the model's device (the CPU for MPS, which has no float64). Only the singular values come back
+to the host, as numpy arrays for the RMT rules; the vectors stay where they were computed. The
 model may be a meta-device skeleton whose weights stream from a checkpoint
 (:class:`~laserrmt.models.streaming.BlockStream`): each target is then read, decomposed and freed
 in turn, so only one matrix is in memory at a time.
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from laserrmt.models.placement import float64_device
 from laserrmt.models.targets import Target, weight_matrix
 
 if TYPE_CHECKING:
@@ -28,9 +31,9 @@ if TYPE_CHECKING:
 class WeightSpectrum:
     """The spectrum of one target matrix (m × n = out × in).
 
-    ``singular_values`` are float64 and sorted descending. ``u`` and ``vh`` hold the singular
-    vectors (float64 torch tensors) when they were asked for, so that surgery can reuse the one
-    decomposition made during analysis.
+    ``singular_values`` are float64 and sorted descending (numpy, on the host). ``u`` and ``vh``
+    hold the singular vectors (float64 torch tensors, on the device of the decomposition) when
+    they were asked for, so that surgery can reuse the one decomposition made during analysis.
     """
 
     target: Target
@@ -42,7 +45,8 @@ class WeightSpectrum:
     def svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.u is None or self.vh is None:
             raise ValueError(f"{self.target.name}: spectrum was computed without vectors")
-        return self.u, torch.from_numpy(self.singular_values), self.vh
+        s = torch.as_tensor(self.singular_values, dtype=torch.float64, device=self.u.device)
+        return self.u, s, self.vh
 
 
 @dataclass
@@ -74,7 +78,8 @@ def weight_spectra(
     bar = tqdm(targets, desc="singular values", unit="matrix", disable=not progress)
     for target in bar:
         with torch.no_grad(), stream.materialized([target.name]) if stream else nullcontext():
-            w = weight_matrix(model.get_submodule(target.name)).detach().to("cpu", torch.float64)
+            w = weight_matrix(model.get_submodule(target.name)).detach()
+            w = w.to(float64_device(w.device), torch.float64)
         finite = torch.isfinite(w)
         if not bool(finite.all()):
             bad = int((~finite).sum())
@@ -91,5 +96,5 @@ def weight_spectra(
         except RuntimeError as exc:  # LAPACK did not converge
             failures.append(SpectrumFailure(target.name, f"SVD failed: {exc}"))
             continue
-        spectra[target.name] = WeightSpectrum(target, s.numpy(), u, vh)
+        spectra[target.name] = WeightSpectrum(target, s.cpu().numpy(), u, vh)
     return spectra, failures

@@ -9,10 +9,12 @@ A saved folder holds:
     one is kept under :data:`BASE_MODEL_TYPE_KEY`: ``AutoConfig`` and ``AutoModel*`` then refuse
     the folder with an error instead of filling the compressed layers with random weights.
     :func:`load` restores the family's type.
-``model.safetensors``
-    The state dict. Factorized layers are stored as their factors, so the file shrinks by what
-    the factorization removed; tensors shared by several names (tied embeddings) are stored
-    once, the other names recorded in the file's metadata as ``alias → stored name``.
+``model.safetensors``, or shards ``model-00001-of-00003.safetensors`` with ``model.safetensors.index.json``
+    The state dict, in shards of at most ``max_shard_size`` bytes (transformers' layout and
+    default, 5 GB; see :mod:`laserrmt.surgery.shards`). Factorized layers are stored as their
+    factors, so the files shrink by what the factorization removed; tensors shared by several
+    names (tied embeddings) are stored once, the other names recorded in the files' metadata as
+    ``alias → stored name``.
 tokenizer files
     When a tokenizer is given.
 ``laserrmt.json``
@@ -35,11 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from laserrmt.errors import ModelLoadError
+from laserrmt.errors import InvalidOptionError, ModelLoadError
 from laserrmt.outputs import atomic_output_dir
 from laserrmt.plan import CompressionPlan
 from laserrmt.surgery.registry import (
@@ -50,11 +50,16 @@ from laserrmt.surgery.registry import (
     registered_modules,
 )
 from laserrmt.surgery.replace import set_submodule
+from laserrmt.surgery.shards import (
+    DEFAULT_MAX_SHARD_SIZE,
+    ShardWriter,
+    WeightFiles,
+    check_max_shard_size,
+)
 
 #: Version of the folder layout; :func:`load` refuses any other.
 FORMAT_VERSION = 1
 METADATA_FILE = "laserrmt.json"
-WEIGHTS_FILE = "model.safetensors"
 _TOKENIZER_MARKERS = ("tokenizer_config.json", "tokenizer.json")
 CONFIG_FILE = "config.json"
 #: ``model_type`` of a folder that only :func:`load` rebuilds; unknown to transformers.
@@ -71,6 +76,7 @@ def save_compressed(
     plan: CompressionPlan | None = None,
     settings: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
     """Write ``model`` (compressed or not) to ``out_dir`` atomically; returns the folder.
 
@@ -81,13 +87,17 @@ def save_compressed(
         plan: recorded in ``laserrmt.json`` so the result documents how it was made.
         settings: further JSON-serializable provenance (method options, scores...).
         overwrite: replace an existing ``out_dir`` (only once the new folder is complete).
+        max_shard_size: bytes per weight file at most; a larger model is split into shards with
+            an index, as ``save_pretrained`` does (a single larger tensor gets its own shard).
 
     Raises:
         OutputExistsError: ``out_dir`` exists and ``overwrite`` is false, or it is a file.
+        InvalidOptionError: ``max_shard_size`` is not a positive number of bytes.
     """
+    check_max_shard_size(max_shard_size)
     metadata = _metadata(model, _compressed_module_entries(model), plan, settings)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        _write_folder(model, tmp, tokenizer, metadata)
+        _write_folder(model, tmp, tokenizer, metadata, max_shard_size)
     return Path(out_dir)
 
 
@@ -98,6 +108,7 @@ def write_compressed(
     tokenizer: Any | None = None,
     plan: CompressionPlan | None = None,
     settings: Mapping[str, Any] | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
     """Write the same files as :func:`save_compressed` into an existing ``folder``, in place.
 
@@ -107,25 +118,48 @@ def write_compressed(
     target = Path(folder)
     if not target.is_dir():
         raise FileNotFoundError(f"{target} is not an existing folder; create it first")
+    check_max_shard_size(max_shard_size)
     metadata = _metadata(model, _compressed_module_entries(model), plan, settings)
-    _write_folder(model, target, tokenizer, metadata)
+    _write_folder(model, target, tokenizer, metadata, max_shard_size)
     return target
 
 
 def load(
-    path: str | os.PathLike[str], *, dtype: torch.dtype | None = None
+    path: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None = None,
+    device_map: str | Mapping[str, str | int | torch.device] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
 ) -> tuple[nn.Module, Any | None]:
     """Load a folder written by :func:`save_compressed`: ``(model, tokenizer or None)``.
 
     The architecture is built from ``config.json`` with the transformers class named in
-    ``laserrmt.json``, compressed modules are swapped in as empty shells, and the weights are
-    loaded strictly (only tied aliases may be absent from the file; they are re-tied). The model
-    is returned in eval mode, in the saved dtype unless ``dtype`` asks for another.
+    ``laserrmt.json`` without weights (accelerate's ``init_empty_weights``), compressed modules
+    are swapped in as empty shells, and the saved tensors are read one at a time from the single
+    or sharded weight files and put in place (only tied aliases may be absent from the files;
+    they are re-tied): no second copy of the weights is built. The model is returned in eval
+    mode, in the saved dtype unless ``dtype`` asks for another.
+
+    Args:
+        dtype: cast floating-point tensors to this dtype as they are read.
+        device_map: where each module goes, for a model that does not fit on one device:
+            ``{module name prefix: device}`` (``""`` is the whole model; a device is ``"cpu"``,
+            ``"cuda:1"``, a GPU index, or ``"disk"``), ``"auto"`` (accelerate's
+            ``infer_auto_device_map`` over the GPUs, the CPU and, past those, the disk), or one
+            device for everything. The model is then dispatched with accelerate's
+            ``dispatch_model``, which moves activations between devices in the forward pass.
+            ``None``: everything on the CPU, no hooks.
+        offload_folder: where tensors mapped to ``"disk"`` are written (needed then).
 
     Raises:
         ModelLoadError: not a laserrmt folder, a newer format, an unknown architecture or module
             type, or weights that do not fit the architecture.
+        InvalidOptionError: a device map that leaves tensors without a device, names modules
+            the model does not have, splits tied tensors, or has ``"disk"`` without
+            ``offload_folder``.
     """
+    from accelerate import init_empty_weights
+
     folder = Path(path)
     meta = _read_metadata(folder)
     if not (folder / CONFIG_FILE).is_file():
@@ -140,12 +174,20 @@ def load(
 
     config = _read_config(folder)
     saved_dtype = dtype_from_name(meta.get("dtype", "float32"))
-    model = model_cls._from_config(config, dtype=saved_dtype)
+    # Buffers stay real: non-persistent ones (rotary frequencies) are computed here, not saved.
+    with init_empty_weights(include_buffers=False):
+        model = model_cls._from_config(config, dtype=dtype or saved_dtype)
     if (folder / "generation_config.json").is_file() and hasattr(model, "generation_config"):
         model.generation_config = transformers.GenerationConfig.from_pretrained(folder)
-    load_into(model, folder)
-    if dtype is not None:
-        model.to(dtype)
+    _swap_in_shells(model, folder, meta)
+    devices = _resolve_device_map(model, device_map, dtype or saved_dtype, offload_folder)
+    files = WeightFiles(folder)
+    aliases = _check_tensors(model, files)
+    _read_tensors(model, files, aliases, devices, dtype, offload_folder)
+    if device_map is not None:
+        from accelerate import dispatch_model
+
+        dispatch_model(model, devices, offload_dir=offload_folder)
     model.eval()
 
     tokenizer = None
@@ -162,14 +204,34 @@ def load_into(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     """Swap the saved compressed modules into ``model`` and load the saved weights strictly.
 
     ``model`` must be the uncompressed architecture the folder was saved from (for models
-    without a transformers config, e.g. a torchvision network you build yourself).
+    without a transformers config, e.g. a torchvision network you build yourself). Each tensor
+    is read on its own and lands on the device of the tensor it replaces (the CPU for swapped-in
+    compressed modules).
 
     Raises:
         ModelLoadError: a module name that does not exist, missing or unexpected tensors, or a
             tensor whose shape differs from the model's.
     """
     folder = Path(path)
-    meta = _read_metadata(folder)
+    _swap_in_shells(model, folder, _read_metadata(folder))
+    files = WeightFiles(folder)
+    aliases = _check_tensors(model, files)
+    devices = {
+        name: "cpu" if tensor.is_meta else tensor.device
+        for name, tensor in model.state_dict().items()
+    }
+    _read_tensors(model, files, aliases, devices, None, None)
+    return model
+
+
+def _swap_in_shells(model: nn.Module, folder: Path, meta: Mapping[str, Any]) -> None:
+    """Replace every module recorded in ``laserrmt.json`` by an empty shell of its saved type.
+
+    The shells are built on the meta device (buffers too: a compressed module's buffers are all
+    in the weight files), so they cost no memory until the weights are read.
+    """
+    from accelerate import init_empty_weights
+
     modules = meta.get("modules", {})
     if not isinstance(modules, Mapping):
         raise ModelLoadError(f"'modules' in {folder / METADATA_FILE} must be a JSON object")
@@ -185,46 +247,152 @@ def load_into(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
                 f"module {name} recorded in {folder / METADATA_FILE} does not exist in "
                 f"{type(model).__name__}; the folder was saved from another architecture"
             ) from None
-        shell = module_class(str(entry["type"])).from_laserrmt_config(entry["config"])
+        shell_class = module_class(str(entry["type"]))
+        with init_empty_weights(include_buffers=True):
+            shell = shell_class.from_laserrmt_config(entry["config"])
         set_submodule(model, name, shell)
 
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ModelLoadError(f"{folder} has no {WEIGHTS_FILE}; the save did not complete")
-    try:
-        state = load_file(weights)
-        with safe_open(weights, framework="pt") as handle:
-            file_meta = handle.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise ModelLoadError(f"{weights} cannot be read: {exc}") from None
 
+def _check_tensors(model: nn.Module, files: WeightFiles) -> dict[str, str]:
+    """Compare the stored names and shapes with the model's before reading any tensor; returns
+    the tied aliases to restore (``alias → stored name``)."""
+    where = files.folder
     expected = model.state_dict()
-    unexpected = sorted(set(state) - set(expected))
+    stored = files.names()
+    unexpected = sorted(set(stored) - set(expected))
     if unexpected:
         raise ModelLoadError(
-            f"{weights} holds tensors the model does not have ({_few(unexpected)}); "
+            f"the weights in {where} hold tensors the model does not have ({_few(unexpected)}); "
             "the folder was saved from another architecture"
         )
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
+    for key, shape in files.shapes.items():
+        if shape != tuple(expected[key].shape):
             raise ModelLoadError(
-                f"tensor {key} has shape {tuple(tensor.shape)} in {weights} but "
-                f"{tuple(expected[key].shape)} in the model; the folder does not fit this "
-                "architecture"
+                f"tensor {key} has shape {shape} in {where} but {tuple(expected[key].shape)} in "
+                "the model; the folder does not fit this architecture"
             )
-    aliases = {k: v for k, v in file_meta.items() if k not in state and v in state}
-    missing = sorted(k for k in set(expected) - set(state) if k not in aliases)
+    aliases = {k: v for k, v in files.aliases.items() if k in expected}
+    missing = sorted(k for k in set(expected) - set(stored) if k not in aliases)
     if missing:
         raise ModelLoadError(
-            f"{weights} lacks tensors the model needs ({_few(missing)}); the save is incomplete "
-            "or was made from another architecture"
+            f"the weights in {where} lack tensors the model needs ({_few(missing)}); the save "
+            "is incomplete or was made from another architecture"
         )
-    _untie_separately_stored(model, state)
-    model.load_state_dict(state, strict=False)
+    return aliases
+
+
+def _read_tensors(
+    model: nn.Module,
+    files: WeightFiles,
+    aliases: Mapping[str, str],
+    devices: Mapping[str, Any],
+    dtype: torch.dtype | None,
+    offload_folder: str | os.PathLike[str] | None,
+) -> None:
+    """Put each stored tensor in place on its device (``devices``: longest module prefix →
+    device), one at a time; a tensor mapped to ``"disk"`` is written to ``offload_folder``
+    in accelerate's offload format and stays on the meta device.
+
+    Each name gets a new tensor, so names the fresh model ties but the files store apart (a
+    config that still says ``tie_word_embeddings`` after the head was changed) come apart.
+    """
+    from accelerate.utils import offload_weight, save_offload_index, set_module_tensor_to_device
+
     for alias, stored in aliases.items():
-        if alias in expected:
-            _tie(model, alias, stored)
-    return model
+        pair = (_device_of(alias, devices), _device_of(stored, devices))
+        if pair[0] != pair[1]:
+            raise InvalidOptionError(
+                f"device_map puts {alias} and {stored}, one tensor tied in the model, on "
+                f"{pair[0]} and {pair[1]}; put both modules on the same device"
+            )
+    expected = model.state_dict()
+    offload_index: dict[str, Any] = {}
+    for name, value in files.tensors():
+        # As load_state_dict: the model's dtype, or the asked one for floating-point tensors.
+        target = dtype if dtype is not None and value.is_floating_point() else expected[name].dtype
+        value = value.to(target)
+        device = _device_of(name, devices)
+        if device == "disk":
+            offload_weight(value, name, str(offload_folder), index=offload_index)
+            continue
+        set_module_tensor_to_device(model, name, device, value=value, dtype=target)
+    if offload_index:
+        save_offload_index(offload_index, str(offload_folder))
+    for alias, stored in aliases.items():
+        _tie(model, alias, stored)
+    left = [
+        name
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+        if tensor.is_meta and name not in offload_index
+    ]
+    if left:
+        raise ModelLoadError(
+            f"{_few(left)} of {type(model).__name__} got no value from the weights; a compressed "
+            "module with non-persistent buffers cannot be rebuilt from its shell"
+        )
+
+
+def _device_of(name: str, devices: Mapping[str, Any]) -> Any:
+    """The device of the longest module prefix of ``name`` in a device map."""
+    parts = name.split(".")
+    for end in range(len(parts), -1, -1):
+        prefix = ".".join(parts[:end])
+        if prefix in devices:
+            return devices[prefix]
+    raise KeyError(name)  # _resolve_device_map checked that every tensor is covered
+
+
+def _resolve_device_map(
+    model: nn.Module,
+    device_map: str | Mapping[str, str | int | torch.device] | None,
+    dtype: torch.dtype,
+    offload_folder: str | os.PathLike[str] | None,
+) -> dict[str, Any]:
+    """A device map as ``{module prefix: device}`` that covers every tensor of ``model``."""
+    if device_map is None:
+        return {"": "cpu"}
+    if device_map == "auto":
+        from accelerate import infer_auto_device_map
+
+        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        devices = dict(infer_auto_device_map(model, no_split_module_classes=no_split, dtype=dtype))
+    elif isinstance(device_map, str | int | torch.device):
+        devices = {"": device_map}
+    else:
+        devices = dict(device_map)
+    modules = dict(model.named_modules())
+    unknown = [name for name in devices if name not in modules]
+    if unknown:
+        raise InvalidOptionError(
+            f"device_map names {_few(unknown)}, not modules of {type(model).__name__}; use "
+            "module names as model.named_modules() gives them ('' for the whole model)"
+        )
+    uncovered = []
+    for name in model.state_dict():
+        try:
+            _device_of(name, devices)
+        except KeyError:
+            uncovered.append(name)
+    if uncovered:
+        raise InvalidOptionError(
+            f"device_map gives no device for {_few(uncovered)}; add their modules (or '' for "
+            "everything not named)"
+        )
+    if "disk" in devices.values():
+        if offload_folder is None:
+            raise InvalidOptionError(
+                'device_map sends modules to "disk"; pass offload_folder= a folder to write them to'
+            )
+        Path(offload_folder).mkdir(parents=True, exist_ok=True)
+    for device in set(devices.values()) - {"disk"}:
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError):
+            raise InvalidOptionError(
+                f"device_map has {device!r}, not a device; use 'cpu', 'cuda:N', a GPU index or "
+                "'disk'"
+            ) from None
+    return devices
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +440,11 @@ def _metadata(
 
 
 def _write_folder(
-    model: nn.Module, folder: Path, tokenizer: Any | None, metadata: dict[str, Any]
+    model: nn.Module,
+    folder: Path,
+    tokenizer: Any | None,
+    metadata: dict[str, Any],
+    max_shard_size: int,
 ) -> None:
     config = _hf_config(model)
     if config is not None:
@@ -282,7 +454,7 @@ def _write_folder(
         generation = getattr(model, "generation_config", None)
         if generation is not None and hasattr(generation, "save_pretrained"):
             generation.save_pretrained(folder)
-    _write_weights(model, folder / WEIGHTS_FILE)
+    _write_weights(model, folder, max_shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     # laserrmt.json last: its presence marks a complete folder.
@@ -368,11 +540,16 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in stored.values())
 
 
-def _write_weights(model: nn.Module, file: Path) -> None:
-    """Write the state dict once per distinct tensor; tied names go to the metadata."""
+def _write_weights(model: nn.Module, folder: Path, max_shard_size: int) -> None:
+    """Write the state dict once per distinct tensor, shard by shard; tied names go to the
+    metadata."""
     stored, aliases = distinct_state(model)
-    contiguous = {key: t.detach().to("cpu").contiguous() for key, t in stored.items()}
-    save_file(contiguous, str(file), metadata={"format": "pt", **aliases})
+    writer = ShardWriter(folder, max_shard_size)
+    for alias, name in aliases.items():
+        writer.alias(alias, name)
+    for name, tensor in stored.items():
+        writer.add(name, tensor)
+    writer.close()
 
 
 def _json_default(value: object) -> Any:
@@ -456,24 +633,6 @@ def _tie(model: nn.Module, alias: str, stored: str) -> None:
     source = getattr(source_parent, source_attr)
     if getattr(parent, attr) is not source:
         setattr(parent, attr, source)
-
-
-def _untie_separately_stored(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Give each name its own parameter where the fresh model ties tensors the file stores apart.
-
-    A config may still say ``tie_word_embeddings`` after the saved model was untied; loading
-    both tensors into one shared parameter would silently keep only the last.
-    """
-    groups: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(param), []).append(name)
-    for names in groups.values():
-        stored_apart = [n for n in names if n in state]
-        for name in stored_apart[1:]:
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            shared = getattr(parent, attr)
-            setattr(parent, attr, nn.Parameter(shared.detach().clone(), shared.requires_grad))
 
 
 def _few(names: list[str], limit: int = 5) -> str:

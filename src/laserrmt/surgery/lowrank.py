@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from laserrmt.errors import InvalidOptionError, NumericalError, PlanError, TargetSelectionError
+from laserrmt.models.placement import float64_device
 from laserrmt.models.targets import set_weight_matrix, weight_matrix
 from laserrmt.surgery.registry import CompressedModule, dtype_from_name, dtype_name, register_module
 
@@ -90,11 +91,6 @@ def weight_as_matrix(module: nn.Module, name: str | None = None) -> torch.Tensor
 # SVD and factors
 
 
-def _svd_device(device: torch.device) -> torch.device:
-    # MPS has no float64; every other backend computes the float64 SVD where the weight lives.
-    return torch.device("cpu") if device.type == "mps" else device
-
-
 def _require_finite(tensor: torch.Tensor, what: str, label: str) -> None:
     if not bool(torch.isfinite(tensor).all()):
         raise NumericalError(
@@ -114,7 +110,7 @@ def truncated_svd(weight: torch.Tensor, rank: int | None = None, *, name: str | 
     label = name or "matrix"
     if weight.ndim != 2:
         raise InvalidOptionError(f"{label}: expected a 2-D matrix, got shape {tuple(weight.shape)}")
-    matrix = weight.detach().to(device=_svd_device(weight.device), dtype=torch.float64)
+    matrix = weight.detach().to(device=float64_device(weight.device), dtype=torch.float64)
     _require_finite(matrix, "weight", label)
     try:
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
@@ -150,7 +146,7 @@ def _top_svd(
         return truncated_svd(matrix, rank, name=label)
     if len(svd) != 3:
         raise PlanError(f"precomputed SVD of module {label} must be (U, S, Vh)")
-    device = _svd_device(matrix.device)
+    device = float64_device(matrix.device)
     u, s, vh = (_as_float64(part, device) for part in svd)
     if (
         u.ndim != 2

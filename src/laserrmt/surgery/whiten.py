@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from laserrmt.errors import InvalidOptionError, NumericalError
+from laserrmt.models.placement import float64_device
 
 if TYPE_CHECKING:  # the RMT package is imported lazily by free_rank
     from laserrmt.rmt.thresholds import RankChoice
@@ -158,9 +159,7 @@ def _check_floor(floor: float) -> float:
 
 def _as64(value: Any, what: str, module: str | None) -> torch.Tensor:
     tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
-    # float64 decompositions are not available on MPS; everything else stays where it is.
-    device = torch.device("cpu") if tensor.device.type == "mps" else tensor.device
-    tensor = tensor.detach().to(device=device, dtype=torch.float64)
+    tensor = tensor.detach().to(device=float64_device(tensor.device), dtype=torch.float64)
     if not bool(torch.isfinite(tensor).all()):
         raise NumericalError(
             f"{what} of {_label(module)} contains NaN or Inf; recompute the calibration "

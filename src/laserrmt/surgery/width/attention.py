@@ -23,6 +23,7 @@ from torch import nn
 
 from laserrmt.errors import PlanError, TargetSelectionError
 from laserrmt.models.architectures import SelfAttentionLayout
+from laserrmt.models.placement import float64_device, model_device
 from laserrmt.models.widths import WidthSite, attention_layout
 from laserrmt.stats.activations import SiteStatistics
 from laserrmt.surgery.registry import CompressedModule, dtype_from_name, dtype_name, register_module
@@ -140,9 +141,10 @@ class ReducedSelfAttention(CompressedModule):
         return out.transpose(-3, -2).reshape(*shape, heads * self.v_head_size), None
 
 
-def _head_blocks(c: torch.Tensor, heads: int) -> list[torch.Tensor]:
+def _head_blocks(c: torch.Tensor, heads: int, device: torch.device) -> list[torch.Tensor]:
+    # Host statistics go to the weights' device: the eigendecompositions run where they are used.
     size = c.shape[0] // heads
-    c = c.detach().cpu().to(torch.float64)
+    c = c.detach().to(float64_device(device), torch.float64)
     c = (c + c.T) / 2
     return [c[h * size : (h + 1) * size, h * size : (h + 1) * size] for h in range(heads)]
 
@@ -245,8 +247,12 @@ def cut_attention(
     heads = layout.heads
     k_head = min(-(-k // heads), site.width // heads)
     attention = _reduced_from(model.get_submodule(layout.self_name), layout)
+    device = model_device(attention)
     if site.kind == "attn_vo":
-        maps = [_top_eigenvectors(c, k_head) for c in _head_blocks(statistics.covariance(), heads)]
+        maps = [
+            _top_eigenvectors(c, k_head)
+            for c in _head_blocks(statistics.covariance(), heads, device)
+        ]
         attention.value = _per_head_rows(attention.value, maps)
         attention.v_head_size = k_head
         output = model.get_submodule(layout.output_name)
@@ -254,7 +260,7 @@ def cut_attention(
         w = output.weight.detach().to(torch.float64)
         size = w.shape[1] // heads
         mean = statistics.mean
-        mu = torch.zeros(w.shape[1], dtype=torch.float64) if mean is None else mean
+        mu = torch.zeros(w.shape[1], dtype=torch.float64, device=w.device) if mean is None else mean
         mu = mu.to(w.device, torch.float64)
         folded, shift = [], torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
         for h in range(heads):
@@ -283,8 +289,8 @@ def cut_attention(
         pairs = [
             query_key_maps(cq, ck, k_head)
             for cq, ck in zip(
-                _head_blocks(statistics.second_moment, heads),
-                _head_blocks(statistics.key_moment, heads),
+                _head_blocks(statistics.second_moment, heads, device),
+                _head_blocks(statistics.key_moment, heads, device),
                 strict=True,
             )
         ]

@@ -21,6 +21,7 @@ from torch import nn
 
 from laserrmt.errors import InvalidOptionError, PlanError, TargetSelectionError
 from laserrmt.models.architectures import residual_layout
+from laserrmt.models.placement import float64_device
 
 __all__ = ["residual_width", "rotate_residual_stream", "slice_residual_stream"]
 
@@ -50,41 +51,49 @@ def rotate_residual_stream(model: nn.Module, q: torch.Tensor) -> None:
     ``Q`` is a ``d × d`` orthogonal matrix (float64); afterwards the stream carries ``Qᵀ x``
     where the original carried ``x``, every norm scale is 1, and the head is untied from the
     embedding when they were tied (folding the final norm's scale into the head makes them
-    differ). The function the model computes is unchanged (SliceGPT, Theorem 1).
+    differ). The function the model computes is unchanged (SliceGPT, Theorem 1). The products
+    are formed in float64 on the weights' device, wherever ``Q`` was computed.
     """
     layout = residual_layout(model)
     d = layout.width
-    q = q.to(torch.float64)
+    device = float64_device(layout.embedding.weight.device)
+    q = q.to(device=device, dtype=torch.float64)
     if q.shape != (d, d) or not torch.allclose(
-        q.T @ q, torch.eye(d, dtype=torch.float64), atol=1e-8
+        q.T @ q, torch.eye(d, dtype=torch.float64, device=device), atol=1e-8
     ):
         raise InvalidOptionError(f"Q must be an orthogonal {d} × {d} matrix")
 
     def fold_norm(norm: nn.Module, readers: Sequence[nn.Linear]) -> None:
-        scale = _norm_scale(norm).detach().to(torch.float64)
+        scale = _norm_scale(norm).detach().to(device, torch.float64)
         for linear in readers:
-            w = linear.weight.detach().to(torch.float64)
+            w = linear.weight.detach().to(device, torch.float64)
             # reader(diag(s) n(x)) = (W diag(s)) n(x); in the rotated stream n(Qᵀx) = Qᵀ n(x).
-            linear.weight.data = ((w * scale) @ q).to(linear.weight.dtype)
+            linear.weight.data = ((w * scale) @ q).to(linear.weight.device, linear.weight.dtype)
         with torch.no_grad():
             _norm_scale(norm).fill_(1.0)
 
     for norm, readers in layout.norms:
         fold_norm(norm, readers)
     for linear in layout.writers:
-        w = linear.weight.detach().to(torch.float64)
-        linear.weight.data = (q.T @ w).to(linear.weight.dtype)
+        w = linear.weight.detach().to(device, torch.float64)
+        linear.weight.data = (q.T @ w).to(linear.weight.device, linear.weight.dtype)
         if linear.bias is not None:
-            linear.bias.data = (q.T @ linear.bias.detach().to(torch.float64)).to(linear.bias.dtype)
-    embedding = layout.embedding.weight.detach().to(torch.float64)
+            bias = linear.bias.detach().to(device, torch.float64)
+            linear.bias.data = (q.T @ bias).to(linear.bias.device, linear.bias.dtype)
+    embedding = layout.embedding.weight.detach().to(device, torch.float64)
     head = layout.head
     if head is None:
         raise TargetSelectionError(f"{type(model).__name__} has no output head to rotate")
     tied = head.weight is layout.embedding.weight
-    head_weight = head.weight.detach().to(torch.float64)
-    layout.embedding.weight = nn.Parameter((embedding @ q).to(layout.embedding.weight.dtype))
-    final_scale = _norm_scale(layout.final_norm).detach().to(torch.float64)
-    head.weight = nn.Parameter(((head_weight * final_scale) @ q).to(head.weight.dtype))
+    head_weight = head.weight.detach().to(device, torch.float64)
+    embedding_weight = layout.embedding.weight
+    layout.embedding.weight = nn.Parameter(
+        (embedding @ q).to(embedding_weight.device, embedding_weight.dtype)
+    )
+    final_scale = _norm_scale(layout.final_norm).detach().to(device, torch.float64)
+    head.weight = nn.Parameter(
+        ((head_weight * final_scale) @ q).to(head.weight.device, head.weight.dtype)
+    )
     with torch.no_grad():
         _norm_scale(layout.final_norm).fill_(1.0)
     if tied and getattr(layout.config, "tie_word_embeddings", False):
@@ -107,13 +116,14 @@ def slice_residual_stream(model: nn.Module, second_moment: torch.Tensor, k: int)
     RMSNorm divides by ``sqrt(mean(x²) + ε)`` over the width; over ``k`` of ``d`` coordinates the
     mean is ``d/k`` times too large for the same ``‖x‖``, so the norms get the constant scale
     ``sqrt(d/k)`` and ``ε`` becomes ``ε·d/k``: then a stream that lies in the kept subspace is
-    normalised exactly as before.
+    normalised exactly as before. The eigendecomposition runs in float64 on the model's device.
     """
     layout = residual_layout(model)
     d = layout.width
     if not 1 <= k <= d:
         raise PlanError(f"cannot keep {k} of {d} residual directions; keep 1..{d}")
-    c = second_moment.detach().cpu().to(torch.float64)
+    device = float64_device(layout.embedding.weight.device)
+    c = second_moment.detach().to(device, torch.float64)
     _, vectors = torch.linalg.eigh((c + c.T) / 2)
     q = vectors.flip(-1)  # descending
     rotate_residual_stream(model, q)

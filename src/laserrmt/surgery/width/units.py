@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from laserrmt.errors import PlanError, TargetSelectionError
+from laserrmt.models.placement import float64_device
 from laserrmt.models.widths import WidthSite
 from laserrmt.stats.activations import SiteStatistics
 from laserrmt.surgery.replace import set_submodule
@@ -75,9 +76,10 @@ def reconstruction_matrix(second_moment: torch.Tensor, kept: Sequence[int]) -> t
     """
     d = int(second_moment.shape[0])
     kept = list(kept)
+    device = float64_device(second_moment.device)
     if len(kept) == d and kept == list(range(d)):
-        return torch.eye(d, dtype=torch.float64)
-    c = second_moment.detach().cpu().to(torch.float64)
+        return torch.eye(d, dtype=torch.float64, device=device)
+    c = second_moment.detach().to(device, torch.float64)
     c = (c + c.T) / 2
     sub = c[kept][:, kept]
     values, vectors = torch.linalg.eigh(sub)
@@ -86,7 +88,7 @@ def reconstruction_matrix(second_moment: torch.Tensor, kept: Sequence[int]) -> t
     pinv = (vectors * inverse_values) @ vectors.T
     r = c[:, kept] @ pinv
     # The kept units reconstruct themselves: make that exact rather than nearly so.
-    r[kept] = torch.eye(len(kept), dtype=torch.float64)
+    r[kept] = torch.eye(len(kept), dtype=torch.float64, device=r.device)
     return r
 
 
