@@ -49,14 +49,14 @@ def test_analyze_writes_the_report(capsys, tiny_folder, tmp_path):
         (["analyze", "{missing}", "--out", "{out}"], ["no such file or folder"]),
         (
             ["analyze", "{folder}", "--out", "{out}", "--threshold", "magic"],
-            ["unknown threshold", "mp"],
+            ["unknown --threshold", "mp"],
         ),
         (["analyze", "{folder}", "--out", "{out}", "--threshold", "fixed"], ["--fraction"]),
         (
             ["analyze", "{folder}", "--out", "{out}", "--targets", "nothing_like_this"],
             ["nothing_like_this"],
         ),
-        (["compress", "{folder}", "--out", "{out}", "--mode", "shrink"], ["unknown mode"]),
+        (["compress", "{folder}", "--out", "{out}", "--mode", "shrink"], ["unknown --mode"]),
         (["compress", "{folder}", "--out", "{out}", "--target-params", "1.5"], ["--target-params"]),
         (["compress", "{folder}", "--out", "{out}", "--plan", "{missing}"], []),
         (["compress", "{folder}", "--out", "{out}", "--target-size", "lots"], ["not a size", "MB"]),
@@ -71,6 +71,32 @@ def test_user_errors_are_one_line(capsys, tiny_folder, tmp_path, argv, fragments
     code, _, err = run(capsys, *[a.format(**values) for a in argv])
     assert_one_line_error(code, err, *fragments)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--mode", "shrink"),
+        ("--score", "size"),
+        ("--objective", "bleu"),
+        ("--threshold", "magic"),
+        ("--estimator", "guess"),
+        ("--whiten", "pca"),
+        ("--allocation", "greedy"),
+        ("--importance", "vibes"),
+    ],
+)
+def test_a_bad_choice_is_refused_before_the_model_is_loaded(
+    capsys, monkeypatch, tiny_folder, tmp_path, option, value
+):
+    import laserrmt.cli
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(laserrmt.cli, "_load_placed", no_loading)
+    code, _, err = run(capsys, "compress", tiny_folder, "--out", tmp_path / "out", option, value)
+    assert_one_line_error(code, err, f"unknown {option} {value!r}", "choose one of")
 
 
 def test_existing_output_is_refused(capsys, tiny_folder, tmp_path):

@@ -161,7 +161,7 @@ def _threshold_options(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.threshold not in THRESHOLD_METHODS:
         raise InvalidOptionError(
-            f"unknown threshold {args.threshold!r}; choose one of {', '.join(THRESHOLD_METHODS)}"
+            f"unknown --threshold {args.threshold!r}; choose one of {', '.join(THRESHOLD_METHODS)}"
         )
     options: dict[str, Any] = {}
     if args.threshold in ("mp", "tw"):

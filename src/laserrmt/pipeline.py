@@ -15,16 +15,17 @@ from torch import nn
 from laserrmt.analyze import analyze_model
 from laserrmt.data.text import PROTOCOL_NAME
 from laserrmt.errors import InvalidOptionError, NumericalError, PlanError
-from laserrmt.methods.budget import budget_plan, replay_factors
+from laserrmt.methods.budget import ALLOCATIONS, budget_plan, replay_factors
 from laserrmt.methods.heal import heal, healing_teacher
 from laserrmt.methods.laser import (
     LASERRMT_CANDIDATES,
+    SCORES,
     SELECTIONS,
     LoopStep,
     laser_loop,
     oneshot_plan,
 )
-from laserrmt.methods.objectives import make_objective
+from laserrmt.methods.objectives import OBJECTIVES, make_objective
 from laserrmt.models.placement import (
     check_trainable_dtype,
     place_model,
@@ -32,10 +33,13 @@ from laserrmt.models.placement import (
     resolve_dtype,
 )
 from laserrmt.models.targets import find_targets, select_targets
-from laserrmt.plan import CompressionPlan
+from laserrmt.plan import MODES, CompressionPlan
+from laserrmt.rmt import SIGMA_ESTIMATORS, THRESHOLD_METHODS
+from laserrmt.stats.importance import IMPORTANCE_KINDS
 from laserrmt.surgery.apply import apply_plan
 from laserrmt.surgery.io import weight_bytes
 from laserrmt.surgery.quantize import quantize_model_int8
+from laserrmt.surgery.whiten import WHITEN_METHODS
 
 METHODS = ("laser", "budget", "rmt-kd")
 #: The calibration windows of every method: the pinned protocol's calibration split
@@ -118,14 +122,23 @@ class CompressSettings:
         return cls(**data)
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise InvalidOptionError(
-                f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}"
-            )
-        if self.select not in SELECTIONS:
-            raise InvalidOptionError(
-                f"unknown selection {self.select!r}; choose one of {', '.join(SELECTIONS)}"
-            )
+        """Check every option before anything is loaded or measured (one line per mistake)."""
+        for option, value, choices in (
+            ("method", self.method, METHODS),
+            ("select", self.select, SELECTIONS),
+            ("threshold", self.threshold, THRESHOLD_METHODS),
+            ("estimator", self.threshold_options.get("estimator", "median"), SIGMA_ESTIMATORS),
+            ("mode", self.mode, MODES),
+            ("score", self.score, tuple(SCORES)),
+            ("objective", self.objective, OBJECTIVES),
+            ("whiten", self.whiten, WHITEN_METHODS),
+            ("allocation", self.allocation, ALLOCATIONS),
+            ("importance", self.importance, (*IMPORTANCE_KINDS, "auto")),
+        ):
+            if value not in choices:
+                raise InvalidOptionError(
+                    f"unknown --{option} {value!r}; choose one of {', '.join(choices)}"
+                )
         if self.n_calibration_windows < 1:
             raise InvalidOptionError("--calibration-windows must be at least 1")
         if self.quantize is not None and self.quantize not in QUANTIZATIONS:

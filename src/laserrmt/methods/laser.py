@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from laserrmt.analyze import AnalysisResult
 from laserrmt.errors import InvalidOptionError
 from laserrmt.methods.objectives import Objective
-from laserrmt.plan import CompressionPlan, ModuleDecision, resolve_mode
+from laserrmt.plan import MODES, CompressionPlan, ModuleDecision, resolve_mode
 from laserrmt.surgery.apply import apply_plan, revert_changes
 
 #: Layer scores a loop can order candidates by, and whether low values come first.
@@ -32,7 +32,6 @@ from laserrmt.surgery.apply import apply_plan, revert_changes
 #: matters; high normalised spectral entropy means a spectrum close to noise.
 SCORES: dict[str, bool] = {"snr": True, "stable_rank": True, "spectral_entropy": False}
 SELECTIONS = ("oneshot", "loop")
-MODES = ("factorize", "denoise")
 LASERRMT_CANDIDATES = 15
 
 
