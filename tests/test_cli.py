@@ -99,6 +99,28 @@ def test_a_bad_choice_is_refused_before_the_model_is_loaded(
     assert_one_line_error(code, err, f"unknown {option} {value!r}", "choose one of")
 
 
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--dataset", "imagenet"], "unknown --dataset 'imagenet'"),
+        (["--kd-estimator", "guess"], "estimator='guess'"),
+        (["--tau", "1.5"], "tau=1.5"),
+    ],
+)
+def test_a_bad_rmt_kd_option_is_refused_before_the_model_is_loaded(
+    capsys, monkeypatch, tiny_folder, tmp_path, argv, fragment
+):
+    import laserrmt.cli
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(laserrmt.cli, "_load_placed", no_loading)
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "compress", tiny_folder, "--method", "rmt-kd", "--out", out, *argv)
+    assert_one_line_error(code, err, fragment)
+
+
 def test_existing_output_is_refused(capsys, tiny_folder, tmp_path):
     (tmp_path / "out").mkdir()
     code, _, err = run(capsys, "analyze", tiny_folder, "--out", tmp_path / "out")

@@ -743,12 +743,21 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
     import json
 
     from laserrmt.distill import Task, init_distributed, is_main_process
-    from laserrmt.methods.rmt_kd import run_rmt_kd
+    from laserrmt.methods.rmt_kd import check_options, run_rmt_kd
     from laserrmt.models.architectures import is_causal_lm
     from laserrmt.outputs import atomic_output_dir, check_output_dir
     from laserrmt.report.html import Report, Table, markdown_table
     from laserrmt.surgery.io import write_compressed
 
+    check_options(
+        tau=args.tau,
+        estimator=args.kd_estimator,
+        floor=args.floor,
+        tolerance=args.tolerance,
+        steps=args.steps_per_cut,
+        lr=args.distill_lr,
+        dataset=args.dataset,
+    )
     init_distributed()
     main_process = is_main_process()
     check_output_dir(args.out, args.overwrite)

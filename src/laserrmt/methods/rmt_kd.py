@@ -150,18 +150,30 @@ class RMTKDResult:
         }
 
 
-def _check_options(
-    task: str, tau: float, estimator: str, floor: float, tolerance: float, steps: int, lr: float
+def check_options(
+    *,
+    tau: float,
+    estimator: str,
+    floor: float,
+    tolerance: float | None,
+    steps: int,
+    lr: float,
+    task: str | None = None,
+    dataset: str | None = None,
 ) -> None:
-    if task not in TASKS:
+    """Refuse bad RMT-KD options in one line (the command line calls it before loading)."""
+    if task is not None and task not in TASKS:
         raise InvalidOptionError(f"task={task!r}; use one of {', '.join(TASKS)}")
+    known = DATASETS.get(task, ()) if task is not None else sum(DATASETS.values(), ())
+    if dataset is not None and dataset not in known:
+        raise InvalidOptionError(f"unknown --dataset {dataset!r}; choose one of {', '.join(known)}")
     if not 0.0 < tau < 1.0:
         raise InvalidOptionError(f"tau={tau}; the MP-fit quantile lies in (0, 1) (RMT-KD: 0.4-0.6)")
     if estimator not in ESTIMATORS:
         raise InvalidOptionError(f"estimator={estimator!r}; use one of {', '.join(ESTIMATORS)}")
     if not 0.0 <= floor < 1.0:
         raise InvalidOptionError(f"floor={floor}; the k/d floor lies in [0, 1)")
-    if tolerance < 0:
+    if tolerance is not None and tolerance < 0:
         raise InvalidOptionError(f"tolerance={tolerance}; use a non-negative metric drop")
     if steps < 0 or lr <= 0:
         raise InvalidOptionError(f"steps_per_cut={steps}, lr={lr}; use steps ≥ 0 and lr > 0")
@@ -289,7 +301,15 @@ def rmt_kd(
         InvalidOptionError: bad options, an unknown site, ``resume`` without a checkpoint
             folder, or a checkpoint made with other settings.
     """
-    _check_options(task, tau, estimator, floor, tolerance, steps_per_cut, lr)
+    check_options(
+        task=task,
+        tau=tau,
+        estimator=estimator,
+        floor=floor,
+        tolerance=tolerance,
+        steps=steps_per_cut,
+        lr=lr,
+    )
     start = time.perf_counter()
     calibration = [model_inputs(b, task) for b in calibration_batches]
     train = list(train_batches)
