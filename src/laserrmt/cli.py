@@ -177,6 +177,43 @@ def _threshold_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _add_text_column_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--text-column",
+        default="text",
+        help="the text column of JSONL, CSV and datasets data (default text)",
+    )
+
+
+def _add_calibration_data_argument(parser: argparse.ArgumentParser, use: str) -> None:
+    parser.add_argument(
+        "--calibration-data",
+        default=None,
+        metavar="PATH",
+        help=f"{use} on your own text instead of the pinned Wikipedia calibration split: a text "
+        "file, a folder of .txt/.md files, JSONL or CSV (column --text-column) or a saved "
+        "datasets folder; never the same documents as --eval-data",
+    )
+
+
+def _text_source(path: str | None, args: argparse.Namespace) -> Any:
+    from laserrmt.data.sources import open_text_source
+
+    return None if path is None else open_text_source(path, column=args.text_column)
+
+
+def _calibration_windows(args: argparse.Namespace, tokenizer: Any) -> Any:
+    """The windows of ``analyze --whiten/--activations``: the user's text or the pinned split."""
+    from laserrmt.data.text import CALIBRATION_SEED, WINDOW, calibration_windows
+
+    source = _text_source(args.calibration_data, args)
+    if source is None:
+        return calibration_windows(tokenizer, n_windows=args.calibration_windows)
+    return source.windows(
+        tokenizer, n_windows=args.calibration_windows, window=WINDOW, seed=CALIBRATION_SEED
+    )
+
+
 def _add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--eval-windows",
@@ -185,8 +222,15 @@ def _add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
         help="512-token windows of the evaluation split (pinned protocol: 32)",
     )
     parser.add_argument(
-        "--text-file", default=None, help="measure perplexity on this text file instead"
+        "--eval-data",
+        "--text-file",
+        dest="eval_data",
+        default=None,
+        metavar="PATH",
+        help="measure perplexity on your own text instead of the pinned split: a text file, a "
+        "folder of .txt/.md files, JSONL or CSV (column --text-column) or a saved datasets folder",
     )
+    _add_text_column_argument(parser)
     parser.add_argument(
         "--latency-repeats", type=int, default=5, help="timed runs per latency (median)"
     )
@@ -236,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=16,
         help="with --whiten: 512-token windows (default 16)",
     )
+    _add_calibration_data_argument(analyze, "--whiten and --activations: measure")
+    _add_text_column_argument(analyze)
     analyze.add_argument(
         "--activations",
         action="store_true",
@@ -407,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="512-token calibration windows (default 4 for the loop, 16 for budget)",
     )
+    _add_calibration_data_argument(compress, "calibrate")
     _add_evaluation_arguments(compress)
     compress.add_argument("--no-eval", action="store_true", help="skip evaluation before and after")
     compress.add_argument("--seed", type=int, default=0)
@@ -505,13 +552,12 @@ def run_analyze(args: argparse.Namespace) -> int:
     )
     if args.whiten != "none":
         from laserrmt.analyze import add_whitened_ranks
-        from laserrmt.data.text import calibration_windows
 
         if loaded.tokenizer is None:
             raise InvalidOptionError(
                 "--whiten needs calibration text, and this model has no tokenizer"
             )
-        windows = calibration_windows(loaded.tokenizer, n_windows=args.calibration_windows)
+        windows = _calibration_windows(args, loaded.tokenizer)
         add_whitened_ranks(
             result, loaded.model, windows, whiten=args.whiten, progress=not args.quiet
         )
@@ -575,7 +621,7 @@ def _evaluate(
         model,
         tokenizer,
         n_windows=args.eval_windows,
-        text_file=args.text_file,
+        data=_text_source(args.eval_data, args),
         latency=not args.no_latency,
         latency_repeats=args.latency_repeats,
         progress=not args.quiet,
@@ -585,14 +631,13 @@ def _evaluate(
 
 def _analyze_activations(args: argparse.Namespace, loaded: Any) -> int:
     from laserrmt.activations import analyze_activations, write_activation_report
-    from laserrmt.data.text import calibration_windows
     from laserrmt.report.html import markdown_table
 
     if loaded.tokenizer is None:
         raise InvalidOptionError(
             "--activations needs calibration text, and this model has no tokenizer"
         )
-    windows = calibration_windows(loaded.tokenizer, n_windows=args.calibration_windows)
+    windows = _calibration_windows(args, loaded.tokenizer)
     records = analyze_activations(
         loaded.model, list(windows.split(1)), tau=args.tau, progress=not args.quiet
     )
@@ -600,7 +645,15 @@ def _analyze_activations(args: argparse.Namespace, loaded: Any) -> int:
         records,
         args.out,
         model_source=loaded.source,
-        settings={"tau": args.tau, "calibration_windows": args.calibration_windows},
+        settings={
+            "tau": args.tau,
+            "calibration_windows": args.calibration_windows,
+            "calibration_data": (
+                "pinned protocol calibration split"
+                if args.calibration_data is None
+                else _text_source(args.calibration_data, args).to_dict()
+            ),
+        },
         overwrite=args.overwrite,
     )
     print(f"model: {loaded.source}")
@@ -630,12 +683,19 @@ def run_compress(args: argparse.Namespace) -> int:
     main_process = is_main_process()
     options = _threshold_options(args)
     max_shard_size = parse_size(args.max_shard_size, "--max-shard-size")
+    calibration = _text_source(args.calibration_data, args)
+    evaluation = _text_source(args.eval_data, args)
+    if calibration is not None and evaluation is not None:
+        from laserrmt.data.sources import check_disjoint
+
+        check_disjoint(calibration, evaluation)
     common = dict(
         method=args.method or ("budget" if args.whiten or args.target_size else "laser"),
         threshold_options=options,
         targets=args.targets,
         include_heads=args.include_heads,
         calibration_windows=args.calibration_windows,
+        calibration_data=None if calibration is None else calibration.to_dict(),
         seed=args.seed,
         max_changes=args.max_changes,
         target_params=args.target_params,
@@ -784,6 +844,7 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
         task=task,
         fine_tune_epochs=fine_tune_epochs,
         dataset=args.dataset,
+        data=_text_source(args.calibration_data, args),
         sites=args.sites,
         tau=args.tau,
         estimator=args.kd_estimator,

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from laserrmt.data.sources import TextSource
 from laserrmt.errors import (
     DataError,
     InvalidOptionError,
@@ -604,12 +605,13 @@ def _windows_and_protocol(
     windows: torch.Tensor | None,
     n_windows: int,
     text_file: str | os.PathLike[str] | None,
+    data: TextSource | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     from laserrmt.data.text import PROTOCOL, WINDOW, evaluation_windows, text_file_windows
 
+    if sum(x is not None for x in (windows, text_file, data)) > 1:
+        raise InvalidOptionError("pass only one of windows=, text_file= and data= (not both)")
     if windows is not None:
-        if text_file is not None:
-            raise InvalidOptionError("pass windows= or text_file=, not both")
         return windows, {
             "name": "custom-windows",
             "window": int(windows.shape[-1]),
@@ -634,6 +636,17 @@ def _windows_and_protocol(
             "selection": "first n_windows non-overlapping windows",
             "pinned": False,
         }
+    if data is not None:
+        windows = data.windows(tokenizer, n_windows=None)[:n_windows]
+        return windows, {
+            "name": "user-data",
+            "data": data.to_dict(),
+            "window": WINDOW,
+            "n_windows": int(windows.shape[0]),
+            "tokenization": "documents joined with a blank line, once, without special tokens",
+            "selection": "first n_windows non-overlapping windows",
+            "pinned": False,
+        }
     windows = evaluation_windows(tokenizer, n_windows=n_windows)
     protocol = dict(PROTOCOL, n_windows=n_windows)
     protocol["pinned"] = n_windows == PROTOCOL["n_windows"]
@@ -647,6 +660,7 @@ def evaluate_model(
     windows: torch.Tensor | None = None,
     n_windows: int = 32,
     text_file: str | os.PathLike[str] | None = None,
+    data: TextSource | None = None,
     target_names: Iterable[str] | None = None,
     saved_path: str | os.PathLike[str] | None = None,
     latency: bool = True,
@@ -664,6 +678,8 @@ def evaluate_model(
         n_windows: windows of the pinned evaluation split (32 is the pinned number), or at
             most this many windows of ``text_file``.
         text_file: a UTF-8 text file to evaluate on instead of the pinned split.
+        data: a user's text (:func:`laserrmt.data.sources.open_text_source`) to evaluate on
+            instead of the pinned split; at most ``n_windows`` of its windows, in order.
         target_names: module names counted as ``params_targets``.
         saved_path: the saved model; ``size_bytes`` is then the size of its weight files on
             disk (:func:`size_on_disk` with ``weights_only=True``), else the bytes of the
@@ -680,7 +696,7 @@ def evaluate_model(
     """
     started = time.perf_counter()
     place_model(model, device, dtype)
-    windows, protocol = _windows_and_protocol(tokenizer, windows, n_windows, text_file)
+    windows, protocol = _windows_and_protocol(tokenizer, windows, n_windows, text_file, data)
     with track_peak_memory() as memory:
         ppl = perplexity(model, windows, progress=progress)
         timing = measure_latency(model, repeats=latency_repeats) if latency else None

@@ -6,6 +6,7 @@ is written to ``laserrmt.json`` so that a run can be repeated exactly.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from laserrmt.analyze import analyze_model
+from laserrmt.data.sources import TextSource, open_text_source
 from laserrmt.data.text import PROTOCOL_NAME
 from laserrmt.errors import InvalidOptionError, NumericalError, PlanError
 from laserrmt.methods.budget import ALLOCATIONS, budget_plan, replay_factors
@@ -45,6 +47,9 @@ METHODS = ("laser", "budget", "rmt-kd")
 #: The calibration windows of every method: the pinned protocol's calibration split
 #: (:func:`laserrmt.data.text.calibration_windows`), as plans name them.
 CALIBRATION_SOURCE = f"{PROTOCOL_NAME} calibration split"
+#: How plans name calibration windows drawn from a user's text (``--calibration-data``); the
+#: record's ``data`` is the :class:`~laserrmt.data.sources.TextSource`, content digest included.
+USER_CALIBRATION_SOURCE = "user data"
 QUANTIZATIONS = ("int8",)
 
 
@@ -67,6 +72,9 @@ class CompressSettings:
     targets: list[str] | None = None
     include_heads: bool = False
     calibration_windows: int | None = None
+    #: A user's calibration text (:meth:`laserrmt.data.sources.TextSource.to_dict`) in place of
+    #: the pinned protocol's calibration split; ``compress`` also takes a path or a TextSource.
+    calibration_data: dict[str, Any] | None = None
     window: int = 512
     seed: int = 0
     reproduce_laserrmt: bool = False
@@ -213,6 +221,11 @@ def compress(
     ``settings.dtype`` move and cast ``model`` in place first.
     """
     settings = replace(settings or CompressSettings(), **overrides)
+    data = settings.calibration_data
+    if isinstance(data, str | os.PathLike):
+        data = open_text_source(data)
+    if isinstance(data, TextSource):
+        settings = replace(settings, calibration_data=data.to_dict())
     settings.validate()
     if settings.method == "rmt-kd":
         raise InvalidOptionError(
@@ -334,12 +347,7 @@ def _compress_budget(
         model,
         targets,
         _calibration_windows(tokenizer, settings),
-        calibration_source={
-            "source": CALIBRATION_SOURCE,
-            "n_windows": settings.n_calibration_windows,
-            "window": settings.window,
-            "seed": settings.seed,
-        },
+        calibration_source=_calibration_record(settings),
         target_params=settings.target_params,
         target_bytes=settings.target_size,
         quantize=settings.quantize,
@@ -364,17 +372,36 @@ def _replay(model: nn.Module, tokenizer: Any, plan: CompressionPlan, progress: b
         if problem:
             raise PlanError(problem)
         record = factors.calibration or {}
-        if record["source"] != CALIBRATION_SOURCE:
+        known = (CALIBRATION_SOURCE, USER_CALIBRATION_SOURCE)
+        if record["source"] not in known or (
+            record["source"] == USER_CALIBRATION_SOURCE and not isinstance(record.get("data"), dict)
+        ):
             raise PlanError(
                 f"the plan's factors were computed on calibration source {record['source']!r}, "
-                f"which this laserrmt cannot read (it knows {CALIBRATION_SOURCE!r})"
+                f"which this laserrmt cannot read (it knows {' and '.join(map(repr, known))})"
             )
         recorded = CompressSettings(
-            calibration_windows=record["n_windows"], window=record["window"], seed=record["seed"]
+            calibration_windows=record["n_windows"],
+            window=record["window"],
+            seed=record["seed"],
+            calibration_data=record.get("data"),
         )
         windows = _calibration_windows(tokenizer, recorded)
         cache = replay_factors(model, plan, windows, progress=progress)
     apply_plan(model, plan, svd_cache=cache, progress=progress)
+
+
+def _calibration_record(settings: CompressSettings) -> dict[str, Any]:
+    """Where the calibration windows come from, as a plan records them for a replay."""
+    record: dict[str, Any] = {
+        "source": CALIBRATION_SOURCE,
+        "n_windows": settings.n_calibration_windows,
+        "window": settings.window,
+        "seed": settings.seed,
+    }
+    if settings.calibration_data is not None:
+        record.update(source=USER_CALIBRATION_SOURCE, data=dict(settings.calibration_data))
+    return record
 
 
 def _calibration_windows(tokenizer: Any, settings: CompressSettings) -> Any:
@@ -384,6 +411,13 @@ def _calibration_windows(tokenizer: Any, settings: CompressSettings) -> Any:
         raise InvalidOptionError(
             "this method measures the model on calibration text and needs its tokenizer; "
             "pass tokenizer= (the CLI loads it with the model)"
+        )
+    if settings.calibration_data is not None:
+        return TextSource.from_dict(settings.calibration_data).windows(
+            tokenizer,
+            n_windows=settings.n_calibration_windows,
+            window=settings.window,
+            seed=settings.seed,
         )
     return calibration_windows(
         tokenizer,

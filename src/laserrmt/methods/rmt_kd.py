@@ -45,6 +45,7 @@ from typing import Any
 
 from torch import nn
 
+from laserrmt.data.sources import TextSource
 from laserrmt.distill import (
     TASKS,
     Task,
@@ -618,9 +619,20 @@ def _task_batches(recipe: dict[str, Any], tokenizer: Any) -> tuple[list[Any], li
     if recipe["task"] == "causal-lm":
         from laserrmt.data.text import calibration_windows
 
-        windows = calibration_windows(
-            tokenizer, n_windows=recipe["n_windows"], window=recipe["window"], seed=recipe["seed"]
-        )
+        if recipe.get("data") is not None:
+            windows = TextSource.from_dict(recipe["data"]).windows(
+                tokenizer,
+                n_windows=recipe["n_windows"],
+                window=recipe["window"],
+                seed=recipe["seed"],
+            )
+        else:
+            windows = calibration_windows(
+                tokenizer,
+                n_windows=recipe["n_windows"],
+                window=recipe["window"],
+                seed=recipe["seed"],
+            )
         split = recipe["validation_windows"]
         calibration = [w.unsqueeze(0) for w in windows[split:]]
         return calibration, calibration, windows[:split]
@@ -659,6 +671,7 @@ def run_rmt_kd(
     *,
     task: Task,
     dataset: str | None = None,
+    data: TextSource | None = None,
     sites: Sequence[str] | None = None,
     tau: float = 0.5,
     estimator: str = "mp_fit",
@@ -687,7 +700,8 @@ def run_rmt_kd(
     """RMT-KD on a task's own data: build the batches, run :func:`rmt_kd`, optionally save.
 
     ``task="causal-lm"`` (``dataset="wikipedia"``): ``n_windows`` windows of ``window``
-    tokens from the pinned protocol's *calibration* split (never its evaluation text); the
+    tokens from the pinned protocol's *calibration* split (never its evaluation text), or drawn
+    the same way from ``data``, a user's text (:func:`laserrmt.data.sources.open_text_source`); the
     first ``validation_windows`` are the validation set, the rest are both the calibration
     and the training batches (one window per batch). The metric is ``−mean NLL`` in nats (higher
     is better), so ``tolerance`` is in nats (default 0.05).
@@ -724,6 +738,11 @@ def run_rmt_kd(
         )
     if tokenizer is None:
         raise InvalidOptionError("RMT-KD tokenizes its data; pass the model's tokenizer")
+    if data is not None and task != "causal-lm":
+        raise InvalidOptionError(
+            "your own data (--calibration-data) feeds RMT-KD on causal LMs only for now; "
+            "classification uses --dataset bbc-news"
+        )
     tolerance = DEFAULT_TOLERANCE[task] if tolerance is None else tolerance
     if task == "causal-lm" and not 0 < validation_windows < n_windows:
         raise InvalidOptionError(
@@ -733,6 +752,9 @@ def run_rmt_kd(
     recipe: dict[str, Any] = {"task": task, "dataset": dataset, "seed": seed}
     if task == "causal-lm":
         recipe.update(n_windows=n_windows, window=window, validation_windows=validation_windows)
+        if data is not None:
+            # The recipe names the user's text by content digest: a replay refuses a changed file.
+            recipe.update(dataset="user data", data=data.to_dict())
     else:
         recipe.update(max_length=max_length, batch_size=batch_size)
     calibration, train, held_out = _task_batches(recipe, tokenizer)
