@@ -277,3 +277,42 @@ def test_analyze_whitens_on_a_user_folder(capsys, tmp_path):
                  "svdllm", "--calibration-data", str(texts), "--calibration-windows", "9"])  # fmt: skip
     assert code == 2
     assert "windows of 512 tokens" in _one_error_line(capsys.readouterr().err)
+
+
+def test_rmt_kd_on_a_causal_lm_draws_its_windows_from_a_user_file(tmp_path):
+    from laserrmt.errors import InvalidOptionError
+    from laserrmt.methods.rmt_kd import replay_calibration, run_rmt_kd
+
+    path = tmp_path / "calibration.txt"
+    text = _words(8, 120)
+    path.write_text(text, encoding="utf-8")
+    tokenizer = tiny_tokenizer()
+    result = run_rmt_kd(
+        tiny_llama(),
+        tokenizer,
+        task="causal-lm",
+        data=open_text_source(path),
+        n_windows=4,
+        window=32,
+        validation_windows=1,
+        steps_per_cut=1,
+        tolerance=10.0,
+        max_cuts=1,
+        progress=False,
+    )
+    recipe = result.plan.calibration["recipe"]
+    assert recipe["dataset"] == "user data"
+    assert recipe["data"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    batches = replay_calibration(result.plan, tokenizer)
+    assert len(batches) == 3
+    for batch in batches:
+        piece = tokenizer.decode(batch[0])  # a causal LM's batch is its token ids
+        start = text.index(piece)
+        assert len(piece) == 32 and start % 32 == 0
+    path.write_text(_words(9, 120), encoding="utf-8")
+    with pytest.raises(DataError, match="changed since it was recorded"):
+        replay_calibration(result.plan, tokenizer)
+    with pytest.raises(InvalidOptionError, match="causal LMs only"):
+        run_rmt_kd(
+            tiny_llama(), tokenizer, task="classification", data=open_text_source(tmp_path)
+        )
