@@ -20,7 +20,7 @@ from laserrmt.errors import DataError
 from laserrmt.pipeline import USER_CALIBRATION_SOURCE, CompressSettings, compress
 from laserrmt.plan import CompressionPlan
 from tests.small_text import small_calibration_split
-from tests.tiny_models import save_tiny, tiny_llama, tiny_tokenizer
+from tests.tiny_models import save_tiny, tiny_bert, tiny_llama, tiny_tokenizer
 
 DOCS = [
     'first document, with a comma and "quotes"',
@@ -312,7 +312,75 @@ def test_rmt_kd_on_a_causal_lm_draws_its_windows_from_a_user_file(tmp_path):
     path.write_text(_words(9, 120), encoding="utf-8")
     with pytest.raises(DataError, match="changed since it was recorded"):
         replay_calibration(result.plan, tokenizer)
-    with pytest.raises(InvalidOptionError, match="causal LMs only"):
+    with pytest.raises(InvalidOptionError, match="classification data needs labels"):
         run_rmt_kd(
             tiny_llama(), tokenizer, task="classification", data=open_text_source(tmp_path)
+        )
+
+
+def _labelled_rows(per_label=6):
+    topics = {"sport": "the match ended with a late goal", "money": "shares fell as rates rose"}
+    return [
+        {"body": f"{text} {i}", "topic": topic}
+        for topic, text in topics.items()
+        for i in range(per_label)
+    ]
+
+
+def test_labelled_text_is_split_by_label(tmp_path):
+    from laserrmt.data.classification import labelled_split
+
+    path = tmp_path / "labelled.csv"
+    rows = _labelled_rows()
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, ["body", "topic"])
+        writer.writeheader()
+        writer.writerows(rows)
+    source = open_text_source(path, column="body", label_column="topic")
+    split = labelled_split(source, seed=0)
+    assert split.label_names == ["money", "sport"]
+    truth = {row["body"]: row["topic"] for row in rows}
+    texts = split.train_texts + split.test_texts
+    labels = split.train_labels + split.test_labels
+    assert sorted(texts) == sorted(truth)
+    assert all(split.label_names[label] == truth[text] for text, label in zip(texts, labels))
+    assert sorted(split.test_labels) == [0, 0, 1, 1]  # 30 % of 12, stratified: 2 per label
+    with pytest.raises(DataError, match=r"no column 'label'.*--label-column"):
+        open_text_source(path, column="body", label_column="label")
+    with pytest.raises(DataError, match="has no labels"):
+        open_text_source(_write(tmp_path, "text"), label_column="topic")
+    one_label = tmp_path / "one.jsonl"
+    one_label.write_text("".join(json.dumps({"text": "x", "label": 1}) + "\n" for _ in range(4)))
+    with pytest.raises(DataError, match="1 distinct label"):
+        labelled_split(open_text_source(one_label, label_column="label"))
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text(json.dumps({"text": "x", "label": " "}) + "\n")
+    with pytest.raises(DataError, match="row 1 has an empty 'label'"):
+        open_text_source(blank, label_column="label")
+
+
+def test_rmt_kd_classifies_user_labelled_data_and_refuses_a_head_of_another_size(tmp_path):
+    from laserrmt.methods.rmt_kd import run_rmt_kd
+
+    path = tmp_path / "labelled.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in _labelled_rows(10)))
+    source = open_text_source(path, column="body", label_column="topic")
+    result = run_rmt_kd(
+        tiny_bert(num_labels=2),
+        tiny_tokenizer(),
+        task="classification",
+        data=source,
+        sites=["mlp"],
+        steps_per_cut=1,
+        tolerance=100.0,
+        max_length=16,
+        batch_size=4,
+        max_cuts=1,
+        progress=False,
+    )
+    assert result.settings["label_names"] == ["money", "sport"]
+    assert result.plan.calibration["recipe"]["data"]["label_column"] == "topic"
+    with pytest.raises(DataError, match="2 labels .* and the classifier 3 outputs"):
+        run_rmt_kd(
+            tiny_bert(num_labels=3), tiny_tokenizer(), task="classification", data=source
         )

