@@ -313,9 +313,7 @@ def test_rmt_kd_on_a_causal_lm_draws_its_windows_from_a_user_file(tmp_path):
     with pytest.raises(DataError, match="changed since it was recorded"):
         replay_calibration(result.plan, tokenizer)
     with pytest.raises(InvalidOptionError, match="classification data needs labels"):
-        run_rmt_kd(
-            tiny_llama(), tokenizer, task="classification", data=open_text_source(tmp_path)
-        )
+        run_rmt_kd(tiny_llama(), tokenizer, task="classification", data=open_text_source(tmp_path))
 
 
 def _labelled_rows(per_label=6):
@@ -343,7 +341,9 @@ def test_labelled_text_is_split_by_label(tmp_path):
     texts = split.train_texts + split.test_texts
     labels = split.train_labels + split.test_labels
     assert sorted(texts) == sorted(truth)
-    assert all(split.label_names[label] == truth[text] for text, label in zip(texts, labels))
+    assert all(
+        split.label_names[label] == truth[text] for text, label in zip(texts, labels, strict=True)
+    )
     assert sorted(split.test_labels) == [0, 0, 1, 1]  # 30 % of 12, stratified: 2 per label
     with pytest.raises(DataError, match=r"no column 'label'.*--label-column"):
         open_text_source(path, column="body", label_column="label")
@@ -380,7 +380,43 @@ def test_rmt_kd_classifies_user_labelled_data_and_refuses_a_head_of_another_size
     )
     assert result.settings["label_names"] == ["money", "sport"]
     assert result.plan.calibration["recipe"]["data"]["label_column"] == "topic"
-    with pytest.raises(DataError, match="2 labels .* and the classifier 3 outputs"):
-        run_rmt_kd(
-            tiny_bert(num_labels=3), tiny_tokenizer(), task="classification", data=source
-        )
+    with pytest.raises(DataError, match=r"2 labels .* and the classifier 3 outputs"):
+        run_rmt_kd(tiny_bert(num_labels=3), tiny_tokenizer(), task="classification", data=source)
+
+
+def test_an_image_folder_is_read_with_its_class_names(tmp_path, monkeypatch):
+    image = pytest.importorskip("PIL.Image")
+    from laserrmt.data.classification import image_folder
+
+    rng = np.random.default_rng(0)
+    pixels = {}
+    for name in ("cat", "dog"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(5):
+            values = rng.integers(0, 256, size=(4, 4), dtype=np.uint8)
+            image.fromarray(values, mode="L").save(tmp_path / "images" / name / f"{i}.png")
+            pixels[values.tobytes()] = name
+    (tmp_path / "images" / "dog" / "notes.txt").write_text("not an image")
+    split = image_folder(tmp_path / "images", size=4, test_size=0.4, seed=0)
+    assert split.label_names == ["cat", "dog"]
+    assert split.train_images.shape == (6, 1, 4, 4) and split.test_images.shape == (4, 1, 4, 4)
+    images = np.concatenate([split.train_images, split.test_images])
+    labels = np.concatenate([split.train_labels, split.test_labels])
+    for array, label in zip(images, labels, strict=True):
+        # Same size: no resampling, so every pixel is its byte over 255.
+        key = np.rint(array[0] * 255).astype(np.uint8).tobytes()
+        assert pixels[key] == split.label_names[label]
+    rgb = image_folder(tmp_path / "images", size=2, channels=3, test_size=0.4)
+    assert rgb.train_images.shape == (6, 3, 2, 2) and 0 <= rgb.train_images.min()
+    (tmp_path / "images" / "dog" / "broken.png").write_text("not a png")
+    with pytest.raises(DataError, match="broken.png is not a readable image"):
+        image_folder(tmp_path / "images", size=4)
+    (tmp_path / "one" / "only").mkdir(parents=True)
+    with pytest.raises(DataError, match="1 class subfolder"):
+        image_folder(tmp_path / "one")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "PIL" else real(name)
+    )
+    with pytest.raises(DataError, match="pip install pillow"):
+        image_folder(tmp_path / "images")
