@@ -245,6 +245,9 @@ def test_the_command_line_calibrates_on_one_text_and_evaluates_on_another(capsys
     assert after["protocol"]["name"] == "user-data" and after["protocol"]["pinned"] is False
     assert after["protocol"]["data"]["path"] == str(evaluation)
     assert after["eval_windows"] == 2
+    # The report names both texts; it once said "pinned protocol" whatever was evaluated.
+    html = (out / "report.html").read_text()
+    assert f"your data {calibration}" in html and f"Perplexity on your data {evaluation}" in html
     # The same model evaluated on the same text by the evaluate command gives the same number.
     report = tmp_path / "evaluate.json"
     assert main(["--quiet", "evaluate", str(out), "--eval-data", str(evaluation),
@@ -407,9 +410,10 @@ def test_an_image_folder_is_read_with_its_class_names(tmp_path, monkeypatch):
         key = np.rint(array[0] * 255).astype(np.uint8).tobytes()
         assert pixels[key] == split.label_names[label]
     rgb = image_folder(tmp_path / "images", size=2, channels=3, test_size=0.4)
-    assert rgb.train_images.shape == (6, 3, 2, 2) and 0 <= rgb.train_images.min()
+    assert rgb.train_images.shape == (6, 3, 2, 2)
+    assert rgb.train_images.min() >= 0 and rgb.train_images.max() <= 1
     (tmp_path / "images" / "dog" / "broken.png").write_text("not a png")
-    with pytest.raises(DataError, match="broken.png is not a readable image"):
+    with pytest.raises(DataError, match=r"broken\.png is not a readable image"):
         image_folder(tmp_path / "images", size=4)
     (tmp_path / "one" / "only").mkdir(parents=True)
     with pytest.raises(DataError, match="1 class subfolder"):

@@ -233,7 +233,8 @@ class FactorSource:
         calibration: where the calibration windows came from: ``source`` (a name a replay
             knows how to read), ``n_windows``, ``window``, ``seed`` and ``tokens_sha256`` (of
             the windows' token ids, which a replay checks: another tokenizer gives other
-            windows). ``None`` when the factors need no data or their data cannot be named.
+            windows); for a user's text, ``data`` (its ``TextSource`` record with the content
+            SHA-256). ``None`` when the factors need no data or their data cannot be named.
         fisher_windows: with ``whiten="fisher"``, how many of the windows gave the Fisher.
     """
 

@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 
+from laserrmt.data.text import PROTOCOL_NAME
 from laserrmt.report.html import Report, Table, markdown_table
 from laserrmt.report.plots import plot_block_role_heatmap
 
@@ -72,6 +73,22 @@ def plot_loop_trace(
     return path
 
 
+def _text_name(data: Mapping[str, Any] | None, split: str) -> str:
+    """A user's text (a TextSource record) or the pinned protocol's split, as reports name it."""
+    if data is None:
+        return f"the pinned protocol's {split} split ({PROTOCOL_NAME})"
+    return f"your data {data['path']} ({data['format']}, SHA-256 {data['sha256'][:12]}…)"
+
+
+def _evaluation_text(after: Mapping[str, Any]) -> str:
+    protocol = after.get("protocol") or {}
+    if protocol.get("name") == "user-data":
+        return _text_name(protocol["data"], "evaluation")
+    if protocol.get("name") == PROTOCOL_NAME:
+        return _text_name(None, "evaluation")
+    return f"{protocol.get('name', 'unnamed')} windows"
+
+
 def compression_report(
     *,
     source: str,
@@ -98,6 +115,7 @@ def compression_report(
             f"({summary['params_removed'] / max(1, summary['params_before']):.1%})",
         ),
         ("modules", ", ".join(f"{k} {v}" for k, v in summary["modes"].items())),
+        ("calibration text", _text_name(settings.get("calibration_data"), "calibration")),
     ] + [(f"time: {k}", f"{v:.1f} s") for k, v in result["timings"].items()]
     if settings.get("reproduce_laserrmt"):
         report.notes.append(
@@ -111,8 +129,8 @@ def compression_report(
                 "Before and after",
                 ("metric", "before", "after", "after/before"),
                 comparison_rows(before, after),
-                note="Perplexity under the pinned protocol; latency is the median of repeated "
-                "runs after a warm-up, measured in this run on this machine.",
+                note=f"Perplexity on {_evaluation_text(after)}; latency is the median of "
+                "repeated runs after a warm-up, measured in this run on this machine.",
             )
         )
     if result.get("loop"):
