@@ -424,3 +424,21 @@ def test_an_image_folder_is_read_with_its_class_names(tmp_path, monkeypatch):
     )
     with pytest.raises(DataError, match="pip install pillow"):
         image_folder(tmp_path / "images")
+
+
+def test_the_command_line_gives_a_bare_encoder_a_head_for_the_user_labels(capsys, tmp_path):
+    folder = save_tiny(tiny_bert(), tmp_path / "bert", tiny_tokenizer())
+    path = tmp_path / "labelled.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in _labelled_rows(10)))
+    out = tmp_path / "kd"
+    code = main(["--quiet", "compress", str(folder), "--method", "rmt-kd", "--calibration-data",
+                 str(path), "--text-column", "body", "--label-column", "topic",
+                 "--steps-per-cut", "1", "--sites", "mlp", "--out", str(out)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    model, _ = laserrmt.load(out)
+    assert type(model).__name__ == "BertForSequenceClassification"
+    assert model.config.num_labels == 2
+    code = main(["--quiet", "compress", str(folder), "--method", "rmt-kd", "--calibration-data",
+                 str(path), "--text-column", "body", "--out", str(tmp_path / "x")])  # fmt: skip
+    assert code == 2
+    assert "no column 'label'" in _one_error_line(capsys.readouterr().err)
