@@ -442,3 +442,16 @@ def test_the_command_line_gives_a_bare_encoder_a_head_for_the_user_labels(capsys
                  str(path), "--text-column", "body", "--out", str(tmp_path / "x")])  # fmt: skip
     assert code == 2
     assert "no column 'label'" in _one_error_line(capsys.readouterr().err)
+
+
+def test_calibration_data_that_nothing_would_read_is_refused(capsys, tmp_path):
+    from laserrmt.errors import InvalidOptionError
+
+    path = _write(tmp_path, "text")
+    with pytest.raises(InvalidOptionError, match="oneshot selection reads no calibration"):
+        compress(tiny_llama(), tiny_tokenizer(), calibration_data=path, progress=False)
+    folder = save_tiny(tiny_llama(), tmp_path / "tiny", tiny_tokenizer())
+    code = main(["--quiet", "analyze", str(folder), "--calibration-data", str(path), "--out",
+                 str(tmp_path / "a")])  # fmt: skip
+    assert code == 2
+    assert "--whiten and --activations only" in _one_error_line(capsys.readouterr().err)

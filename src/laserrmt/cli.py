@@ -524,6 +524,10 @@ def run_analyze(args: argparse.Namespace) -> int:
         raise InvalidOptionError(
             f"unknown --whiten {args.whiten!r}; choose one of {', '.join(WHITEN_METHODS)}"
         )
+    if args.calibration_data is not None and not args.activations and args.whiten == "none":
+        raise InvalidOptionError(
+            "--calibration-data is read by --whiten and --activations only; add one of them"
+        )
     check_output_dir(args.out, args.overwrite)
     start = time.perf_counter()
     if not args.activations and args.whiten == "none" and readable_lazily(args.model):

@@ -163,6 +163,12 @@ class CompressSettings:
             resolve_dtype(self.dtype)
         if self.heal_steps:
             check_trainable_dtype(self.dtype, "--heal-steps")
+        reads_text = self.method != "laser" or self.select == "loop" or self.heal_steps > 0
+        if self.calibration_data is not None and not reads_text:
+            raise InvalidOptionError(
+                "--calibration-data: the laser method's oneshot selection reads no calibration "
+                "text; add --select loop, --heal-steps or use --method budget"
+            )
         if self.target_size is not None and self.method != "budget":
             raise InvalidOptionError(
                 "--target-size is a budget for --method budget (or --whiten); the laser method "
