@@ -455,3 +455,15 @@ def test_calibration_data_that_nothing_would_read_is_refused(capsys, tmp_path):
                  str(tmp_path / "a")])  # fmt: skip
     assert code == 2
     assert "--whiten and --activations only" in _one_error_line(capsys.readouterr().err)
+
+
+def test_calibration_data_beside_a_plan_without_healing_is_refused(capsys, tmp_path):
+    path = _write(tmp_path, "text")
+    plan = tmp_path / "plan.json"
+    plan.write_text("{}")
+    folder = save_tiny(tiny_llama(), tmp_path / "tiny", tiny_tokenizer())
+    code = main(["--quiet", "compress", str(folder), "--plan", str(plan), "--calibration-data",
+                 str(path), "--out", str(tmp_path / "c")])  # fmt: skip
+    assert code == 2
+    assert "drop --calibration-data" in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "c").exists()

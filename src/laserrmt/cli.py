@@ -739,6 +739,11 @@ def run_compress(args: argparse.Namespace) -> int:
         check_trainable_dtype(args.dtype, "--method rmt-kd")
         return run_rmt_kd_command(args)
     settings.validate()
+    if args.plan and args.calibration_data is not None and not args.heal_steps:
+        raise InvalidOptionError(
+            "--calibration-data is not read when --plan replays a plan without --heal-steps "
+            "(its factors come from the data the plan records); drop --calibration-data"
+        )
     plan = load_plan(args.plan) if args.plan else None
     if isinstance(plan, WidthPlan):
         return run_width_plan_command(args, plan)
