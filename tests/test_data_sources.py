@@ -462,8 +462,9 @@ def test_calibration_data_beside_a_plan_without_healing_is_refused(capsys, tmp_p
     plan = tmp_path / "plan.json"
     plan.write_text("{}")
     folder = save_tiny(tiny_llama(), tmp_path / "tiny", tiny_tokenizer())
-    code = main(["--quiet", "compress", str(folder), "--plan", str(plan), "--calibration-data",
-                 str(path), "--out", str(tmp_path / "c")])  # fmt: skip
+    code = main(["--quiet", "compress", str(folder), "--method", "budget", "--target-params",
+                 "0.2", "--plan", str(plan), "--calibration-data", str(path), "--out",
+                 str(tmp_path / "c")])  # fmt: skip
     assert code == 2
     assert "drop --calibration-data" in _one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "c").exists()
