@@ -524,8 +524,10 @@ def _auto_classes(model: nn.Module, config: Any) -> list[str]:
 
     names = []
     for name in dir(transformers):
+        if not name.startswith("AutoModel"):
+            continue
         mapping = getattr(getattr(transformers, name), "_model_mapping", None)
-        if not name.startswith("AutoModel") or mapping is None:
+        if mapping is None:
             continue
         try:
             if mapping[type(config)] is type(model):
