@@ -37,14 +37,18 @@ IDS = torch.tensor([[3, 17, 42, 99, 7, 250, 1, 8], [5, 6, 7, 8, 9, 10, 11, 12]])
 def _factorized(model: nn.Module) -> nn.Module:
     for layer in model.model.layers:
         for part in ("q_proj", "o_proj"):
-            setattr(layer.self_attn, part, LowRankLinear.from_linear(getattr(layer.self_attn, part), 8))
+            setattr(
+                layer.self_attn, part, LowRankLinear.from_linear(getattr(layer.self_attn, part), 8)
+            )
         layer.mlp.down_proj = LowRankLinear.from_linear(layer.mlp.down_proj, 16)
     return model
 
 
 def _int8_low_rank(model: nn.Module) -> nn.Module:
     attention = model.model.layers[0].self_attn
-    attention.v_proj = Int8LowRankLinear.from_low_rank(LowRankLinear.from_linear(attention.v_proj, 4))
+    attention.v_proj = Int8LowRankLinear.from_low_rank(
+        LowRankLinear.from_linear(attention.v_proj, 4)
+    )
     attention.k_proj = Int8Linear.from_linear(attention.k_proj)
     return model
 
@@ -98,8 +102,15 @@ CASES = {
         "AutoModelForCausalLM",
         {"max_shard_size": 40_000},
     ),
+    "untied-but-config-ties": (lambda: _untied(tiny_llama()), "AutoModelForCausalLM", {}),
     "bert-classifier": (_bert_classifier, "AutoModelForSequenceClassification", {}),
 }
+
+
+def _untied(model: nn.Module) -> nn.Module:
+    """A head that differs from the embedding while the config still says they are tied."""
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach() * 3)
+    return model
 
 
 def _int8(model: nn.Module, names: list[str] | None = None) -> nn.Module:
@@ -152,6 +163,33 @@ def _logits(model: nn.Module) -> torch.Tensor:
         return model(IDS).logits
 
 
+@pytest.fixture(scope="module")
+def modules_cache(tmp_path_factory):
+    """Where transformers copies a folder's code before importing it (a package it imports
+    once per process, so one folder for the whole module), instead of the user's cache."""
+    from transformers import dynamic_module_utils
+
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("hf_modules")
+        patch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(folder))
+        yield folder
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_folder_loads_with_its_auto_class(tmp_path, modules_cache, name):
+    import transformers
+
+    build, auto, options = CASES[name]
+    model = build()
+    folder = save_compressed(model, tmp_path / name, **options)
+    expected = _logits(load(folder)[0])
+    assert (expected - _logits(model)).abs().max().item() <= 1e-5
+    loaded = getattr(transformers, auto).from_pretrained(folder, trust_remote_code=True)
+    assert type(loaded).__name__ == type(model).__name__ and not loaded.training
+    assert (_logits(loaded) - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.slow
 def test_every_folder_loads_with_auto_classes_without_laserrmt(tmp_path):
     cases, expected = {}, {}
     for name, (build, auto, options) in CASES.items():
@@ -175,7 +213,14 @@ def test_every_folder_loads_with_auto_classes_without_laserrmt(tmp_path):
         "HF_MODULES_CACHE": str(tmp_path / "hf_modules"),
     }
     child = subprocess.run(
-        [sys.executable, "-c", _CHILD, json.dumps(cases), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+        [
+            sys.executable,
+            "-c",
+            _CHILD,
+            json.dumps(cases),
+            str(tmp_path / "ids.pt"),
+            str(tmp_path / "out.pt"),
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -189,19 +234,13 @@ def test_every_folder_loads_with_auto_classes_without_laserrmt(tmp_path):
         assert (got[name] - logits).abs().max().item() <= 1e-5, name
 
 
-def test_without_trust_remote_code_transformers_refuses(tmp_path):
-    import transformers
-
-    folder = save_compressed(_factorized(tiny_llama()), tmp_path / "out")
-    assert json.loads((folder / "config.json").read_text())["model_type"] not in transformers.CONFIG_MAPPING
-    for auto in (transformers.AutoConfig, transformers.AutoModelForCausalLM, transformers.AutoModel):
-        with pytest.raises(ValueError, match="trust_remote_code=True"):
-            auto.from_pretrained(folder, trust_remote_code=False)
-
-
 def test_auto_map_names_the_architectures_auto_classes(tmp_path):
-    llama = json.loads((save_compressed(_mlp_cut(tiny_llama()), tmp_path / "a") / "config.json").read_text())
-    bert = json.loads((save_compressed(_bert_classifier(), tmp_path / "b") / "config.json").read_text())
+    llama = json.loads(
+        (save_compressed(_mlp_cut(tiny_llama()), tmp_path / "a") / "config.json").read_text()
+    )
+    bert = json.loads(
+        (save_compressed(_bert_classifier(), tmp_path / "b") / "config.json").read_text()
+    )
     assert "AutoModelForCausalLM" in llama["auto_map"] and "AutoModel" not in llama["auto_map"]
     assert "AutoModelForSequenceClassification" in bert["auto_map"]
     assert "AutoModelForCausalLM" not in bert["auto_map"]
@@ -220,9 +259,17 @@ def _remote_layers():
         (lambda: LowRankLinear.from_linear(nn.Linear(12, 10, bias=False), 3), (4, 12)),
         (lambda: Int8Linear.from_linear(nn.Linear(12, 10)), (2, 5, 12)),
         (lambda: Int8Linear.from_linear(nn.Linear(32, 10, bias=False)), (3, 32)),
-        (lambda: Int8LowRankLinear.from_low_rank(LowRankLinear.from_linear(nn.Linear(12, 10), 4)), (5, 12)),
+        (
+            lambda: Int8LowRankLinear.from_low_rank(
+                LowRankLinear.from_linear(nn.Linear(12, 10), 4)
+            ),
+            (5, 12),
+        ),
         (lambda: LowRankConv1d.from_conv(nn.Conv1d(4, 6, 3, padding=1), 2), (2, 4, 9)),
-        (lambda: LowRankConv2d.from_conv(nn.Conv2d(3, 6, 3, stride=2, padding="valid"), 2), (2, 3, 9, 9)),
+        (
+            lambda: LowRankConv2d.from_conv(nn.Conv2d(3, 6, 3, stride=2, padding="valid"), 2),
+            (2, 3, 9, 9),
+        ),
         (lambda: ResizedLinear(7, 5), (3, 7)),
         (lambda: ResizedConv2d(3, 4, (3, 2), padding=(1, 0), groups=1), (2, 3, 6, 6)),
         (lambda: ResizedBatchNorm2d(3), (2, 3, 4, 4)),
@@ -272,5 +319,5 @@ def test_remote_reduced_attention_computes_what_laserrmt_does():
 
 
 def test_unknown_layer_type_is_refused_with_the_way_out():
-    with pytest.raises(ValueError, match="laserrmt.load"):
+    with pytest.raises(ValueError, match=r"laserrmt\.load"):
         _remote_layers()._build("FancyLinear", {})

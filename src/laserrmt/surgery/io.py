@@ -32,8 +32,8 @@ from __future__ import annotations
 import copy
 import json
 import os
-from importlib import resources
 from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any
 

@@ -86,9 +86,14 @@ def _int8_linear(
 class Int8Linear(nn.Module):
     """int8 weights ``weight_int8`` (out × in) with float32 ``weight_scale`` per output."""
 
+    weight_int8: torch.Tensor
+    weight_scale: torch.Tensor
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__()
-        self.register_buffer("weight_int8", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer(
+            "weight_int8", torch.empty(out_features, in_features, dtype=torch.int8)
+        )
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
@@ -98,6 +103,11 @@ class Int8Linear(nn.Module):
 
 class Int8LowRankLinear(nn.Module):
     """A factorized linear layer with both factors in int8, each scaled per output channel."""
+
+    A_int8: torch.Tensor
+    A_scale: torch.Tensor
+    B_int8: torch.Tensor
+    B_scale: torch.Tensor
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
         super().__init__()
@@ -173,18 +183,24 @@ class ReducedSelfAttention(nn.Module):
 def _build(type_name: str, cfg: dict[str, Any]) -> nn.Module:
     """An uninitialised layer of laserrmt's type ``type_name`` with the shapes ``cfg`` gives;
     floating-point tensors take the dtype transformers is loading in."""
-    if type_name in ("LowRankLinear", "Int8LowRankLinear"):
-        cls = LowRankLinear if type_name == "LowRankLinear" else Int8LowRankLinear
-        return cls(cfg["in_features"], cfg["out_features"], cfg["rank"], bias=cfg["bias"])
-    if type_name in ("Int8Linear", "ResizedLinear"):
-        cls = Int8Linear if type_name == "Int8Linear" else nn.Linear
-        return cls(cfg["in_features"], cfg["out_features"], bias=cfg["bias"])
+    if type_name == "LowRankLinear":
+        return LowRankLinear(cfg["in_features"], cfg["out_features"], cfg["rank"], cfg["bias"])
+    if type_name == "Int8LowRankLinear":
+        return Int8LowRankLinear(cfg["in_features"], cfg["out_features"], cfg["rank"], cfg["bias"])
+    if type_name == "Int8Linear":
+        return Int8Linear(cfg["in_features"], cfg["out_features"], bias=cfg["bias"])
+    if type_name == "ResizedLinear":
+        return nn.Linear(cfg["in_features"], cfg["out_features"], bias=cfg["bias"])
     if type_name in ("LowRankConv1d", "LowRankConv2d"):
         return (LowRankConv1d if type_name == "LowRankConv1d" else LowRankConv2d)(**cfg)
     if type_name == "ResizedConv2d":
         geometry = _conv_geometry(cfg)
         return nn.Conv2d(
-            cfg["in_channels"], cfg["out_channels"], groups=cfg["groups"], bias=cfg["bias"], **geometry
+            cfg["in_channels"],
+            cfg["out_channels"],
+            groups=cfg["groups"],
+            bias=cfg["bias"],
+            **geometry,
         )
     if type_name == "ResizedBatchNorm2d":
         return nn.BatchNorm2d(
@@ -216,7 +232,7 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @cache
-def _compressed_class(architecture: str) -> type:
+def _compressed_class(architecture: str) -> Any:
     """A subclass of transformers' ``architecture`` that swaps in the compressed layers."""
     base = getattr(transformers, architecture, None)
     if not (isinstance(base, type) and issubclass(base, transformers.PreTrainedModel)):
@@ -229,10 +245,12 @@ def _compressed_class(architecture: str) -> type:
         base.__init__(self, config, *args, **kwargs)
         for name, entry in config.laserrmt_modules.items():
             _replace(self, name, _build(entry["type"], entry["config"]))
-        # A tie whose parameter a compressed layer replaced (a quantized head) no longer exists.
-        names = {n for n, _ in self.named_parameters(remove_duplicate=False)}
-        ties = getattr(self, "all_tied_weights_keys", None) or {}
-        self.all_tied_weights_keys = {t: s for t, s in ties.items() if {t, s} <= names}
+        # A tie whose parameter a compressed layer replaced (a quantized head) no longer exists;
+        # transformers 5 would look for it when tying.
+        ties = getattr(self, "all_tied_weights_keys", None)
+        if ties:
+            names = {n for n, _ in self.named_parameters(remove_duplicate=False)}
+            self.all_tied_weights_keys = {t: s for t, s in ties.items() if {t, s} <= names}
 
     def save_pretrained(self: Any, save_directory: Any, *args: Any, **kwargs: Any) -> None:
         """Save as transformers does, then mark the folder as this one was marked."""
@@ -260,7 +278,7 @@ class LaserRMTModel(transformers.PreTrainedModel):
     config_class = LaserRMTConfig
 
     @classmethod
-    def from_pretrained(  # type: ignore[override]
+    def from_pretrained(
         cls, pretrained_model_name_or_path: Any, *args: Any, config: Any = None, **kwargs: Any
     ) -> Any:
         """The base architecture with the compressed layers, its weights read by transformers."""
