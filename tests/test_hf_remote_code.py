@@ -103,6 +103,11 @@ CASES = {
         {"max_shard_size": 40_000},
     ),
     "untied-but-config-ties": (lambda: _untied(tiny_llama()), "AutoModelForCausalLM", {}),
+    "int8-low-rank-sharded": (
+        lambda: _int8_low_rank(_factorized(tiny_llama())),
+        "AutoModelForCausalLM",
+        {"max_shard_size": 30_000},
+    ),
     "bert-classifier": (_bert_classifier, "AutoModelForSequenceClassification", {}),
 }
 
@@ -182,11 +187,41 @@ def test_folder_loads_with_its_auto_class(tmp_path, modules_cache, name):
     build, auto, options = CASES[name]
     model = build()
     folder = save_compressed(model, tmp_path / name, **options)
+    assert ("sharded" in name) == (folder / "model.safetensors.index.json").is_file()
     expected = _logits(load(folder)[0])
     assert (expected - _logits(model)).abs().max().item() <= 1e-5
     loaded = getattr(transformers, auto).from_pretrained(folder, trust_remote_code=True)
     assert type(loaded).__name__ == type(model).__name__ and not loaded.training
     assert (_logits(loaded) - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["int8-head", "bert-classifier"])
+def test_auto_loaded_model_saves_a_folder_that_loads_again(tmp_path, modules_cache, name):
+    import transformers
+
+    build, auto, _ = CASES[name]
+    model = build()
+    expected = _logits(model)
+    auto_class = getattr(transformers, auto)
+    loaded = auto_class.from_pretrained(
+        save_compressed(model, tmp_path / "a"), trust_remote_code=True
+    )
+    loaded.save_pretrained(tmp_path / "b")
+    # Still refused without the code, so never filled with random layers.
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        auto_class.from_pretrained(tmp_path / "b", trust_remote_code=False)
+    again = auto_class.from_pretrained(tmp_path / "b", trust_remote_code=True)
+    assert (_logits(again) - expected).abs().max().item() <= 1e-5
+
+
+def test_auto_loaded_model_generates_as_laserrmt_load_does(tmp_path, modules_cache):
+    import transformers
+
+    folder = save_compressed(_int8_low_rank(_factorized(tiny_llama())), tmp_path / "out")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    options = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    expected = load(folder)[0].generate(IDS[:1], **options)
+    assert torch.equal(loaded.generate(IDS[:1], **options), expected)
 
 
 @pytest.mark.slow
@@ -200,7 +235,8 @@ def test_every_folder_loads_with_auto_classes_without_laserrmt(tmp_path):
         # The folder itself is right: laserrmt.load gives the compressed model's logits.
         assert (expected[name] - _logits(model)).abs().max().item() <= 1e-5, name
         cases[name] = {"folder": str(folder), "auto": auto}
-    assert len(list((tmp_path / "gpt2-factorized-sharded").glob("model-*.safetensors"))) > 1
+    for sharded in ("gpt2-factorized-sharded", "int8-low-rank-sharded"):
+        assert len(list((tmp_path / sharded).glob("model-*.safetensors"))) > 1
     cases["factorized"]["resave"] = str(tmp_path / "resaved")
     expected["factorized/resaved"] = expected["factorized"]
     torch.save(IDS, tmp_path / "ids.pt")

@@ -8,7 +8,12 @@ A saved folder holds:
     architecture does not have), its ``model_type`` is :data:`MODEL_TYPE` and the family's own
     one is kept under :data:`BASE_MODEL_TYPE_KEY`: ``AutoConfig`` and ``AutoModel*`` then refuse
     the folder with an error instead of filling the compressed layers with random weights.
-    :func:`load` restores the family's type.
+    :func:`load` restores the family's type. Such a config also lists the compressed modules
+    (``laserrmt_modules``, as in ``laserrmt.json``) and has an ``auto_map`` naming the files below.
+``configuration_laserrmt.py``, ``modeling_laserrmt.py``
+    Beside a marked ``config.json``: the modelling code (:mod:`laserrmt.surgery.hf_code`) with
+    which ``AutoModel*.from_pretrained(folder, trust_remote_code=True)`` loads the folder
+    without laserrmt.
 ``model.safetensors``, or shards ``model-00001-of-00003.safetensors`` with ``model.safetensors.index.json``
     The state dict, in shards of at most ``max_shard_size`` bytes (transformers' layout and
     default, 5 GB; see :mod:`laserrmt.surgery.shards`). Factorized layers are stored as their
