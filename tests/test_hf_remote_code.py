@@ -214,6 +214,19 @@ def test_auto_loaded_model_saves_a_folder_that_loads_again(tmp_path, modules_cac
     assert (_logits(again) - expected).abs().max().item() <= 1e-5
 
 
+def test_laserrmt_refuses_to_save_a_model_loaded_with_the_folder_code(tmp_path, modules_cache):
+    import transformers
+
+    from laserrmt.errors import ModelLoadError
+
+    folder = save_compressed(_factorized(tiny_llama()), tmp_path / "a")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    # Saved as it was, plain transformers would fill the factorized layers at random.
+    with pytest.raises(ModelLoadError, match=r"laserrmt\.load"):
+        save_compressed(loaded, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
 def test_auto_loaded_model_generates_as_laserrmt_load_does(tmp_path, modules_cache):
     import transformers
 

@@ -431,6 +431,13 @@ def _metadata(
 ) -> dict[str, Any]:
     from laserrmt import __version__  # at call time: laserrmt/__init__ may import this module
 
+    if getattr(getattr(model, "config", None), "laserrmt_modules", None):
+        # Its layers are the folder code's, not registered ones: the save would lose them.
+        raise ModelLoadError(
+            f"{type(model).__name__} was loaded with a laserrmt folder's own code "
+            "(trust_remote_code); load the folder with laserrmt.load to save it with laserrmt, "
+            "or save it with model.save_pretrained"
+        )
     floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
     meta = {
         "format_version": FORMAT_VERSION,
