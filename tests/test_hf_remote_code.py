@@ -32,6 +32,7 @@ from laserrmt.surgery.width import (
 from tiny_models import tiny_bert, tiny_gpt2, tiny_llama
 
 IDS = torch.tensor([[3, 17, 42, 99, 7, 250, 1, 8], [5, 6, 7, 8, 9, 10, 11, 12]])
+MASK = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])  # the second sequence padded after 5 tokens
 
 
 def _factorized(model: nn.Module) -> nn.Module:
@@ -144,19 +145,19 @@ _CHILD = textwrap.dedent(
     import transformers
 
     cases = json.loads(sys.argv[1])
-    ids = torch.load(sys.argv[2])
+    ids, mask = torch.load(sys.argv[2])
     results = {}
     for name, case in cases.items():
         auto = getattr(transformers, case["auto"])
         model = auto.from_pretrained(case["folder"], trust_remote_code=True)
         assert not model.training
         with torch.no_grad():
-            results[name] = model(ids).logits
+            results[name] = model(ids, attention_mask=mask).logits
         if case.get("resave"):
             model.save_pretrained(case["resave"])
             again = auto.from_pretrained(case["resave"], trust_remote_code=True)
             with torch.no_grad():
-                results[name + "/resaved"] = again(ids).logits
+                results[name + "/resaved"] = again(ids, attention_mask=mask).logits
     assert not any(m == "laserrmt" or m.startswith("laserrmt.") for m in sys.modules)
     torch.save(results, sys.argv[3])
     """
@@ -165,7 +166,7 @@ _CHILD = textwrap.dedent(
 
 def _logits(model: nn.Module) -> torch.Tensor:
     with torch.no_grad():
-        return model(IDS).logits
+        return model(IDS, attention_mask=MASK).logits
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +253,7 @@ def test_every_folder_loads_with_auto_classes_without_laserrmt(tmp_path):
         assert len(list((tmp_path / sharded).glob("model-*.safetensors"))) > 1
     cases["factorized"]["resave"] = str(tmp_path / "resaved")
     expected["factorized/resaved"] = expected["factorized"]
-    torch.save(IDS, tmp_path / "ids.pt")
+    torch.save((IDS, MASK), tmp_path / "ids.pt")
 
     src = Path(__file__).resolve().parents[1] / "src"
     path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p) != src]
