@@ -102,8 +102,9 @@ def test_plain_transformers_refuses_a_sharded_compressed_folder(tmp_path, change
     import transformers
 
     out = save_compressed(change(tiny_llama()), tmp_path / "out", max_shard_size=SMALL_SHARD)
-    with pytest.raises(ValueError, match="model type `laserrmt`"):
-        transformers.AutoModelForCausalLM.from_pretrained(out)
+    # Only with trust_remote_code does the folder's own code load it (test_hf_remote_code).
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -244,6 +244,7 @@ def test_load_with_dtype_casts(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Plain transformers: a folder it cannot rebuild is refused, never filled with random layers
+# (test_hf_remote_code: with trust_remote_code=True it loads)
 
 
 def _factorized(model: nn.Module) -> nn.Module:
@@ -288,13 +289,16 @@ def test_plain_transformers_refuses_a_folder_it_would_fill_at_random(tmp_path, c
 
     model = change(tiny_llama(tied=tied))
     out = save_compressed(model, tmp_path / "out")
+    model_type = json.loads((out / "config.json").read_text())["model_type"]
+    assert model_type not in transformers.CONFIG_MAPPING
     for auto in (
         transformers.AutoConfig,
         transformers.AutoModelForCausalLM,
         transformers.AutoModel,
     ):
-        with pytest.raises(ValueError, match="model type `laserrmt`"):
-            auto.from_pretrained(out)
+        # The folder's own modelling code runs only when the user trusts it.
+        with pytest.raises(ValueError, match="trust_remote_code=True"):
+            auto.from_pretrained(out, trust_remote_code=False)
     loaded, _ = load(out)
     assert type(loaded.config) is type(model.config)
     assert (_logits(loaded) - _logits(model)).abs().max().item() <= 1e-5

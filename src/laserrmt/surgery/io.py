@@ -8,7 +8,12 @@ A saved folder holds:
     architecture does not have), its ``model_type`` is :data:`MODEL_TYPE` and the family's own
     one is kept under :data:`BASE_MODEL_TYPE_KEY`: ``AutoConfig`` and ``AutoModel*`` then refuse
     the folder with an error instead of filling the compressed layers with random weights.
-    :func:`load` restores the family's type.
+    :func:`load` restores the family's type. Such a config also lists the compressed modules
+    (``laserrmt_modules``, as in ``laserrmt.json``) and has an ``auto_map`` naming the files below.
+``configuration_laserrmt.py``, ``modeling_laserrmt.py``
+    Beside a marked ``config.json``: the modelling code (:mod:`laserrmt.surgery.hf_code`) with
+    which ``AutoModel*.from_pretrained(folder, trust_remote_code=True)`` loads the folder
+    without laserrmt.
 ``model.safetensors``, or shards ``model-00001-of-00003.safetensors`` with ``model.safetensors.index.json``
     The state dict, in shards of at most ``max_shard_size`` bytes (transformers' layout and
     default, 5 GB; see :mod:`laserrmt.surgery.shards`). Factorized layers are stored as their
@@ -33,6 +38,7 @@ import copy
 import json
 import os
 from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +72,8 @@ CONFIG_FILE = "config.json"
 MODEL_TYPE = "laserrmt"
 #: Where such a ``config.json`` keeps the model family's own ``model_type``.
 BASE_MODEL_TYPE_KEY = "laserrmt_base_model_type"
+#: The modelling code a marked folder carries for ``trust_remote_code`` (:mod:`.hf_code`).
+HF_CODE_FILES = ("configuration_laserrmt.py", "modeling_laserrmt.py")
 
 
 def save_compressed(
@@ -423,6 +431,13 @@ def _metadata(
 ) -> dict[str, Any]:
     from laserrmt import __version__  # at call time: laserrmt/__init__ may import this module
 
+    if getattr(getattr(model, "config", None), "laserrmt_modules", None):
+        # Its layers are the folder code's, not registered ones: the save would lose them.
+        raise ModelLoadError(
+            f"{type(model).__name__} was loaded with a laserrmt folder's own code "
+            "(trust_remote_code); load the folder with laserrmt.load to save it with laserrmt, "
+            "or save it with model.save_pretrained"
+        )
     floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
     meta = {
         "format_version": FORMAT_VERSION,
@@ -450,7 +465,9 @@ def _write_folder(
     if config is not None:
         config.save_pretrained(folder)
         if metadata["modules"] or not _rebuilt_by_transformers(model, config):
-            _mark_config(folder / CONFIG_FILE)
+            _mark_config(folder / CONFIG_FILE, metadata["modules"], _auto_classes(model, config))
+            for code in HF_CODE_FILES:
+                (folder / code).write_text(_hf_code(code), encoding="utf-8")
         generation = getattr(model, "generation_config", None)
         if generation is not None and hasattr(generation, "save_pretrained"):
             generation.save_pretrained(folder)
@@ -499,12 +516,41 @@ def _ties(model: nn.Module) -> set[frozenset[str]]:
     return {frozenset(names) for names in groups.values() if len(names) > 1}
 
 
-def _mark_config(file: Path) -> None:
-    """Give ``config.json`` a ``model_type`` transformers refuses, keeping the family's own."""
+def _mark_config(file: Path, modules: Mapping[str, Any], auto_classes: list[str]) -> None:
+    """Give ``config.json`` a ``model_type`` transformers refuses, keeping the family's own, and
+    point its ``auto_map`` at the modelling code written beside it (:mod:`.hf_code`)."""
     config = json.loads(file.read_text(encoding="utf-8"))
     config[BASE_MODEL_TYPE_KEY] = config["model_type"]
     config["model_type"] = MODEL_TYPE
+    config["laserrmt_modules"] = modules
+    config["auto_map"] = {
+        "AutoConfig": "configuration_laserrmt.LaserRMTConfig",
+        **{auto: "modeling_laserrmt.LaserRMTModel" for auto in auto_classes},
+    }
     file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _auto_classes(model: nn.Module, config: Any) -> list[str]:
+    """The transformers Auto classes that map this config type to the model's own class."""
+    import transformers
+
+    names = []
+    for name in dir(transformers):
+        if not name.startswith("AutoModel"):
+            continue
+        mapping = getattr(getattr(transformers, name), "_model_mapping", None)
+        if mapping is None:
+            continue
+        try:
+            if mapping[type(config)] is type(model):
+                names.append(name)
+        except (KeyError, ImportError, AttributeError):  # no such head for this family
+            continue
+    return names
+
+
+def _hf_code(name: str) -> str:
+    return resources.files("laserrmt.surgery.hf_code").joinpath(name).read_text(encoding="utf-8")
 
 
 def distinct_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -600,6 +646,9 @@ def _read_config(folder: Path) -> Any:
         raise ModelLoadError(f"{file} must hold a JSON object")
     if data.get("model_type") == MODEL_TYPE:
         data["model_type"] = data.pop(BASE_MODEL_TYPE_KEY, None)
+        # What only the folder's own modelling code reads (laserrmt.json holds the modules).
+        data.pop("laserrmt_modules", None)
+        data.pop("auto_map", None)
     model_type = data.get("model_type")
     if not isinstance(model_type, str) or model_type not in transformers.CONFIG_MAPPING:
         raise ModelLoadError(
