@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,15 +218,16 @@ def spill_weighted_factors(
             return None
         return name[len(blocks_name) :].split(".", 1)[0]
 
+    def statistics() -> Iterator[tuple[str, ActivationStatistics | None]]:
+        if whiten not in ("svdllm", "asvd"):
+            yield from ((name, None) for name in names)
+            return
+        for stats in iter_activation_statistics(model, batches, names, progress=progress):
+            yield stats.module, stats
+            del stats  # not held through the next block's forward
+
     left = Counter(block_of(name) for name in names)
-    stream: Iterable[tuple[str, ActivationStatistics | None]] = (
-        (
-            (s.module, s)
-            for s in iter_activation_statistics(model, batches, names, progress=progress)
-        )
-        if whiten in ("svdllm", "asvd")
-        else ((name, None) for name in names)
-    )
+    stream = statistics()
     values: dict[str, np.ndarray] = {}
     pending: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     bar = tqdm(

@@ -726,6 +726,8 @@ def iter_activation_statistics(
         if fishers is not None:
             stats.fisher = fishers[stats.module]
         yield stats
+        # Generators hold their last item while computing the next (the next block's forward).
+        del stats
 
 
 def _stepwise_no_grad_eval(
@@ -743,6 +745,7 @@ def _stepwise_no_grad_eval(
             if item is None:
                 return
             yield item
+            del item
     finally:
         stream.close()  # type: ignore[attr-defined]
 
