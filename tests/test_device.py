@@ -148,7 +148,8 @@ _HOST_COPIES = {torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.tolist}
 #: statistic that scipy's pivoted QR needs.
 DOCUMENTED_HOST_COPIES = {
     ("stats/weights.py", "weight_spectra"): "singular values for the RMT rules (numpy)",
-    ("methods/budget.py", "budget_plan"): "weighted singular values: MP rank and loss curves",
+    ("methods/budget.py", "spill_weighted_factors"): "weighted singular values: MP rank, curves",
+    ("surgery/spill.py", "FactorSpill.write"): "factors spilled to disk (safetensors writes host)",
     ("surgery/whiten.py", "weighted_spectrum"): "weighted singular values for choose_rank",
     ("stats/activations.py", "_Moments.n_effective"): "autocorrelation per lag (≤ 32 numbers)",
     ("stats/activations.py", "_Moments.statistics"): "a site's d × d moment, for numpy and scipy",

@@ -349,7 +349,8 @@ def _compress_budget(
     targets = select_targets(
         find_targets(model, include_heads=settings.include_heads), settings.targets
     )
-    outcome = budget_plan(
+    # The outcome owns a temporary folder of spilled factors: removed on leaving, also on error.
+    with budget_plan(
         model,
         targets,
         _calibration_windows(tokenizer, settings),
@@ -363,8 +364,8 @@ def _compress_budget(
         fisher_windows=settings.fisher_windows,
         settings=settings.to_dict(),
         progress=progress,
-    )
-    apply_plan(model, outcome.plan, svd_cache=outcome.svd_cache, progress=progress)
+    ) as outcome:
+        apply_plan(model, outcome.plan, svd_cache=outcome.svd_cache, progress=progress)
     result.plan = outcome.plan
 
 
@@ -372,29 +373,30 @@ def _replay(model: nn.Module, tokenizer: Any, plan: CompressionPlan, progress: b
     """Apply a saved plan with the factors it was made with: whitened factors are recomputed on
     the calibration windows the plan names (the seed and counts of this call do not matter)."""
     factors = plan.factors
-    cache = None
-    if factors.needs_calibration:
-        problem = factors.missing()
-        if problem:
-            raise PlanError(problem)
-        record = factors.calibration or {}
-        known = (CALIBRATION_SOURCE, USER_CALIBRATION_SOURCE)
-        if record["source"] not in known or (
-            record["source"] == USER_CALIBRATION_SOURCE and not isinstance(record.get("data"), dict)
-        ):
-            raise PlanError(
-                f"the plan's factors were computed on calibration source {record['source']!r}, "
-                f"which this laserrmt cannot read (it knows {' and '.join(map(repr, known))})"
-            )
-        recorded = CompressSettings(
-            calibration_windows=record["n_windows"],
-            window=record["window"],
-            seed=record["seed"],
-            calibration_data=record.get("data"),
+    if not factors.needs_calibration:
+        apply_plan(model, plan, progress=progress)
+        return
+    problem = factors.missing()
+    if problem:
+        raise PlanError(problem)
+    record = factors.calibration or {}
+    known = (CALIBRATION_SOURCE, USER_CALIBRATION_SOURCE)
+    if record["source"] not in known or (
+        record["source"] == USER_CALIBRATION_SOURCE and not isinstance(record.get("data"), dict)
+    ):
+        raise PlanError(
+            f"the plan's factors were computed on calibration source {record['source']!r}, "
+            f"which this laserrmt cannot read (it knows {' and '.join(map(repr, known))})"
         )
-        windows = _calibration_windows(tokenizer, recorded)
-        cache = replay_factors(model, plan, windows, progress=progress)
-    apply_plan(model, plan, svd_cache=cache, progress=progress)
+    recorded = CompressSettings(
+        calibration_windows=record["n_windows"],
+        window=record["window"],
+        seed=record["seed"],
+        calibration_data=record.get("data"),
+    )
+    windows = _calibration_windows(tokenizer, recorded)
+    with replay_factors(model, plan, windows, progress=progress) as cache:
+        apply_plan(model, plan, svd_cache=cache, progress=progress)
 
 
 def _calibration_record(settings: CompressSettings) -> dict[str, Any]:

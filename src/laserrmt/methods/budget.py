@@ -7,13 +7,19 @@ Fisher weighting, or none); the tail energies of those spectra are the loss curv
 :func:`laserrmt.allocation.allocate_ranks` removes directions globally, least weighted loss per
 parameter saved first. ``allocation="uniform"`` gives every matrix the same ratio instead (the
 SVD-LLM / ASVD recipe), for comparison at equal size.
+
+Memory stays at one block: the first pass keeps only each matrix's singular values and spills
+the factors to disk block by block (:class:`laserrmt.surgery.spill.FactorSpill`); the cut
+reads each module's allocated triplets back one at a time.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,24 +41,42 @@ from laserrmt.plan import CompressionPlan, FactorSource, ModuleDecision
 from laserrmt.rmt import choose_rank
 from laserrmt.stats.calibration import (
     ActivationStatistics,
+    BlocksNotFoundError,
     collect_fisher_diagonal,
-    collect_input_statistics,
+    find_blocks,
+    iter_activation_statistics,
 )
 from laserrmt.stats.importance import IMPORTANCE_KINDS, layer_importance
 from laserrmt.surgery.io import weight_bytes
 from laserrmt.surgery.lowrank import LowRankLinear
 from laserrmt.surgery.quantize import int8_matrix_bytes, is_quantizable
-from laserrmt.surgery.whiten import DEFAULT_FLOOR, WHITEN_METHODS, WeightedSVD, weighted_svd
+from laserrmt.surgery.spill import FactorSpill
+from laserrmt.surgery.whiten import DEFAULT_FLOOR, WHITEN_METHODS, weighted_svd
 
 ALLOCATIONS = ("global", "uniform")
 
 
 @dataclass
 class BudgetOutcome:
+    """The plan and, on disk, the factors it cuts with (``svd_cache`` for
+    :func:`~laserrmt.surgery.apply.apply_plan`, read one module at a time at its planned rank).
+
+    Use it in a ``with`` block (or call :meth:`close`) so the spilled factors are removed.
+    """
+
     plan: CompressionPlan
-    svd_cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(repr=False)
+    svd_cache: FactorSpill = field(repr=False)
     allocation: Allocation | None = None
     free_ranks: dict[str, int] = field(default_factory=dict)
+
+    def close(self) -> None:
+        self.svd_cache.close()
+
+    def __enter__(self) -> BudgetOutcome:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def budget_plan(
@@ -70,6 +94,7 @@ def budget_plan(
     floor: float = DEFAULT_FLOOR,
     calibration_source: Mapping[str, Any] | None = None,
     settings: dict[str, Any] | None = None,
+    spill_dir: str | Path | None = None,
     progress: bool = True,
 ) -> BudgetOutcome:
     """Decide every target's rank from one budget; the model is not modified.
@@ -82,49 +107,74 @@ def budget_plan(
     :class:`~laserrmt.plan.FactorSource`): the plan records it so that a replay recomputes the
     same whitened factors (:func:`replay_factors`); without it a whitened plan cannot be
     replayed and says so.
+
+    Two passes keep memory at one block: block by block, the block's statistics give its
+    weighted SVDs, whose singular values stay in memory and whose factors go to a temporary
+    folder under ``spill_dir`` (:class:`~laserrmt.surgery.spill.FactorSpill`); then the
+    allocation. The returned outcome owns that folder.
     """
     _check(whiten, allocation, importance, target_params, target_bytes)
     if importance == "auto":
         importance = "fisher" if is_causal_lm(model) else "none"
     names = [t.name for t in targets]
+    shapes = {t.name: t.shape for t in targets}
     batches = list(calibration.split(1))
-    stats = collect_input_statistics(model, batches, names, blockwise=True, progress=progress)
-    fisher: dict[str, torch.Tensor] = {}
+    fisher_rows: dict[str, torch.Tensor] = {}
     if whiten == "fisher" or importance == "fisher":
         # A whole-model backward per window: a few windows rank layers well enough.
-        fisher = collect_fisher_diagonal(model, batches[:fisher_windows], names, progress=progress)
-    spectra = weighted_decompositions(model, names, whiten, stats, fisher, floor, progress)
-    # Only the singular values come to the host (numpy: the RMT rule and the allocation); the
-    # factors stay on the model's device for the cut.
-    values = {name: spectra[name].s.cpu().numpy() for name in names}
-    # The RMT rule in the weighted space: directions standing above the MP bulk.
-    free_ranks = {t.name: choose_rank(values[t.name], t.shape, "mp").rank for t in targets}
-    curves = {
-        name: LossCurve(t.shape, values[name]) for name, t in zip(names, targets, strict=True)
-    }
-    extras = {
-        name: {"whiten": whiten, "importance": importance, "free_rank": free_ranks[name]}
-        for name in names
-    }
-
-    if allocation == "uniform":
-        plan = uniform_plan(targets, target_params, extras, settings)  # type: ignore[arg-type]
-        chosen = None
-    else:
-        scores = layer_importance(
-            importance,
-            names,
-            fisher=fisher if importance == "fisher" else None,
-            singular_values={n: curves[n].singular_values for n in names},
-            model=model,
-            batches=batches,
+        fisher_rows = collect_fisher_diagonal(
+            model, batches[:fisher_windows], names, rows=True, progress=progress
         )
-        if target_bytes is not None:
-            removed = removal_for_size(model, targets, curves, scores, target_bytes, quantize)
-            chosen = allocate_ranks(curves, target_params_removed=removed, importance=scores)
+    spill = FactorSpill(spill_dir)
+    try:
+        values = spill_weighted_factors(
+            model,
+            names,
+            whiten,
+            batches,
+            fisher_rows,
+            floor,
+            spill,
+            # The allocation never factorizes past the last rank that saves parameters.
+            {name: largest_paying_rank(shapes[name]) for name in names},
+            progress,
+        )
+        # The RMT rule in the weighted space: directions standing above the MP bulk.
+        free_ranks = {t.name: choose_rank(values[t.name], t.shape, "mp").rank for t in targets}
+        curves = {
+            name: LossCurve(t.shape, values[name]) for name, t in zip(names, targets, strict=True)
+        }
+        extras = {
+            name: {"whiten": whiten, "importance": importance, "free_rank": free_ranks[name]}
+            for name in names
+        }
+
+        if allocation == "uniform":
+            plan = uniform_plan(targets, target_params, extras, settings)  # type: ignore[arg-type]
+            chosen = None
         else:
-            chosen = allocate_ranks(curves, target_fraction=target_params, importance=scores)
-        plan = allocation_to_plan(chosen, method="budget", settings=settings, extras=extras)
+            scores = layer_importance(
+                importance,
+                names,
+                # The importance reads the mean Fisher per parameter: the 0-d mean is its own mean.
+                fisher=(
+                    {n: fisher_rows[n].sum() / (shapes[n][0] * shapes[n][1]) for n in names}
+                    if importance == "fisher"
+                    else None
+                ),
+                singular_values={n: curves[n].singular_values for n in names},
+                model=model,
+                batches=batches,
+            )
+            if target_bytes is not None:
+                removed = removal_for_size(model, targets, curves, scores, target_bytes, quantize)
+                chosen = allocate_ranks(curves, target_params_removed=removed, importance=scores)
+            else:
+                chosen = allocate_ranks(curves, target_fraction=target_params, importance=scores)
+            plan = allocation_to_plan(chosen, method="budget", settings=settings, extras=extras)
+    except BaseException:
+        spill.close()
+        raise
     plan.factors = FactorSource(
         whiten=whiten,
         floor=floor if whiten != "none" else None,
@@ -135,41 +185,94 @@ def budget_plan(
         ),
         fisher_windows=fisher_windows if whiten == "fisher" else None,
     )
-    cache = {name: spectra[name].as_tuple() for name in names}
-    return BudgetOutcome(plan, cache, chosen, free_ranks)
+    spill.ranks = {d.module: d.rank for d in plan if d.mode != "keep"}
+    return BudgetOutcome(plan, spill, chosen, free_ranks)
 
 
-def weighted_decompositions(
+def spill_weighted_factors(
     model: nn.Module,
     names: Sequence[str],
     whiten: str,
-    stats: Mapping[str, ActivationStatistics],
+    batches: Sequence[torch.Tensor],
     fisher: Mapping[str, torch.Tensor],
     floor: float,
+    spill: FactorSpill,
+    keep: Mapping[str, int],
     progress: bool = True,
-) -> dict[str, WeightedSVD]:
-    """Every named weight's generalised SVD for ``whiten``, from the statistics it needs."""
-    spectra: dict[str, WeightedSVD] = {}
-    for name in tqdm(names, desc=f"weighted SVD ({whiten})", unit="matrix", disable=not progress):
-        s = stats.get(name)
-        spectra[name] = weighted_svd(
-            weight_matrix(model.get_submodule(name)),
-            whiten=whiten,
-            gram=None if s is None else s.gram,
-            n_samples=None if s is None else s.n_samples,
-            fisher=fisher.get(name),
-            floor=floor,
-            module=name,
-        )
-    return spectra
+) -> dict[str, np.ndarray]:
+    """Every named weight's generalised SVD for ``whiten``, one block at a time: its leading
+    ``keep[name]`` triplets are written to ``spill`` as soon as the block is done and its
+    singular values are returned (host numpy, for the RMT rule and the allocation).
+
+    The input statistics (``svdllm``, ``asvd``) come block by block from
+    :func:`~laserrmt.stats.calibration.iter_activation_statistics`; ``fisher`` holds the Fisher
+    row sums (``fisher`` whitening). At most one block's statistics and factors are in memory.
+    """
+    try:
+        blocks_name = find_blocks(model)[0] + "."
+    except BlocksNotFoundError:
+        blocks_name = None
+
+    def block_of(name: str) -> str | None:
+        if blocks_name is None or not name.startswith(blocks_name):
+            return None
+        return name[len(blocks_name) :].split(".", 1)[0]
+
+    def statistics() -> Iterator[tuple[str, ActivationStatistics | None]]:
+        if whiten not in ("svdllm", "asvd"):
+            yield from ((name, None) for name in names)
+            return
+        for stats in iter_activation_statistics(model, batches, names, progress=progress):
+            yield stats.module, stats
+            del stats  # not held through the next block's forward
+
+    left = Counter(block_of(name) for name in names)
+    stream = statistics()
+    values: dict[str, np.ndarray] = {}
+    pending: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    bar = tqdm(
+        total=len(names), desc=f"weighted SVD ({whiten})", unit="matrix", disable=not progress
+    )
+    try:
+        for name, stats in stream:
+            svd = weighted_svd(
+                weight_matrix(model.get_submodule(name)),
+                whiten=whiten,
+                gram=None if stats is None else stats.gram,
+                n_samples=None if stats is None else stats.n_samples,
+                fisher=fisher.get(name),
+                floor=floor,
+                module=name,
+            )
+            del stats
+            values[name] = svd.s.cpu().numpy()
+            if keep[name] > 0:
+                k = keep[name]
+                pending[name] = (svd.U[:, :k], svd.s[:k], svd.Vh[:k])
+            del svd
+            block = block_of(name)
+            left[block] -= 1
+            if left[block] == 0:
+                spill.write(pending)
+                pending.clear()
+            bar.update(1)
+    finally:
+        bar.close()
+    return values
 
 
 def replay_factors(
-    model: nn.Module, plan: CompressionPlan, calibration: torch.Tensor, progress: bool = True
-) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The factors of ``plan``'s changed modules, recomputed as :attr:`CompressionPlan.factors`
-    says (only the statistics the whitening needs) on ``calibration``, the windows it names;
-    the SVD cache for :func:`~laserrmt.surgery.apply.apply_plan`.
+    model: nn.Module,
+    plan: CompressionPlan,
+    calibration: torch.Tensor,
+    spill_dir: str | Path | None = None,
+    progress: bool = True,
+) -> FactorSpill:
+    """The factors of ``plan``'s changed modules at their planned ranks, recomputed as
+    :attr:`CompressionPlan.factors` says (only the statistics the whitening needs) on
+    ``calibration``, the windows it names; the SVD cache for
+    :func:`~laserrmt.surgery.apply.apply_plan`, spilled to a temporary folder under
+    ``spill_dir`` (close it, or use it in a ``with`` block).
 
     Raises:
         PlanError: the plan does not say enough to recompute its factors, or ``calibration`` is
@@ -186,19 +289,25 @@ def replay_factors(
             "the calibration windows drawn for the plan differ from those it was made with "
             "(another tokenizer or text); replay it with the model and tokenizer it was made for"
         )
-    names = [d.module for d in plan if d.mode != "keep"]
+    ranks = {d.module: d.rank for d in plan if d.mode != "keep"}
+    names = list(ranks)
     batches = list(calibration.split(1))
-    stats = {}
-    if factors.whiten in ("svdllm", "asvd"):
-        stats = collect_input_statistics(model, batches, names, blockwise=True, progress=progress)
     fisher = {}
     if factors.whiten == "fisher":
         fisher = collect_fisher_diagonal(
-            model, batches[: factors.fisher_windows], names, progress=progress
+            model, batches[: factors.fisher_windows], names, rows=True, progress=progress
         )
     floor = DEFAULT_FLOOR if factors.floor is None else factors.floor
-    spectra = weighted_decompositions(model, names, factors.whiten, stats, fisher, floor, progress)
-    return {name: spectra[name].as_tuple() for name in names}
+    spill = FactorSpill(spill_dir)
+    try:
+        spill_weighted_factors(
+            model, names, factors.whiten, batches, fisher, floor, spill, ranks, progress
+        )
+    except BaseException:
+        spill.close()
+        raise
+    spill.ranks = ranks
+    return spill
 
 
 def windows_digest(windows: torch.Tensor) -> str:

@@ -638,6 +638,8 @@ def _iter_blockwise(
                 if hooks is not None:
                     hooks.remove()
             yield from stats.values()
+            # Else this block's Grams stay alive while the next block accumulates its own.
+            del stats
     finally:
         bar.close()
 
@@ -724,6 +726,8 @@ def iter_activation_statistics(
         if fishers is not None:
             stats.fisher = fishers[stats.module]
         yield stats
+        # Generators hold their last item while computing the next (the next block's forward).
+        del stats
 
 
 def _stepwise_no_grad_eval(
@@ -741,6 +745,7 @@ def _stepwise_no_grad_eval(
             if item is None:
                 return
             yield item
+            del item
     finally:
         stream.close()  # type: ignore[attr-defined]
 
@@ -863,6 +868,7 @@ def collect_fisher_diagonal(
     module_names: Sequence[str],
     *,
     loss_fn: LossFn | None = None,
+    rows: bool = False,
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher information of each module's weight: ``Σ_batches (∂L_b/∂W)²``.
@@ -872,9 +878,13 @@ def collect_fisher_diagonal(
     and backward per batch through the whole model; gradients come from ``torch.autograd.grad``
     so no ``.grad`` is left behind, and the weights' ``requires_grad`` flags are restored.
 
+    With ``rows=True`` each batch's squares are summed over the input dimension as they come,
+    so only an ``m``-vector per module is kept instead of an ``m × n`` float64 matrix: all
+    that FWSVD's row weighting and the mean Fisher of the importance need.
+
     Returns:
         ``{module name: float64 m × n tensor}`` (out × in; HF ``Conv1D`` transposed, conv
-        kernels flattened to ``out × in·kh·kw``).
+        kernels flattened to ``out × in·kh·kw``), or its row sums (``m``) with ``rows=True``.
 
     Raises:
         TargetSelectionError: a module without a weight matrix, or one the loss does not reach.
@@ -906,6 +916,8 @@ def collect_fisher_diagonal(
                             "the Fisher targets"
                         )
                     squared = _as_out_by_in(module, grad.detach().to(torch.float64)).square()
+                    if rows:
+                        squared = squared.sum(dim=1)
                     if name in fishers:
                         fishers[name] += squared
                     else:

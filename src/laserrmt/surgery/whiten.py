@@ -364,14 +364,14 @@ def _weighting(
             "statistics with fisher=True"
         )
     f = _as64(fisher, "Fisher information", module)
-    if tuple(f.shape) != (m, n):
+    if tuple(f.shape) not in ((m, n), (m,)):
         raise InvalidOptionError(
             f"Fisher information of {_label(module)} has shape {tuple(f.shape)}; expected the "
-            f"weight's {m}×{n} (out × in)"
+            f"weight's {m}×{n} (out × in) or its {m} row sums"
         )
     if bool((f < 0).any()):
         raise NumericalError(f"Fisher information of {_label(module)} has negative entries")
-    row_fisher = f.sum(dim=1).to(w.device)
+    row_fisher = (f if f.ndim == 1 else f.sum(dim=1)).to(w.device)
     if not float(row_fisher.max()) > 0:
         raise NumericalError(
             f"Fisher information of {_label(module)} is zero everywhere (the loss does not "
@@ -418,7 +418,7 @@ def weighted_svd(
         n_samples: rows summed in ``gram``; needed by ``asvd`` from a Gram, and for ``svdllm``
             it puts the spectrum in per-sample units.
         input_abs_mean: mean ``|x|`` per input channel (n), for ``asvd``.
-        fisher: diagonal Fisher of the weight, ``m × n``, for ``fisher``.
+        fisher: diagonal Fisher of the weight, ``m × n`` (or its row sums, ``m``), for ``fisher``.
         floor: relative floor for eigenvalues / scales / Fisher row weights, in (0, 1).
         alpha: ASVD's exponent on the input scale.
         module: the module's name, for error messages.
