@@ -8,6 +8,7 @@ run in the test without a cache (full sequence), so neither side is the exporter
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,7 @@ def _residual_cut(model: nn.Module, k: int) -> None:
     slice_residual_stream(model, x.T @ x / 256, k)
 
 
-def _saved(tmp_path: Path, name: str, change) -> Path:  # noqa: ANN001
+def _saved(tmp_path: Path, name: str, change: Callable[[nn.Module], object]) -> Path:
     model = tiny_llama()
     change(model)
     folder = tmp_path / name
@@ -129,7 +130,22 @@ def test_onnx_decodes_with_cache_like_torch(tmp_path: Path, kind: str) -> None:
 def test_onnx_int8_runs_and_reports_its_error(tmp_path: Path) -> None:
     folder = _saved(tmp_path, "factorized", _factorize)
     out = tmp_path / "onnx8"
-    assert main(["export", str(folder), "--format", "onnx", "--quantize", "int8", "--out", str(out), "-q"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(folder),
+                "--format",
+                "onnx",
+                "--quantize",
+                "int8",
+                "--out",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
     import onnx
 
     ops = {node.op_type for node in onnx.load(str(out / "model.onnx")).graph.node}
@@ -151,13 +167,24 @@ def _hf_matches(folder: Path, out: Path) -> dict:
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     model, _ = laserrmt.load(folder)
     ids = torch.randint(0, 264, (2, 10), generator=torch.Generator().manual_seed(5))
-    np.testing.assert_allclose(_full_logits(plain, ids), _full_logits(model, ids), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        _full_logits(plain, ids), _full_logits(model, ids), atol=1e-5, rtol=0
+    )
     return json.loads((out / "export.json").read_text())
 
 
 def test_hf_factorized_and_int8_are_multiplied_back(tmp_path: Path) -> None:
     report = _hf_matches(
-        _saved(tmp_path, "i8", lambda m: (_factorize(m), quantize_model_int8(m, ["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj"]))),
+        _saved(
+            tmp_path,
+            "i8",
+            lambda m: (
+                _factorize(m),
+                quantize_model_int8(
+                    m, ["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj"]
+                ),
+            ),
+        ),
         tmp_path / "hf",
     )
     assert report["layers_densified"] == {"int8": 2, "factorized": 14, "resized": 0}
@@ -189,7 +216,9 @@ def test_hf_uniform_mlp_width_goes_into_the_config(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["intermediate_size"] == 96
 
 
-def test_hf_refuses_per_block_mlp_widths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_hf_refuses_per_block_mlp_widths(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = _saved(tmp_path, "cut", lambda m: _cut_mlp(m, [96, 80]))
     out = tmp_path / "hf"
     assert main(["export", str(folder), "--format", "hf", "--out", str(out)]) == 2

@@ -1002,8 +1002,6 @@ def run_monitor(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    import json
-
     from laserrmt.export import FORMATS
     from laserrmt.models.loading import load_model
     from laserrmt.outputs import check_output_dir
@@ -1034,12 +1032,16 @@ def run_export(args: argparse.Namespace) -> int:
             source=loaded.source,
         )
         if not args.quiet:
-            print(f"ONNX Runtime vs torch, float32 logits: max |diff| "
-                  f"{report['check']['max_abs_logit_diff_vs_torch']:.3g}")
+            print(
+                f"ONNX Runtime vs torch, float32 logits: max |diff| "
+                f"{report['check']['max_abs_logit_diff_vs_torch']:.3g}"
+            )
             if "int8" in report:
-                print(f"int8 vs float32 ONNX: max |diff| "
-                      f"{report['int8']['max_abs_logit_diff_vs_float32_onnx']:.3g}, top-1 "
-                      f"agreement {report['int8']['top1_agreement_vs_float32_onnx']:.3f}")
+                print(
+                    f"int8 vs float32 ONNX: max |diff| "
+                    f"{report['int8']['max_abs_logit_diff_vs_float32_onnx']:.3g}, top-1 "
+                    f"agreement {report['int8']['top1_agreement_vs_float32_onnx']:.3f}"
+                )
             print(f"model.onnx: {report['onnx_bytes'] / 1e6:.1f} MB")
     else:
         from laserrmt.export import export_hf
@@ -1054,8 +1056,10 @@ def run_export(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"savings that survive: {'; '.join(report['survives'])}")
             print(f"savings lost: {'; '.join(report['lost']) or 'none'}")
-            print(f"weights: {report['weight_bytes'] / 1e6:.1f} MB (the laserrmt folder's: "
-                  f"{report['source_weight_bytes'] / 1e6:.1f} MB)")
+            print(
+                f"weights: {report['weight_bytes'] / 1e6:.1f} MB (the laserrmt folder's: "
+                f"{report['source_weight_bytes'] / 1e6:.1f} MB)"
+            )
     if not args.quiet:
         print(f"export: {args.out}")
     return 0

@@ -26,7 +26,9 @@ def dequantize_int8_layers(model: nn.Module) -> list[str]:
     replaced = []
     for name, module in list(model.named_modules()):
         if isinstance(module, Int8Linear):
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            linear = nn.Linear(
+                module.in_features, module.out_features, bias=module.bias is not None
+            )
             with torch.no_grad():
                 linear.weight.copy_(module.dequantized_weight().float())
                 if module.bias is not None:

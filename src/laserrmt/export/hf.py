@@ -71,7 +71,7 @@ def _set_mlp_width(model: nn.Module) -> int | None:
             f"the MLP widths differ between blocks ({', '.join(map(str, widths))}), which a "
             "standard config cannot express; export with --format onnx or load with laserrmt"
         )
-    config = model.config  # type: ignore[union-attr]
+    config: Any = model.config
     if widths and hasattr(config, "intermediate_size"):
         config.intermediate_size = widths[0]
         return widths[0]
@@ -86,7 +86,9 @@ def _shape_mismatch(model: nn.Module) -> str | None:
     for key, tensor in model.state_dict().items():
         if fresh_shapes.get(key) != tuple(tensor.shape):
             expected = fresh_shapes.get(key)
-            return f"{key} {tuple(tensor.shape)} (the architecture has {expected or 'no such tensor'})"
+            return (
+                f"{key} {tuple(tensor.shape)} (the architecture has {expected or 'no such tensor'})"
+            )
     missing = sorted(set(fresh_shapes) - set(model.state_dict()))
     return f"{missing[0]} is missing" if missing else None
 
@@ -137,7 +139,7 @@ def export_hf(
             "for it; save it with laserrmt.save"
         )
     check_output_dir(out, overwrite)
-    dense = copy.deepcopy(model).eval()
+    dense: Any = copy.deepcopy(model).eval()
     counts = _densify(dense)
     mlp_width = _set_mlp_width(dense)
     mismatch = _shape_mismatch(dense)
@@ -150,8 +152,9 @@ def export_hf(
     with torch.no_grad():
         reference = model(input_ids=ids).logits.float()
     modes = _plan_modes(Path(source_folder) if source_folder is not None else None)
+    dense_config: Any = dense.config
     with atomic_output_dir(out, overwrite=overwrite) as folder:
-        dense.config.architectures = [type(dense).__name__]
+        dense_config.architectures = [type(dense).__name__]
         dense.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
@@ -175,7 +178,7 @@ def export_hf(
         survives = []
         if modes.get("denoise"):
             survives.append(f"denoise of {modes['denoise']} layers (same shapes)")
-        survives.append(f"hidden_size {dense.config.hidden_size} (residual stream as cut)")
+        survives.append(f"hidden_size {dense_config.hidden_size} (residual stream as cut)")
         if mlp_width is not None:
             survives.append(f"intermediate_size {mlp_width} in every block")
         lost = []

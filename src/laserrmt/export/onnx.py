@@ -65,6 +65,7 @@ class _DecoderStep(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.config: Any = getattr(model, "config", None)
 
     def forward(
         self,
@@ -76,7 +77,7 @@ class _DecoderStep(nn.Module):
         from transformers import DynamicCache
 
         pairs = [(past[i], past[i + 1]) for i in range(0, len(past), 2)]
-        cache = DynamicCache(ddp_cache_data=pairs, config=self.model.config)
+        cache = DynamicCache(ddp_cache_data=pairs, config=self.config)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -235,14 +236,15 @@ def export_onnx(
             "decoders with a key/value cache"
         )
     check_output_dir(out, overwrite)
-    float_model = copy.deepcopy(model).to(torch.float32).eval()
+    float_model: Any = copy.deepcopy(model).to(torch.float32).eval()
     dequantized = dequantize_int8_layers(float_model)
     vocab = int(float_model.config.vocab_size)
     prompt, steps = _check_ids(vocab, prompt_tokens, decode_steps)
 
-    with atomic_output_dir(out, overwrite=overwrite) as folder, tempfile.TemporaryDirectory(
-        prefix="laserrmt-onnx-"
-    ) as scratch:
+    with (
+        atomic_output_dir(out, overwrite=overwrite) as folder,
+        tempfile.TemporaryDirectory(prefix="laserrmt-onnx-") as scratch,
+    ):
         graph = Path(scratch) / GRAPH_FILE
         started = time.perf_counter()
         shapes = _export_graph(float_model, graph)
@@ -277,13 +279,17 @@ def export_onnx(
         }
         if quantize == "int8":
             _quantize_int8(graph, folder / GRAPH_FILE)
-            int8_logits = run_decode(_session(onnxruntime, folder / GRAPH_FILE), shapes, prompt, steps)
+            int8_logits = run_decode(
+                _session(onnxruntime, folder / GRAPH_FILE), shapes, prompt, steps
+            )
             int8_diff = _max_diff(float_logits, int8_logits)
             agree = float(
-                np.mean([
-                    float(np.mean(x.argmax(-1) == y.argmax(-1)))
-                    for x, y in zip(float_logits, int8_logits, strict=True)
-                ])
+                np.mean(
+                    [
+                        float(np.mean(x.argmax(-1) == y.argmax(-1)))
+                        for x, y in zip(float_logits, int8_logits, strict=True)
+                    ]
+                )
             )
             report["int8"] = {
                 "max_abs_logit_diff_vs_float32_onnx": int8_diff,
