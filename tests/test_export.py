@@ -20,6 +20,7 @@ import laserrmt
 from laserrmt.cli import main
 from laserrmt.errors import TargetSelectionError
 from laserrmt.export import export_hf
+from laserrmt.plan import CompressionPlan
 from laserrmt.surgery.lowrank import LowRankLinear, denoise_
 from laserrmt.surgery.quantize import quantize_model_int8
 from laserrmt.surgery.replace import set_submodule
@@ -204,8 +205,16 @@ def test_hf_denoise_and_residual_cut_survive(tmp_path: Path) -> None:
             denoise_(layer.mlp.down_proj, 4)
         _residual_cut(model, 48)
 
-    folder = _saved(tmp_path, "res", change)
+    model = tiny_llama()
+    change(model)
+    denoised = {"shape": [64, 128], "rank": 4, "mode": "denoise"}
+    plan = CompressionPlan.from_dict(
+        {"modules": {f"model.layers.{i}.mlp.down_proj": denoised for i in range(2)}}
+    )
+    folder = tmp_path / "res"
+    laserrmt.save(model, folder, plan=plan)
     report = _hf_matches(folder, tmp_path / "hf")
+    assert report["survives"][0] == "denoise of 2 layers (same shapes)"
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["hidden_size"] == 48
     assert report["lost"] == []
     assert any("hidden_size 48" in line for line in report["survives"])

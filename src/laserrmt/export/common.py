@@ -18,19 +18,23 @@ SINGLE_FILE_LIMIT = 2 * 1024**3 - 64 * 1024**2
 
 
 def dequantize_int8_layers(model: nn.Module) -> list[str]:
-    """Replace int8 layers by float32 ones that compute the same dequantized product, in place.
+    """Replace int8 layers by float ones that compute the same dequantized product, in place.
 
     ``Int8Linear`` becomes an ``nn.Linear`` with weight ``q · scale``; ``Int8LowRankLinear`` a
-    ``LowRankLinear`` with both factors dequantized, so it stays two products. Returns the names.
+    ``LowRankLinear`` with both factors dequantized, so it stays two products; both in the
+    layer's floating-point dtype. Returns the names.
     """
     replaced = []
     for name, module in list(model.named_modules()):
         if isinstance(module, Int8Linear):
             linear = nn.Linear(
-                module.in_features, module.out_features, bias=module.bias is not None
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                dtype=module.dtype,
             )
             with torch.no_grad():
-                linear.weight.copy_(module.dequantized_weight().float())
+                linear.weight.copy_(module.dequantized_weight())
                 if module.bias is not None:
                     linear.bias.copy_(module.bias)
             set_submodule(model, name, linear.eval())
@@ -41,7 +45,7 @@ def dequantize_int8_layers(model: nn.Module) -> list[str]:
                 module.out_features,
                 module.rank,
                 bias=module.bias is not None,
-                dtype=torch.float32,
+                dtype=module.dtype,
             )
             with torch.no_grad():
                 low_rank.A.copy_(dequantize_weight_int8(module.A_int8, module.A_scale))

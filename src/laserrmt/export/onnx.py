@@ -217,7 +217,7 @@ def export_onnx(
 
     The folder also holds the config, the tokenizer and ``export.json`` (the report: inputs,
     outputs, the torch-vs-ONNX Runtime check, sizes). The model is not changed (int8 layers
-    are dequantized in a copy).
+    are dequantized in a float32 copy on the CPU, where the graph is traced).
 
     Raises:
         InvalidOptionError: onnx/onnxruntime missing, or an unknown ``quantize``.
@@ -236,7 +236,7 @@ def export_onnx(
             "decoders with a key/value cache"
         )
     check_output_dir(out, overwrite)
-    float_model: Any = copy.deepcopy(model).to(torch.float32).eval()
+    float_model: Any = copy.deepcopy(model).to("cpu", torch.float32).eval()
     dequantized = dequantize_int8_layers(float_model)
     vocab = int(float_model.config.vocab_size)
     prompt, steps = _check_ids(vocab, prompt_tokens, decode_steps)
