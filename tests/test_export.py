@@ -8,6 +8,7 @@ run in the test without a cache (full sequence), so neither side is the exporter
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -261,3 +262,13 @@ def test_cli_refuses_an_existing_output(tmp_path: Path, capsys: pytest.CaptureFi
     (tmp_path / "out").mkdir()
     assert main(["export", str(tmp_path), "--format", "hf", "--out", str(tmp_path / "out")]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_missing_onnxruntime_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import now raises ImportError
+    out = tmp_path / "out"
+    assert main(["export", str(tmp_path), "--format", "onnx", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install 'laserrmt[export]'" in err and err.count("\n") == 0
