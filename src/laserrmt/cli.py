@@ -509,6 +509,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --live: stop after this many seconds in all",
     )
     monitor.set_defaults(run=run_monitor)
+
+    export = commands.add_parser(
+        "export",
+        help="write a model as an ONNX graph with a KV cache, or as a standard HF folder",
+        description="Export a model folder (compressed by laserrmt or not): --format onnx "
+        "writes model.onnx checked against torch with ONNX Runtime; --format hf writes the "
+        "base architecture's own folder and says which savings survive.",
+    )
+    _add_output_arguments(export, top=False)
+    export.add_argument("model", metavar="MODEL_DIR", help="the model folder to export")
+    export.add_argument("--format", required=True, help="onnx or hf")
+    export.add_argument("--out", required=True, help="the folder to write")
+    export.add_argument(
+        "--quantize",
+        default=None,
+        help="int8: ONNX Runtime's dynamic int8 MatMuls (--format onnx only)",
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    export.set_defaults(run=run_export)
     return parser
 
 
@@ -1064,6 +1083,70 @@ def run_monitor(args: argparse.Namespace) -> int:
         if renders == 0:
             raise DataError(f"{args.run_dir} received no monitor records while watched")
     print(f"advice plan: {Path(args.run_dir) / PLAN_FILE}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from laserrmt.export import FORMATS
+    from laserrmt.models.loading import load_model
+    from laserrmt.outputs import check_output_dir
+
+    if args.format not in FORMATS:
+        raise InvalidOptionError(f"unknown --format {args.format!r}; choose {', '.join(FORMATS)}")
+    if args.quantize is not None and args.format != "onnx":
+        raise InvalidOptionError("--quantize applies to --format onnx only; drop it for hf")
+    if args.format == "onnx":
+        from laserrmt.export.onnx import QUANTIZE_CHOICES, onnx_runtime
+
+        onnx_runtime()
+        if args.quantize is not None and args.quantize not in QUANTIZE_CHOICES:
+            raise InvalidOptionError(
+                f"unknown --quantize {args.quantize!r}; choose {', '.join(QUANTIZE_CHOICES)}"
+            )
+    check_output_dir(args.out, args.overwrite)
+    loaded = load_model(args.model)
+    if args.format == "onnx":
+        from laserrmt.export import export_onnx
+
+        report = export_onnx(
+            loaded.model,
+            args.out,
+            tokenizer=loaded.tokenizer,
+            quantize=args.quantize,
+            overwrite=args.overwrite,
+            source=loaded.source,
+        )
+        if not args.quiet:
+            print(
+                f"ONNX Runtime vs torch, float32 logits: max |diff| "
+                f"{report['check']['max_abs_logit_diff_vs_torch']:.3g}"
+            )
+            if "int8" in report:
+                print(
+                    f"int8 vs float32 ONNX: max |diff| "
+                    f"{report['int8']['max_abs_logit_diff_vs_float32_onnx']:.3g}, top-1 "
+                    f"agreement {report['int8']['top1_agreement_vs_float32_onnx']:.3f}"
+                )
+            print(f"model.onnx: {report['onnx_bytes'] / 1e6:.1f} MB")
+    else:
+        from laserrmt.export import export_hf
+
+        report = export_hf(
+            loaded.model,
+            args.out,
+            tokenizer=loaded.tokenizer,
+            overwrite=args.overwrite,
+            source_folder=loaded.path,
+        )
+        if not args.quiet:
+            print(f"savings that survive: {'; '.join(report['survives'])}")
+            print(f"savings lost: {'; '.join(report['lost']) or 'none'}")
+            print(
+                f"weights: {report['weight_bytes'] / 1e6:.1f} MB (the laserrmt folder's: "
+                f"{report['source_weight_bytes'] / 1e6:.1f} MB)"
+            )
+    if not args.quiet:
+        print(f"export: {args.out}")
     return 0
 
 
