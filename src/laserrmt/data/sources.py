@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from laserrmt.data.text import WINDOW, token_windows
+from laserrmt.data.text import WINDOW, read_utf8, token_windows
 from laserrmt.errors import DataError
 
 __all__ = ["FORMATS", "TextSource", "check_disjoint", "open_text_source"]
@@ -242,24 +242,15 @@ def _content_sha256(path: Path, format: str) -> str:
     return digest.hexdigest()
 
 
-def _read_utf8(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(
-            f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); convert it to UTF-8"
-        ) from None
-
-
 def _read_documents(path: Path, format: str, column: str | None, labels: bool = False) -> list[str]:
     """One value per document: its text, or (``labels``) its label as text."""
     if format == "text":
-        return [_read_utf8(path)]
+        return [read_utf8(path)]
     if format == "folder":
         files = _folder_files(path, FOLDER_SUFFIXES)
         if not files:
             raise DataError(f"{path} holds no .txt or .md files; put the text files in it")
-        return [_read_utf8(file) for file in files]
+        return [read_utf8(file) for file in files]
     assert column is not None
     if format == "jsonl":
         return _jsonl_column(path, column, labels)
@@ -287,7 +278,7 @@ def _text_value(value: Any, where: str, column: str, labels: bool) -> str:
 
 def _jsonl_column(path: Path, column: str, labels: bool) -> list[str]:
     texts = []
-    for number, line in enumerate(_read_utf8(path).splitlines(), start=1):
+    for number, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -309,7 +300,7 @@ def _jsonl_column(path: Path, column: str, labels: bool) -> list[str]:
 
 
 def _csv_column(path: Path, column: str, labels: bool) -> list[str]:
-    rows = csv.DictReader(_read_utf8(path).splitlines(keepends=True))
+    rows = csv.DictReader(read_utf8(path).splitlines(keepends=True))
     names = rows.fieldnames or []
     if column not in names:
         raise DataError(

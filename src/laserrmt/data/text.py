@@ -295,14 +295,15 @@ def shakespeare_windows(
     while True:
         # Double the prefix until it covers the windows and a spare one: linear total cost.
         used = min(len(files), max(1, 2 * used))
-        texts.extend(_read_text(file) for file in files[len(texts) : used])
+        texts.extend(read_utf8(file) for file in files[len(texts) : used])
         ids = _token_ids(tokenizer, SEPARATOR.join(texts))
         enough = n_windows is not None and len(ids) >= (n_windows + 1) * window
         if enough or used == len(files):
             return _cut(ids, window, n_windows, None, "the Shakespeare texts")
 
 
-def _read_text(path: Path) -> str:
+def read_utf8(path: Path) -> str:
+    """The file as UTF-8 text; anything else is one line saying to convert it."""
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -327,7 +328,7 @@ def text_file_windows(
     file = Path(path)
     if not file.is_file():
         raise DataError(f"text file {file} does not exist; pass the path of a UTF-8 text file")
-    text = _read_text(file)
+    text = read_utf8(file)
     if not text.strip():
         raise DataError(f"text file {file} is empty; pass a file with text in it")
     return _cut(_token_ids(tokenizer, text), window, n_windows, None, f"text file {file}")

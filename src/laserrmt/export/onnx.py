@@ -167,7 +167,7 @@ def run_decode(
     for chunk in [prompt, *steps]:
         n = chunk.shape[1]
         feed = {
-            "input_ids": chunk.numpy(),
+            "input_ids": chunk.cpu().numpy(),
             "attention_mask": np.ones((batch, done + n), dtype=np.int64),
             "position_ids": np.tile(np.arange(done, done + n, dtype=np.int64), (batch, 1)),
         }
@@ -185,10 +185,10 @@ def _torch_decode(
     logits = []
     with torch.no_grad():
         out = model(input_ids=prompt, use_cache=True)
-        logits.append(out.logits.numpy())
+        logits.append(out.logits.cpu().numpy())
         for token in steps:
             out = model(input_ids=token, cache=out.cache, use_cache=True)
-            logits.append(out.logits.numpy())
+            logits.append(out.logits.cpu().numpy())
     return logits
 
 
