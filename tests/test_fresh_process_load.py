@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 
@@ -167,6 +168,7 @@ _CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_every_registered_type_loads_in_a_fresh_process(tmp_path):
     from laserrmt.surgery.io import save_compressed
     from laserrmt.surgery.registry import registered_modules
@@ -207,6 +209,7 @@ def test_every_registered_type_loads_in_a_fresh_process(tmp_path):
         torch.testing.assert_close(results[name]["output"], expected[name], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_registry_knows_every_type_laserrmt_defines(tmp_path):
     """A fresh process that imports only the registry knows every type that importing all of
     laserrmt registers: no module that defines one is missing from the registry's list."""

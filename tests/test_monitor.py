@@ -144,6 +144,7 @@ def test_steps_off_the_interval_record_nothing(tmp_path: Path) -> None:
     assert monitor.step(model, 6) == 0  # the same step twice is recorded once
 
 
+@pytest.mark.slow
 def test_killed_run_keeps_its_records(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""

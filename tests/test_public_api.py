@@ -65,6 +65,7 @@ print(json.dumps({"all": sorted(laserrmt.__all__), "names": result}))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", ["submodules-first", "names-first"])
 def test_public_names_survive_importing_every_submodule(order):
     env = {**os.environ, "PYTHONPATH": str(SRC)}

@@ -314,6 +314,7 @@ _MEASURE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/self/status")
 def test_loading_shards_holds_one_copy_of_the_weights(tmp_path):
     # About 64 MB of float32 weights: large enough that the interpreter's noise is small.
