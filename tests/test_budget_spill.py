@@ -9,6 +9,7 @@ rank for rank and the cut models' outputs to 1e-6 (float64 models, so only the m
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import tempfile
@@ -243,27 +244,16 @@ def test_compress_leaves_no_spill_folder_after_success_or_an_error_in_the_cut(
         return cut(self, name)
 
     monkeypatch.setattr(FactorSpill, "__getitem__", reading)
-    with small_calibration_split():
-        if fail:
-            with pytest.raises(RuntimeError, match="injected"):
-                compress(
-                    tiny_llama(),
-                    tiny_tokenizer(),
-                    method="budget",
-                    target_params=0.3,
-                    calibration_windows=2,
-                    window=64,
-                    progress=False,
-                )
-        else:
-            compress(
-                tiny_llama(),
-                tiny_tokenizer(),
-                method="budget",
-                target_params=0.3,
-                calibration_windows=2,
-                window=64,
-                progress=False,
-            )
+    expected = pytest.raises(RuntimeError, match="injected") if fail else contextlib.nullcontext()
+    with small_calibration_split(), expected:
+        compress(
+            tiny_llama(),
+            tiny_tokenizer(),
+            method="budget",
+            target_params=0.3,
+            calibration_windows=2,
+            window=64,
+            progress=False,
+        )
     assert seen and seen[0].parent == tmp_path
     assert list(tmp_path.iterdir()) == []

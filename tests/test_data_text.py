@@ -298,3 +298,8 @@ def test_token_ids_are_reused_only_for_the_same_tokenizer_definition(monkeypatch
     extended.add_tokens(["hello"])
     ids = text._token_ids(extended, sample)
     assert calls == [1] and len(ids) < len(first)  # another definition is tokenized anew
+    other = "another text entirely"
+    assert (
+        list(text._token_ids(again, other))
+        == tiny_tokenizer()(other, add_special_tokens=False)["input_ids"]
+    )  # the key is the text as well as the tokenizer
