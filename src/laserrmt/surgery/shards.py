@@ -69,6 +69,11 @@ class ShardWriter:
         self._written: list[tuple[Path, list[str]]] = []
         self._total_size = 0
 
+    @property
+    def total_size(self) -> int:
+        """Bytes of the tensors added so far (each stored tensor once)."""
+        return self._total_size
+
     def alias(self, name: str, stored: str) -> None:
         """Record that ``name`` is the same tensor as the stored ``stored``."""
         self._aliases[name] = stored
