@@ -377,6 +377,27 @@ def build_parser() -> argparse.ArgumentParser:
         "or none; auto (default) = fisher for language models (it won the benchmark, "
         "benchmarks/results/lowrank.md), none for models without a language-model loss",
     )
+    stream = compress.add_argument_group("streaming (models larger than memory)")
+    stream.add_argument(
+        "--stream",
+        action="store_true",
+        help="budget method block by block: one transformer block of weights in memory, "
+        "calibration and evaluation windows carried between blocks, output written shard by "
+        "shard (--max-shard-size bounds what the writer holds)",
+    )
+    stream.add_argument(
+        "--sequential",
+        action="store_true",
+        help="with --stream: refit each block's factors on the inputs the already-compressed "
+        "blocks produce, to reproduce the dense outputs (error compensation)",
+    )
+    stream.add_argument(
+        "--refine-steps",
+        type=int,
+        default=0,
+        help="with --stream: Adam steps per block on its factors and norm scales towards the "
+        "dense block's outputs (default 0)",
+    )
     compress.add_argument(
         "--heal-steps",
         type=int,
@@ -718,7 +739,8 @@ def run_compress(args: argparse.Namespace) -> int:
 
         check_disjoint(calibration, evaluation)
     common = dict(
-        method=args.method or ("budget" if args.whiten or args.target_size else "laser"),
+        method=args.method
+        or ("budget" if args.whiten or args.target_size or args.stream else "laser"),
         threshold_options=options,
         targets=args.targets,
         include_heads=args.include_heads,
@@ -738,6 +760,9 @@ def run_compress(args: argparse.Namespace) -> int:
         quantize=args.quantize,
         device=args.device,
         dtype=args.dtype,
+        stream=args.stream,
+        sequential=args.sequential,
+        refine_steps=args.refine_steps,
     )
     if args.reproduce_laserrmt:
         settings = CompressSettings.reproduce_laserrmt_preset(**common)
@@ -767,6 +792,10 @@ def run_compress(args: argparse.Namespace) -> int:
     if isinstance(plan, WidthPlan):
         return run_width_plan_command(args, plan)
     check_output_dir(args.out, args.overwrite)
+    if settings.stream:
+        if plan is not None:
+            raise InvalidOptionError("--plan is replayed in memory; drop --stream")
+        return run_compress_streaming(args, settings, max_shard_size, evaluation)
 
     loaded = _load_placed(args)
     if plan is not None:
@@ -825,6 +854,129 @@ def run_compress(args: argparse.Namespace) -> int:
     if result.weight_bytes is not None:
         asked = f" (asked for ≤ {settings.target_size:,})" if settings.target_size else ""
         print(f"weights: {result.weight_bytes:,} bytes{asked}")
+    if before and after:
+        print(comparison_markdown(before, after))
+    print(f"saved: {args.out}  (load it with laserrmt.load); report: {args.out}/report.html")
+    return 0
+
+
+def run_compress_streaming(
+    args: argparse.Namespace, settings: Any, max_shard_size: int, evaluation: Any
+) -> int:
+    """The budget method through the streaming pipeline (``--stream``)."""
+    import json
+
+    from laserrmt.evaluate import _windows_and_protocol, track_peak_memory
+    from laserrmt.models.checkpoint import open_checkpoint, readable_lazily
+    from laserrmt.models.loading import checkpoint_tokenizer
+    from laserrmt.models.placement import resolve_device, resolve_dtype
+    from laserrmt.models.streaming import BlockStream
+    from laserrmt.outputs import atomic_output_dir
+    from laserrmt.pipeline import CompressionResult, _calibration_record, _calibration_windows
+    from laserrmt.report.compression import comparison_markdown, compression_report
+    from laserrmt.sequential import compress_streaming
+    from laserrmt.surgery.io import write_compressed
+
+    if not readable_lazily(args.model):
+        raise InvalidOptionError(
+            f"--stream reads the model lazily from a folder of safetensors weights or a .gguf "
+            f"file, and {args.model} is neither; save it with save_pretrained or drop --stream"
+        )
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    checkpoint = open_checkpoint(args.model, trust_remote_code=args.trust_remote_code)
+    stream = BlockStream(
+        checkpoint, device=device, dtype=dtype, trust_remote_code=args.trust_remote_code
+    )
+    tokenizer = checkpoint_tokenizer(checkpoint.path, args.trust_remote_code)
+    calibration = _calibration_windows(tokenizer, settings)
+    windows, protocol = (None, None)
+    if not args.no_eval:
+        windows, protocol = _windows_and_protocol(
+            tokenizer, None, args.eval_windows, None, evaluation
+        )
+    started = time.perf_counter()
+    with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
+        with track_peak_memory() as memory:
+            outcome = compress_streaming(
+                stream,
+                calibration,
+                tmp,
+                target_params=settings.target_params,
+                whiten=settings.whiten,
+                allocation=settings.allocation,
+                importance=settings.importance,
+                fisher_windows=settings.fisher_windows,
+                targets=settings.targets,
+                compensate=settings.sequential,
+                refine_steps=settings.refine_steps,
+                evaluation=windows,
+                max_shard_size=max_shard_size,
+                calibration_source=_calibration_record(settings),
+                settings=settings.to_dict(),
+                progress=not args.quiet,
+            )
+        result = CompressionResult(outcome.plan, settings)
+        result.weight_bytes = outcome.weight_bytes
+        result.timings = {**outcome.timings, "total": time.perf_counter() - started}
+        peak = int(memory["peak_bytes"])
+        write_compressed(
+            stream.model,
+            tmp,
+            tokenizer=tokenizer,
+            plan=outcome.plan,
+            settings={
+                "compress": result.to_dict(),
+                "source": stream.source,
+                "stream": {"peak_memory_bytes": peak, "refinement": outcome.refinement},
+            },
+            weights_written=True,
+        )
+        before = after = None
+        if windows is not None:
+            assert outcome.perplexity_before is not None and outcome.perplexity_after is not None
+            common = {"eval_windows": int(windows.shape[0]), "protocol": protocol}
+            before = {
+                "perplexity": outcome.perplexity_before.perplexity,
+                "nll": outcome.perplexity_before.nll,
+                "eval_tokens": outcome.perplexity_before.tokens,
+                "params_total": outcome.params_before,
+                **common,
+            }
+            after = {
+                "perplexity": outcome.perplexity_after.perplexity,
+                "nll": outcome.perplexity_after.nll,
+                "eval_tokens": outcome.perplexity_after.tokens,
+                "params_total": outcome.params_after,
+                "size_bytes": outcome.weight_bytes,
+                "peak_memory_bytes": peak,
+                **common,
+            }
+            (tmp / "evaluation.json").write_text(
+                json.dumps({"before": before, "after": after}, indent=2) + "\n"
+            )
+        report = compression_report(
+            source=stream.source,
+            result=result.to_dict(),
+            plan_rows=outcome.plan.summary(),
+            analysis_records=[],
+            before=before,
+            after=after,
+            folder=tmp,
+        )
+        report.notes.append(
+            f"Streamed block by block: peak resident memory of the whole process "
+            f"{peak / 2**30:.2f} GiB (block parameters {outcome.params_before:,} → "
+            f"{outcome.params_after:,})."
+        )
+        report.write(tmp / "report.html")
+    summary = result.to_dict()["plan_summary"]
+    print(f"model: {stream.source} (streamed block by block)")
+    print(
+        f"target parameters removed: {summary['params_removed']:,} of {summary['params_before']:,} "
+        f"({summary['params_removed'] / max(1, summary['params_before']):.1%}); peak memory "
+        f"{peak / 2**30:.2f} GiB"
+    )
+    print(f"weights: {outcome.weight_bytes:,} bytes")
     if before and after:
         print(comparison_markdown(before, after))
     print(f"saved: {args.out}  (load it with laserrmt.load); report: {args.out}/report.html")

@@ -91,6 +91,12 @@ class CompressSettings:
     #: the model is moved and cast to them once, before anything is measured (``None``: as it is).
     device: str | None = None
     dtype: str | None = None
+    #: The budget method through the streaming pipeline (:mod:`laserrmt.sequential`): one
+    #: block in memory; ``sequential`` refits each block's factors on the compressed model's
+    #: inputs, ``refine_steps`` optimises each block towards the dense block's outputs.
+    stream: bool = False
+    sequential: bool = False
+    refine_steps: int = 0
 
     @property
     def n_calibration_windows(self) -> int:
@@ -169,10 +175,42 @@ class CompressSettings:
                 "--calibration-data: the laser method's oneshot selection reads no calibration "
                 "text; add --select loop, --heal-steps or use --method budget"
             )
+        if self.refine_steps < 0:
+            raise InvalidOptionError("--refine-steps must be ≥ 0")
+        if (self.sequential or self.refine_steps) and not self.stream:
+            raise InvalidOptionError(
+                "--sequential and --refine-steps work block by block: add --stream"
+            )
+        if self.stream:
+            self._check_streamable()
         if self.target_size is not None and self.method != "budget":
             raise InvalidOptionError(
                 "--target-size is a budget for --method budget (or --whiten); the laser method "
                 "takes --target-params"
+            )
+
+    def _check_streamable(self) -> None:
+        unsupported = [
+            option
+            for option, used in (
+                ("--method laser/rmt-kd", self.method != "budget"),
+                ("--target-size", self.target_size is not None),
+                ("--heal-steps", self.heal_steps > 0),
+                ("--quantize", self.quantize is not None),
+                ("--include-heads", self.include_heads),
+                ("--importance attention", self.importance == "attention"),
+                ("--whiten asvd/fisher with --sequential", self.sequential and self.whiten not in ("svdllm", "none")),
+            )
+            if used
+        ]
+        if unsupported:
+            raise InvalidOptionError(
+                f"--stream runs the budget method block by block and does not take "
+                f"{unsupported[0]}; drop it, or drop --stream to compress in memory"
+            )
+        if self.target_params is None:
+            raise InvalidOptionError(
+                "--stream needs --target-params F (the fraction of target parameters to remove)"
             )
 
 

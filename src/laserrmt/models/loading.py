@@ -462,6 +462,16 @@ def _load_tokenizer(folder: Path, trust_remote_code: bool) -> Any | None:
         ) from None
 
 
+def checkpoint_tokenizer(path: Path, trust_remote_code: bool = False) -> Any | None:
+    """The tokenizer beside a lazily read checkpoint (its folder, or a ``.gguf`` file's own
+    vocabulary); ``None`` when there is none."""
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return _load_tokenizer(path if path.is_dir() else path.parent, trust_remote_code)
+
+
 def _load_hub(repo_id: str, task: str, trust_remote_code: bool, dtype: torch.dtype) -> LoadedModel:
     from transformers import AutoConfig, AutoTokenizer
 
