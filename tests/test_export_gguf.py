@@ -105,8 +105,9 @@ def _saved(
     *,
     plan: CompressionPlan | None = None,
     untied: bool = False,
+    **config: Any,
 ) -> Path:
-    model = tiny_llama(tie_word_embeddings=not untied)
+    model = tiny_llama(tie_word_embeddings=not untied, **config)
     change(model)
     folder = tmp_path / "compressed"
     laserrmt.save(model, folder, tokenizer=bpe_tokenizer(), plan=plan)
@@ -195,10 +196,18 @@ def test_bfloat16_matrices(tmp_path: Path) -> None:
     assert _logit_diff(folder, out) <= 2e-2  # bfloat16 keeps 8 bits of each weight
 
 
-def test_the_tokenizer_travels_in_the_file(tmp_path: Path) -> None:
+def test_tokenizer_and_hyper_parameters_travel_in_the_file(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    folder = _saved(tmp_path, lambda m: None)
+    def sharpen(model: nn.Module) -> None:
+        # Random init leaves attention nearly uniform, blind to positions and so to rope_theta.
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.weight *= 30
+                layer.self_attn.k_proj.weight *= 30
+
+    # Hyper-parameters away from LlamaConfig's defaults, which a reader could fall back on.
+    folder = _saved(tmp_path, sharpen, rope_theta=5e5, rms_norm_eps=1e-2)
     out = tmp_path / "gguf"
     _export(folder, out, "--dtype", "float32")
     assert "output.weight" not in _tensor_types(out)  # the tied head is the embedding
