@@ -358,6 +358,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="label",
         help="rmt-kd on a classifier with --calibration-data: the label column (default label)",
     )
+    kd.add_argument(
+        "--images",
+        metavar="DIR",
+        default=None,
+        help="rmt-kd on an image classifier (…ForImageClassification folder): an "
+        "ImageFolder-style directory, one subfolder of images per class",
+    )
+    kd.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="rmt-kd with --images: resize images to N×N (default: the model's image_size)",
+    )
     compress.add_argument(
         "--whiten",
         default=None,
@@ -758,6 +771,8 @@ def run_compress(args: argparse.Namespace) -> int:
             max_candidates=args.max_candidates,
             **common,
         )
+    if (args.images is not None or args.image_size is not None) and args.method != "rmt-kd":
+        raise InvalidOptionError("--images and --image-size are read by --method rmt-kd only")
     if args.method == "rmt-kd":
         from laserrmt.models.placement import check_trainable_dtype
 
@@ -857,11 +872,30 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
         lr=args.distill_lr,
         dataset=args.dataset,
     )
+    if args.images is not None and (args.calibration_data or args.dataset):
+        raise InvalidOptionError(
+            "--images is the whole data set of an image classifier; drop --calibration-data "
+            "and --dataset"
+        )
+    if args.image_size is not None and (args.images is None or args.image_size < 1):
+        raise InvalidOptionError("--image-size N (N ≥ 1) goes with --images")
     init_distributed()
     main_process = is_main_process()
     check_output_dir(args.out, args.overwrite)
     loaded = _load_placed(args)
     task: Task = "causal-lm" if is_causal_lm(loaded.model) else "classification"
+    images = None
+    if args.images is not None:
+        from laserrmt.data.classification import ImageFolderData
+
+        if task != "classification" or not hasattr(loaded.model, "classifier"):
+            raise InvalidOptionError(
+                f"--images needs an image classifier with its head (a …ForImageClassification "
+                f"folder); {type(loaded.model).__name__} is not one"
+            )
+        images = ImageFolderData.for_model(
+            args.images, loaded.model, model_folder=loaded.path, size=args.image_size
+        )
     data = None
     if args.calibration_data is not None:
         from laserrmt.data.sources import open_text_source
@@ -894,6 +928,7 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
         fine_tune_epochs=fine_tune_epochs,
         dataset=args.dataset,
         data=data,
+        images=images,
         sites=args.sites,
         tau=args.tau,
         estimator=args.kd_estimator,
