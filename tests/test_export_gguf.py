@@ -305,7 +305,8 @@ def test_default_model_round_trip(default_model, tmp_path: Path) -> None:
     with torch.no_grad():
         got = plain(input_ids=ids).logits.numpy()
         expected = default_model.model(input_ids=ids).logits.float().numpy()
-    # float16 matrices: a few 1e-2 on logits of order 10-30.
-    np.testing.assert_allclose(got, expected, atol=0.1, rtol=0)
+    # float16 matrices move the tiny models' logits by 2e-4 of their largest; 30 blocks are
+    # allowed 1e-2 of it.
+    np.testing.assert_allclose(got, expected, atol=1e-2 * np.abs(expected).max(), rtol=0)
     assert report["check"]["max_abs_logit_diff_vs_same_weights"] <= report["check"]["tolerance"]
     assert np.argmax(got[0, -1]) == np.argmax(expected[0, -1])
