@@ -358,6 +358,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="label",
         help="rmt-kd on a classifier with --calibration-data: the label column (default label)",
     )
+    kd.add_argument(
+        "--images",
+        metavar="DIR",
+        default=None,
+        help="rmt-kd on an image classifier (…ForImageClassification folder): an "
+        "ImageFolder-style directory, one subfolder of images per class",
+    )
+    kd.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="rmt-kd with --images: resize images to N×N (default: the model's image_size)",
+    )
     compress.add_argument(
         "--whiten",
         default=None,
@@ -533,19 +546,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser(
         "export",
-        help="write a model as an ONNX graph with a KV cache, or as a standard HF folder",
+        help="write a model as an ONNX graph with a KV cache, a standard HF folder or GGUF",
         description="Export a model folder (compressed by laserrmt or not): --format onnx "
         "writes model.onnx checked against torch with ONNX Runtime; --format hf writes the "
-        "base architecture's own folder and says which savings survive.",
+        "base architecture's own folder and says which savings survive; --format gguf writes "
+        "that model as model.gguf (Llama-style causal LMs) checked with transformers' reader.",
     )
     _add_output_arguments(export, top=False)
     export.add_argument("model", metavar="MODEL_DIR", help="the model folder to export")
-    export.add_argument("--format", required=True, help="onnx or hf")
+    export.add_argument("--format", required=True, help="onnx, hf or gguf")
     export.add_argument("--out", required=True, help="the folder to write")
     export.add_argument(
         "--quantize",
         default=None,
         help="int8: ONNX Runtime's dynamic int8 MatMuls (--format onnx only)",
+    )
+    export.add_argument(
+        "--dtype",
+        default=None,
+        help="gguf: matrix type float16 (default), bfloat16 or float32; norms stay float32",
     )
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     export.set_defaults(run=run_export)
@@ -777,6 +796,8 @@ def run_compress(args: argparse.Namespace) -> int:
             max_candidates=args.max_candidates,
             **common,
         )
+    if (args.images is not None or args.image_size is not None) and args.method != "rmt-kd":
+        raise InvalidOptionError("--images and --image-size are read by --method rmt-kd only")
     if args.method == "rmt-kd":
         from laserrmt.models.placement import check_trainable_dtype
 
@@ -1003,11 +1024,30 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
         lr=args.distill_lr,
         dataset=args.dataset,
     )
+    if args.images is not None and (args.calibration_data or args.dataset):
+        raise InvalidOptionError(
+            "--images is the whole data set of an image classifier; drop --calibration-data "
+            "and --dataset"
+        )
+    if args.image_size is not None and (args.images is None or args.image_size < 1):
+        raise InvalidOptionError("--image-size N (N ≥ 1) goes with --images")
     init_distributed()
     main_process = is_main_process()
     check_output_dir(args.out, args.overwrite)
     loaded = _load_placed(args)
     task: Task = "causal-lm" if is_causal_lm(loaded.model) else "classification"
+    images = None
+    if args.images is not None:
+        from laserrmt.data.classification import ImageFolderData
+
+        if task != "classification" or not hasattr(loaded.model, "classifier"):
+            raise InvalidOptionError(
+                f"--images needs an image classifier with its head (a …ForImageClassification "
+                f"folder); {type(loaded.model).__name__} is not one"
+            )
+        images = ImageFolderData.for_model(
+            args.images, loaded.model, model_folder=loaded.path, size=args.image_size
+        )
     data = None
     if args.calibration_data is not None:
         from laserrmt.data.sources import open_text_source
@@ -1040,6 +1080,7 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
         fine_tune_epochs=fine_tune_epochs,
         dataset=args.dataset,
         data=data,
+        images=images,
         sites=args.sites,
         tau=args.tau,
         estimator=args.kd_estimator,
@@ -1246,7 +1287,21 @@ def run_export(args: argparse.Namespace) -> int:
     if args.format not in FORMATS:
         raise InvalidOptionError(f"unknown --format {args.format!r}; choose {', '.join(FORMATS)}")
     if args.quantize is not None and args.format != "onnx":
-        raise InvalidOptionError("--quantize applies to --format onnx only; drop it for hf")
+        raise InvalidOptionError(
+            f"--quantize applies to --format onnx only; drop it for {args.format}"
+        )
+    if args.dtype is not None and args.format != "gguf":
+        raise InvalidOptionError(
+            f"--dtype applies to --format gguf only; drop it for {args.format}"
+        )
+    if args.format == "gguf":
+        from laserrmt.export.gguf import GGUF_DTYPES, gguf_package
+
+        if args.dtype is not None and args.dtype not in GGUF_DTYPES:
+            raise InvalidOptionError(
+                f"unknown --dtype {args.dtype!r}; choose {', '.join(GGUF_DTYPES)}"
+            )
+        gguf_package()
     if args.format == "onnx":
         from laserrmt.export.onnx import QUANTIZE_CHOICES, onnx_runtime
 
@@ -1280,6 +1335,27 @@ def run_export(args: argparse.Namespace) -> int:
                     f"agreement {report['int8']['top1_agreement_vs_float32_onnx']:.3f}"
                 )
             print(f"model.onnx: {report['onnx_bytes'] / 1e6:.1f} MB")
+    elif args.format == "gguf":
+        from laserrmt.export import export_gguf
+
+        report = export_gguf(
+            loaded.model,
+            args.out,
+            tokenizer=loaded.tokenizer,
+            dtype=args.dtype or "float16",
+            overwrite=args.overwrite,
+            source_folder=loaded.path,
+        )
+        if not args.quiet:
+            check = report["check"]
+            print(
+                f"transformers' GGUF reader vs the same weights in torch: max |diff| "
+                f"{check['max_abs_logit_diff_vs_same_weights']:.3g}; vs the laserrmt model "
+                f"({report['dtype']} rounding): {check['max_abs_logit_diff_vs_laserrmt']:.3g}"
+            )
+            print(f"savings that survive: {'; '.join(report['survives'])}")
+            print(f"savings lost: {'; '.join(report['lost']) or 'none'}")
+            print(f"model.gguf: {report['gguf_bytes'] / 1e6:.1f} MB")
     else:
         from laserrmt.export import export_hf
 

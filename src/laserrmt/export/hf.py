@@ -29,7 +29,7 @@ from laserrmt.surgery.registry import CompressedModule
 from laserrmt.surgery.replace import set_submodule
 from laserrmt.surgery.width.modules import ResizedLinear
 
-__all__ = ["HF_TOLERANCE", "export_hf"]
+__all__ = ["HF_TOLERANCE", "export_hf", "standard_copy"]
 
 HF_TOLERANCE = 1e-5
 
@@ -110,6 +110,35 @@ def _check_ids(vocab_size: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (2, 16), generator=generator)
 
 
+def standard_copy(model: nn.Module) -> tuple[Any, dict[str, int], int | None]:
+    """A CPU copy of ``model`` in its base architecture: compressed layers made dense.
+
+    Returns the copy (its config's ``intermediate_size`` set to the shared MLP width), the count
+    of densified layers by kind (``int8``, ``factorized``, ``resized``) and that width (None
+    when the model has no MLP width to set). ``model`` is not changed.
+
+    Raises:
+        TargetSelectionError: no transformers config, or a layer or width the config cannot
+            express.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "save_pretrained"):
+        raise TargetSelectionError(
+            f"{type(model).__name__} has no transformers config, so no standard folder exists "
+            "for it; save it with laserrmt.save"
+        )
+    dense: Any = copy.deepcopy(model).cpu().eval()
+    counts = _densify(dense)
+    mlp_width = _set_mlp_width(dense)
+    mismatch = _shape_mismatch(dense)
+    if mismatch is not None:
+        raise TargetSelectionError(
+            f"the {type(model).__name__} config cannot express tensor {mismatch}; export with "
+            "--format onnx or load with laserrmt"
+        )
+    return dense, counts, mlp_width
+
+
 def export_hf(
     model: nn.Module,
     out: str | os.PathLike[str],
@@ -133,22 +162,9 @@ def export_hf(
     """
     import transformers
 
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "save_pretrained"):
-        raise TargetSelectionError(
-            f"{type(model).__name__} has no transformers config, so no standard folder exists "
-            "for it; save it with laserrmt.save"
-        )
     check_output_dir(out, overwrite)
-    dense: Any = copy.deepcopy(model).cpu().eval()
-    counts = _densify(dense)
-    mlp_width = _set_mlp_width(dense)
-    mismatch = _shape_mismatch(dense)
-    if mismatch is not None:
-        raise TargetSelectionError(
-            f"the {type(model).__name__} config cannot express tensor {mismatch}; export with "
-            "--format onnx or load with laserrmt"
-        )
+    dense, counts, mlp_width = standard_copy(model)
+    config: Any = model.config
     ids = _check_ids(int(config.vocab_size))
     device = next(model.parameters()).device
     with torch.no_grad():
