@@ -463,7 +463,6 @@ def compress_streaming(
                         stats = hooks.finalize()
                     finally:
                         hooks.remove()
-                    pending = {}
                     for name in local:
                         grams = whiten in ("svdllm", "asvd")
                         svd = weighted_svd(
@@ -477,12 +476,10 @@ def compress_streaming(
                         )
                         values[name] = svd.s.cpu().numpy()
                         k = largest_paying_rank(by_name[name].shape)
-                        if k > 0 and not compensate:
-                            pending[name] = (svd.U[:, :k], svd.s[:k], svd.Vh[:k])
+                        if k > 0 and not compensate:  # to disk at once: one matrix held
+                            spill.write({name: (svd.U[:, :k], svd.s[:k], svd.Vh[:k])})
                         del svd
                     del stats
-                    spill.write(pending)
-                    del pending
                     if evaluator is not None:
                         eval_hidden = _carry(evaluator, index, block, eval_hidden)
                 _tick(bar)
