@@ -19,10 +19,10 @@ from laserrmt.methods.heal import factor_parameters
 from laserrmt.pipeline import CompressSettings, compress
 from laserrmt.surgery.io import weight_bytes
 from laserrmt.surgery.lowrank import LowRankLinear
-from laserrmt.surgery.replace import set_submodule
 from laserrmt.surgery.sparse import (
     LowRankSparseLinear,
     factorize_sparse,
+    input_gram_diagonals,
     lowrank_plus_sparse,
     split_budget,
 )
@@ -57,7 +57,9 @@ def _entries(sparse: torch.Tensor) -> dict[tuple[int, int], float]:
 
 
 def _top(score: torch.Tensor, count: int) -> set[tuple[int, int]]:
-    cells = [(float(score[i, j]), (i, j)) for i in range(score.shape[0]) for j in range(score.shape[1])]
+    cells = [
+        (float(score[i, j]), (i, j)) for i in range(score.shape[0]) for j in range(score.shape[1])
+    ]
     return {cell for _, cell in sorted(cells, reverse=True)[:count]}
 
 
@@ -290,5 +292,21 @@ def test_budget_method_with_a_sparse_share_keeps_the_plain_size(tmp_path):
     with torch.no_grad():
         expected = model(ids).logits
     loaded, _ = laserrmt.load(laserrmt.save(model, tmp_path / "m", plan=result.plan))
+    replayed, _ = compress(
+        tiny_llama(), tiny_tokenizer(), plan=result.plan, sparse_share=0.3, **options
+    )
     with torch.no_grad():
         assert (loaded(ids).logits - expected).abs().max().item() <= 1e-5
+        assert (replayed(ids).logits - expected).abs().max().item() <= 1e-5
+
+
+def test_input_gram_diagonals_are_the_summed_squared_inputs():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    batches = [torch.randn(2, 4, 6) for _ in range(3)]
+    diagonals = input_gram_diagonals(model, ["0", "2"], batches, progress=False)
+    first = sum((b.reshape(-1, 6) ** 2).sum(0) for b in batches)
+    with torch.no_grad():
+        second = sum((model[1](model[0](b)).reshape(-1, 5) ** 2).sum(0) for b in batches)
+    torch.testing.assert_close(diagonals["0"].double(), first.double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(diagonals["2"].double(), second.double(), rtol=1e-5, atol=1e-5)

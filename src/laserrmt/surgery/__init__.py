@@ -22,8 +22,8 @@ from laserrmt.surgery.lowrank import (
     weight_as_matrix,
 )
 from laserrmt.surgery.quantize import Int8Linear, Int8LowRankLinear, quantize_model_int8
-from laserrmt.surgery.sparse import LowRankSparseLinear, factorize_sparse, split_budget
 from laserrmt.surgery.registry import CompressedModule, module_class, register_module
+from laserrmt.surgery.sparse import LowRankSparseLinear, factorize_sparse, split_budget
 
 __all__ = [
     "AppliedChange",

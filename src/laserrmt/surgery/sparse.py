@@ -46,9 +46,11 @@ from laserrmt.errors import InvalidOptionError, TargetSelectionError
 from laserrmt.models.placement import float64_device
 from laserrmt.surgery.lowrank import (
     LowRankLinear,
+    _bias_of,
     _check_rank,
     _dense_dtype,
     _is_hf_conv1d,
+    _weight_of,
     factor_weight,
     truncated_svd,
     weight_as_matrix,
@@ -84,7 +86,7 @@ def check_sparse_share(share: Any) -> float:
     if (
         isinstance(share, bool)
         or not isinstance(share, numbers.Real)
-        or not 0 <= share < MAX_SPARSE_SHARE
+        or not 0 <= float(share) < MAX_SPARSE_SHARE
     ):
         raise InvalidOptionError(
             f"--sparse-share {share!r}: give the fraction of each factorized matrix's budget "
@@ -286,9 +288,11 @@ class LowRankSparseLinear(CompressedModule):
         self.A = nn.Parameter(torch.empty(out_features, self.rank, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.empty(self.rank, in_features, device=device, dtype=dtype))
         self.S_values = nn.Parameter(torch.empty(self.nnz, device=device, dtype=dtype))
-        index = {"device": device, "dtype": torch.int32}
-        self.register_buffer("S_crow_indices", torch.empty(out_features + 1, **index))
-        self.register_buffer("S_col_indices", torch.empty(self.nnz, **index))
+        index = torch.int32
+        self.register_buffer(
+            "S_crow_indices", torch.empty(out_features + 1, device=device, dtype=index)
+        )
+        self.register_buffer("S_col_indices", torch.empty(self.nnz, device=device, dtype=index))
         self.bias = (
             nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         )
@@ -314,7 +318,7 @@ class LowRankSparseLinear(CompressedModule):
             )
         matrix = weight_as_matrix(linear, name)
         parts = lowrank_plus_sparse(matrix, rank, nnz, gram=gram, svd=svd, floor=floor, name=name)
-        bias = linear.bias if isinstance(linear.bias, torch.Tensor) else None
+        bias = _bias_of(linear)
         out_features, in_features = matrix.shape
         layer = cls(
             in_features,
@@ -334,7 +338,7 @@ class LowRankSparseLinear(CompressedModule):
             if layer.bias is not None and bias is not None:
                 layer.bias.copy_(bias)
         layer.train(linear.training)
-        layer.requires_grad_(linear.weight.requires_grad)
+        layer.requires_grad_(_weight_of(linear).requires_grad)
         return layer
 
     def sparse(self, dtype: torch.dtype | None = None) -> torch.Tensor:

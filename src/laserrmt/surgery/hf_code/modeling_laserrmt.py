@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -62,12 +63,15 @@ class LowRankSparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(F.linear(x, self.B), self.A, self.bias)
         dtype = torch.promote_types(self.S_values.dtype, torch.float32)
-        sparse = torch.sparse_csr_tensor(
-            self.S_crow_indices,
-            self.S_col_indices,
-            self.S_values.to(dtype),
-            (self.out_features, self.in_features),
-        )
+        with warnings.catch_warnings():  # torch calls CSR "beta"; build and product are stable
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            sparse = torch.sparse_csr_tensor(
+                self.S_crow_indices,
+                self.S_col_indices,
+                self.S_values.to(dtype),
+                (self.out_features, self.in_features),
+                check_invariants=False,
+            )
         product = (sparse @ x.reshape(-1, self.in_features).to(dtype).T).T
         return y + product.reshape(*x.shape[:-1], self.out_features).to(y.dtype)
 
