@@ -147,7 +147,7 @@ def test_split_budget_edges():
         split_budget((24, 40), 63, 0.5)
 
 
-@pytest.mark.parametrize("share", [0.9, -0.1, 1.5, True, "0.2"])
+@pytest.mark.parametrize("share", [0.9, -0.1, 1.5, float("nan"), True, "0.2"])
 def test_a_bad_share_is_one_line(share):
     with pytest.raises(InvalidOptionError) as error:
         CompressSettings(method="budget", target_params=0.2, sparse_share=share).validate()

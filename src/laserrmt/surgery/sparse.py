@@ -1,7 +1,7 @@
 """Low rank plus sparse: ``W ≈ A B + S`` under the parameter budget of a plain factorization.
 
 A truncated factorization misses the entries of ``W`` that no few directions explain: a handful
-of large weights, often on the input channels that carry the largest activations. Spending part
+of large weights, such as those on the input channels with the largest activations. Spending part
 of the budget on those entries, kept exactly in a sparse matrix ``S``, and the rest on the rank
 is the hybrid representation of the low-rank + sparse decompositions (LoSparse, Li et al.,
 ICML 2023; SLTrain, Han et al., NeurIPS 2024).
@@ -22,12 +22,16 @@ factorization they replace.
 
 The product: ``y = A (B x) + S x + bias``, ``S x`` through ``torch.sparse_csr_tensor`` (MKL's
 CSR × dense on CPU, cuSPARSE on CUDA), built from the stored parts at each call so that
-gradients reach ``S``'s values. Measured on one CPU thread for a 576 × 1536 weight and 512
-tokens (median of 20, float32): CSR × dense took 1.5 / 1.7 / 4.0 ms at 1 / 2 / 5 % density,
-against 4.6 / 7.4 / 16 ms for dense × transposed CSR, 10 / 10 / 21 ms for scattering ``S``
-into a dense matrix and one ``F.linear``, 13 / 25 / 98 ms for COO, and 19 / 74 / 243 ms for a
-gather / ``index_add_`` product; the dense 576 × 1536 ``F.linear`` itself took 9.9 ms. MKL has
-no 16-bit CSR kernel, so the sparse product runs in at least float32.
+gradients reach ``S``'s values. Candidates for ``S x`` were timed on one CPU thread for a
+576 × 1536 ``S`` and 512 tokens (float32, median of 20) on a shared 2-core machine; at 1 / 2 /
+5 % density, quiet: CSR × dense 1.5 / 1.7 / 4.0 ms, dense × transposed CSR 4.6 / 7.4 / 16,
+scattering ``S`` into a dense matrix then ``F.linear`` 10 / 10 / 21, COO 13 / 25 / 98,
+gather / ``index_add_`` 19 / 74 / 243, against 9.9 ms for the dense ``F.linear``; under load
+(load average 10): CSR 6.1 / 7.1 / 12, dense × CSR 15 / 20 / 41, scatter 34 / 26 / 30, gather
+81 / 191 / 512, dense 24–29. The whole layer at 2 % (rank 174 + 18 719 entries, the bytes of
+rank 192) took 25 ms under that load, against 13 ms for rank 192 alone and 26 ms dense: the
+sparse term costs more than its share of the bytes. MKL has no 16-bit CSR kernel, so the sparse
+product runs in at least float32.
 """
 
 from __future__ import annotations
