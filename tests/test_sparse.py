@@ -15,6 +15,7 @@ from torch import nn
 
 import laserrmt
 from laserrmt.errors import InvalidOptionError, TargetSelectionError
+from laserrmt.evaluate import count_parameters
 from laserrmt.methods.heal import factor_parameters
 from laserrmt.pipeline import CompressSettings, compress
 from laserrmt.surgery.io import weight_bytes
@@ -133,6 +134,9 @@ def test_split_budget_counts_what_the_saved_layer_stores(dtype, share, tmp_path)
     assert budget - (element + 4) < stored <= budget
     assert _stored_bytes(LowRankLinear.from_linear(linear, planned), tmp_path) == budget
     assert weight_bytes(layer) == stored + element * m
+    # Every stored number counts, indices included: as many as the bytes in float32.
+    numbers = count_parameters(layer)["params_total"] - m
+    assert numbers == rank * (m + n) + 2 * nnz + m + 1
 
 
 def test_split_budget_edges():
