@@ -21,7 +21,7 @@ from laserrmt.models.streaming import BlockStream
 from laserrmt.models.targets import find_targets
 from laserrmt.sequential import compress_streaming, streamed_fisher_rows, streamed_perplexity
 from laserrmt.stats.calibration import collect_fisher_diagonal
-from laserrmt.surgery.apply import apply_plan
+from laserrmt.pipeline import _cut
 from laserrmt.surgery.io import load, weight_bytes, write_compressed
 from laserrmt.surgery.whiten import compensated_svd, weighted_svd
 from tests.tiny_models import TINY_VOCAB_SIZE, tiny_bert, tiny_gemma, tiny_llama, tiny_qwen2
@@ -38,21 +38,31 @@ def stream_of(model, folder, **kwargs) -> BlockStream:
     return BlockStream(open_checkpoint(folder), **kwargs)
 
 
-@pytest.mark.parametrize("build", [tiny_llama, tiny_gemma, tiny_qwen2])
-def test_streamed_budget_equals_the_in_memory_method(tmp_path, build):
+@pytest.mark.parametrize(
+    ("build", "share"), [(tiny_llama, 0.0), (tiny_gemma, 0.0), (tiny_qwen2, 0.0), (tiny_llama, 0.3)]
+)
+def test_streamed_budget_equals_the_in_memory_method(tmp_path, build, share):
     model = build()
     calibration, evaluation = windows(6, 1), windows(3, 2)
     stream = stream_of(model, tmp_path / "m")
     out = tmp_path / "out"
     out.mkdir()
     streamed = compress_streaming(
-        stream, calibration, out, target_params=0.3, evaluation=evaluation, progress=False
+        stream,
+        calibration,
+        out,
+        target_params=0.3,
+        sparse_share=share,
+        evaluation=evaluation,
+        progress=False,
     )
     write_compressed(stream.model, out, plan=streamed.plan, weights_written=True)
 
     dense_ppl = perplexity(model, evaluation, progress=False).perplexity
-    with budget_plan(model, find_targets(model), calibration, target_params=0.3, progress=False) as outcome:
-        apply_plan(model, outcome.plan, svd_cache=outcome.svd_cache, progress=False)
+    targets = find_targets(model)
+    with budget_plan(model, targets, calibration, target_params=0.3, progress=False) as outcome:
+        # The in-memory cut, sparse entries included when asked for.
+        _cut(model, outcome.plan, outcome.svd_cache, calibration, share, False)
     ranks = {d.module: (d.mode, d.rank) for d in outcome.plan}
     assert ranks == {d.module: (d.mode, d.rank) for d in streamed.plan}
     assert any(mode == "factorize" for mode, _ in ranks.values())

@@ -378,6 +378,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(input-channel scaling), fisher (FWSVD row weighting) or none (default svdllm)",
     )
     compress.add_argument(
+        "--sparse-share",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="budget: spend this fraction of each factorized matrix's parameters on the largest "
+        "entries of its activation-weighted residual, W ≈ UV + S (values and indices counted), "
+        "in [0, 0.9) (default 0: plain factors)",
+    )
+    compress.add_argument(
         "--allocation",
         default="global",
         help="budget: global (ranks allocated across matrices) or uniform (one ratio everywhere, "
@@ -759,7 +768,7 @@ def run_compress(args: argparse.Namespace) -> int:
         check_disjoint(calibration, evaluation)
     common = dict(
         method=args.method
-        or ("budget" if args.whiten or args.target_size or args.stream else "laser"),
+        or ("budget" if args.whiten or args.target_size or args.stream or args.sparse_share else "laser"),
         threshold_options=options,
         targets=args.targets,
         include_heads=args.include_heads,
@@ -777,6 +786,7 @@ def run_compress(args: argparse.Namespace) -> int:
         heal_batch_size=args.heal_batch_size,
         heal_top_k=args.heal_top_k,
         quantize=args.quantize,
+        sparse_share=args.sparse_share,
         device=args.device,
         dtype=args.dtype,
         stream=args.stream,
@@ -930,6 +940,7 @@ def run_compress_streaming(
                 targets=settings.targets,
                 compensate=settings.sequential,
                 refine_steps=settings.refine_steps,
+                sparse_share=settings.sparse_share,
                 evaluation=windows,
                 max_shard_size=max_shard_size,
                 calibration_source=_calibration_record(settings),

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
 
 from laserrmt.allocation import largest_paying_rank
 from laserrmt.errors import InvalidOptionError, NumericalError
@@ -48,7 +49,9 @@ from laserrmt.models.streaming import BlockStream
 from laserrmt.models.targets import Target, find_targets, select_targets, weight_matrix
 from laserrmt.plan import CompressionPlan
 from laserrmt.stats.calibration import _as_out_by_in, _StatisticsHooks
-from laserrmt.surgery.lowrank import LowRankLinear, factorize
+from laserrmt.surgery.lowrank import factorize
+from laserrmt.surgery.registry import CompressedModule
+from laserrmt.surgery.sparse import factorize_sparse
 from laserrmt.surgery.replace import set_submodule
 from laserrmt.surgery.shards import ShardWriter
 from laserrmt.surgery.spill import FactorSpill
@@ -308,8 +311,8 @@ def _trainable(block: nn.Module) -> list[nn.Parameter]:
     """The factors of the block's low-rank layers and its normalisation scales."""
     params: list[nn.Parameter] = []
     for module in block.modules():
-        if isinstance(module, LowRankLinear):
-            params += [p for p in module.parameters(recurse=False)]
+        if isinstance(module, CompressedModule):  # factors (and sparse values)
+            params += [p for p in module.parameters(recurse=False) if p.is_floating_point()]
         elif "norm" in type(module).__name__.lower() and isinstance(
             getattr(module, "weight", None), nn.Parameter
         ):
@@ -388,6 +391,7 @@ def compress_streaming(
     compensate: bool = False,
     refine_steps: int = 0,
     refine_lr: float = 1e-4,
+    sparse_share: float = 0.0,
     evaluation: torch.Tensor | None = None,
     max_shard_size: int = 1_000_000_000,
     calibration_source: Mapping[str, Any] | None = None,
@@ -398,6 +402,8 @@ def compress_streaming(
     """The budget method on a streamed model; the weights are written to ``out_dir`` (an
     existing folder) shard by shard, block by block.
 
+    ``sparse_share`` of each factorized matrix's parameters go to the largest entries of its
+    activation-weighted residual (:func:`~laserrmt.surgery.sparse.factorize_sparse`).
     ``targets`` selects modules as ``--targets`` does (all linear layers of the blocks by
     default); modules outside the blocks are not supported here. ``evaluation`` windows give
     the perplexity before and after. ``max_shard_size`` bounds what the writer holds.
@@ -445,6 +451,7 @@ def compress_streaming(
     evaluator = BlockRunner(stream, evaluation) if evaluation is not None else None
     eval_hidden = list(evaluator.hidden) if evaluator is not None else []
     values: dict[str, np.ndarray] = {}
+    diagonals: dict[str, torch.Tensor] = {}  # input Gram diagonals, for the sparse entries
     spill = FactorSpill()
     try:
         bar = _bar(len(stream.blocks), "statistics and spectra (streamed)", progress)
@@ -475,6 +482,8 @@ def compress_streaming(
                             module=name,
                         )
                         values[name] = svd.s.cpu().numpy()
+                        if sparse_share and not compensate:
+                            diagonals[name] = stats[name].gram.diagonal().clone()
                         k = largest_paying_rank(by_name[name].shape)
                         if k > 0 and not compensate:  # to disk at once: one matrix held
                             spill.write({name: (svd.U[:, :k], svd.s[:k], svd.Vh[:k])})
@@ -510,6 +519,8 @@ def compress_streaming(
             floor=floor,
             refine_steps=refine_steps,
             refine_lr=refine_lr,
+            sparse_share=sparse_share,
+            diagonals=diagonals,
             max_shard_size=max_shard_size,
             progress=progress,
             on_block=on_block,
@@ -534,6 +545,8 @@ def _cut(
     floor: float,
     refine_steps: int,
     refine_lr: float,
+    sparse_share: float,
+    diagonals: Mapping[str, torch.Tensor],
     max_shard_size: int,
     progress: bool,
     on_block: Callable[[int], None] | None,
@@ -551,7 +564,7 @@ def _cut(
             prefix = runner.block_prefix(index)
             stream.load(stream.tensors_under([prefix]))
             block = stream.model.get_submodule(prefix)
-            params_before += sum(p.numel() for p in block.parameters())
+            params_before += _stored_numbers(block)
             decisions = {
                 _relative(d.module, prefix): d
                 for d in plan
@@ -565,16 +578,25 @@ def _cut(
                     for name in group:
                         gram, cross, n = sums.pop(name)
                         module = block.get_submodule(name)
+                        full = f"{prefix}.{name}"
                         svd = compensated_svd(
-                            weight_matrix(module), gram, cross, n_samples=n, floor=floor,
-                            module=f"{prefix}.{name}",
+                            weight_matrix(module), gram, cross, n_samples=n, floor=floor, module=full
                         )
-                        set_submodule(block, name, factorize(module, decisions[name].rank, svd=svd.as_tuple(), name=name))
+                        if sparse_share:  # the residual is taken against the compensated target
+                            module = _with_weight(module, svd)
+                        replacement = _factorized(
+                            module, decisions[name].rank, svd.as_tuple(), sparse_share, gram, full
+                        )
+                        set_submodule(block, name, replacement)
             else:
                 for name, decision in decisions.items():
-                    module = block.get_submodule(name)
-                    replacement = factorize(
-                        module, decision.rank, svd=spill[f"{prefix}.{name}"], name=decision.module
+                    replacement = _factorized(
+                        block.get_submodule(name),
+                        decision.rank,
+                        spill[decision.module],
+                        sparse_share,
+                        diagonals.get(decision.module),
+                        decision.module,
                     )
                     set_submodule(block, name, replacement)
             if compensate or refine_steps:
@@ -592,7 +614,7 @@ def _cut(
                 eval_hidden = _carry(evaluator, index, block, eval_hidden)
             for key, tensor in block.state_dict().items():
                 writer.add(f"{prefix}.{key}", tensor)
-            params_after += sum(p.numel() for p in block.parameters())
+            params_after += _stored_numbers(block)
             block.to("meta")
             if on_block is not None:
                 on_block(index)
@@ -607,6 +629,33 @@ def _cut(
         perplexity_after=after,
         refinement=refinement,
     )
+
+
+def _stored_numbers(block: nn.Module) -> int:
+    """Numbers the block stores: parameters and saved buffers (a sparse layer's indices)."""
+    return sum(t.numel() for t in block.state_dict().values())
+
+
+def _factorized(
+    module: nn.Module,
+    rank: int,
+    svd: Any,
+    sparse_share: float,
+    gram: torch.Tensor | None,
+    name: str,
+) -> nn.Module:
+    if sparse_share:
+        return factorize_sparse(module, rank, sparse_share, gram=gram, svd=svd, name=name)
+    return factorize(module, rank, svd=svd, name=name)
+
+
+def _with_weight(module: nn.Module, svd: Any) -> nn.Module:
+    """A copy of a linear ``module`` whose weight is ``svd``'s full-rank product."""
+    proxy = copy.deepcopy(module)
+    target = svd.U @ torch.diag(svd.s) @ svd.Vh
+    with torch.no_grad():
+        proxy.weight.copy_(target.T if isinstance(proxy, Conv1D) else target)
+    return proxy
 
 
 def _write_outer(stream: BlockStream, writer: ShardWriter) -> None:

@@ -4,8 +4,9 @@ transformers, vLLM, TGI and llama.cpp's converter read a folder whose tensors ha
 the architecture's config implies. What a standard config can express survives: denoised
 weights (same shapes), the residual-stream cut (``hidden_size`` is a config value) and an MLP
 width shared by every block (``intermediate_size``). What it cannot is undone or refused:
-factorized layers are multiplied back into dense weights and int8 layers dequantized (their
-savings are lost), and MLP widths that differ per block cannot be written at all.
+factorized layers are multiplied back into dense weights (low rank plus sparse ones into
+``A B + S``) and int8 layers dequantized (their savings are lost), and MLP widths that differ
+per block cannot be written at all.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from laserrmt.surgery.io import METADATA_FILE, weight_bytes
 from laserrmt.surgery.lowrank import LowRankLinear
 from laserrmt.surgery.registry import CompressedModule
 from laserrmt.surgery.replace import set_submodule
+from laserrmt.surgery.sparse import LowRankSparseLinear
 from laserrmt.surgery.width.modules import ResizedLinear
 
 __all__ = ["HF_TOLERANCE", "export_hf", "standard_copy"]
@@ -38,7 +40,7 @@ def _densify(model: nn.Module) -> dict[str, int]:
     """Replace every compressed layer by a plain ``nn.Linear``, in place; counts by kind."""
     counts = {"int8": len(dequantize_int8_layers(model)), "factorized": 0, "resized": 0}
     for name, module in list(model.named_modules()):
-        if isinstance(module, LowRankLinear):
+        if isinstance(module, LowRankLinear | LowRankSparseLinear):
             kind = "factorized"
             weight = module.to_dense()
         elif isinstance(module, ResizedLinear):

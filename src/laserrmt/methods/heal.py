@@ -20,8 +20,9 @@ from torch import nn
 from laserrmt.distill import TopKLogits, distill, teacher_top_k
 from laserrmt.errors import InvalidOptionError
 from laserrmt.surgery.lowrank import LowRankConv1d, LowRankConv2d, LowRankLinear
+from laserrmt.surgery.sparse import LowRankSparseLinear
 
-_FACTORIZED = (LowRankLinear, LowRankConv1d, LowRankConv2d)
+_FACTORIZED = (LowRankLinear, LowRankConv1d, LowRankConv2d, LowRankSparseLinear)
 
 
 def factor_parameters(model: nn.Module) -> list[nn.Parameter]:
