@@ -118,8 +118,15 @@ def main() -> None:
                 out = Path(tmp) / f"{task}-{blocks}.json"
                 subprocess.run(
                     [
-                        sys.executable, "-m", "benchmarks.scale_7b", "--task", task,
-                        "--folder", str(folder), "--out", str(out),
+                        sys.executable,
+                        "-m",
+                        "benchmarks.scale_7b",
+                        "--task",
+                        task,
+                        "--folder",
+                        str(folder),
+                        "--out",
+                        str(out),
                     ],
                     check=True,
                 )

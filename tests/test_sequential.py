@@ -19,9 +19,9 @@ from laserrmt.models.blockrun import BlockRunner
 from laserrmt.models.checkpoint import open_checkpoint
 from laserrmt.models.streaming import BlockStream
 from laserrmt.models.targets import find_targets
+from laserrmt.pipeline import _cut
 from laserrmt.sequential import compress_streaming, streamed_fisher_rows, streamed_perplexity
 from laserrmt.stats.calibration import collect_fisher_diagonal
-from laserrmt.pipeline import _cut
 from laserrmt.surgery.io import load, weight_bytes, write_compressed
 from laserrmt.surgery.whiten import compensated_svd, weighted_svd
 from tests.tiny_models import TINY_VOCAB_SIZE, tiny_bert, tiny_gemma, tiny_llama, tiny_qwen2
@@ -30,7 +30,9 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on 
 
 
 def windows(n: int, seed: int, length: int = 24) -> torch.Tensor:
-    return torch.randint(0, TINY_VOCAB_SIZE, (n, length), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, TINY_VOCAB_SIZE, (n, length), generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def stream_of(model, folder, **kwargs) -> BlockStream:
@@ -119,7 +121,10 @@ def planted_shift(seed: int = 0, n: int = 24, m: int = 16, tokens: int = 400):
     mixing = torch.randn(n, n, generator=g, dtype=torch.float64) / math.sqrt(n)
     x = torch.randn(tokens, n, generator=g, dtype=torch.float64) @ mixing
     # The compressed model's inputs: the dense ones, distorted by earlier errors.
-    x_tilde = x @ (torch.eye(n, dtype=torch.float64) + 0.3 * torch.randn(n, n, generator=g, dtype=torch.float64) / math.sqrt(n))
+    x_tilde = x @ (
+        torch.eye(n, dtype=torch.float64)
+        + 0.3 * torch.randn(n, n, generator=g, dtype=torch.float64) / math.sqrt(n)
+    )
     x_tilde = x_tilde + 0.05 * torch.randn(tokens, n, generator=g, dtype=torch.float64)
     w = torch.randn(m, n, generator=g, dtype=torch.float64)
     return w, x, x_tilde

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import sys
@@ -517,6 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_arguments(evaluate)
     _add_evaluation_arguments(evaluate)
     evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
+    evaluate.add_argument(
+        "--stream",
+        action="store_true",
+        help="perplexity with one transformer block in memory at a time (a safetensors folder or "
+        ".gguf file; no latency: that needs the whole model)",
+    )
     evaluate.set_defaults(run=run_evaluate)
 
     monitor = commands.add_parser(
@@ -768,7 +775,11 @@ def run_compress(args: argparse.Namespace) -> int:
         check_disjoint(calibration, evaluation)
     common = dict(
         method=args.method
-        or ("budget" if args.whiten or args.target_size or args.stream or args.sparse_share else "laser"),
+        or (
+            "budget"
+            if args.whiten or args.target_size or args.stream or args.sparse_share
+            else "laser"
+        ),
         threshold_options=options,
         targets=args.targets,
         include_heads=args.include_heads,
@@ -898,27 +909,13 @@ def run_compress_streaming(
     import json
 
     from laserrmt.evaluate import _windows_and_protocol, track_peak_memory
-    from laserrmt.models.checkpoint import open_checkpoint, readable_lazily
-    from laserrmt.models.loading import checkpoint_tokenizer
-    from laserrmt.models.placement import resolve_device, resolve_dtype
-    from laserrmt.models.streaming import BlockStream
     from laserrmt.outputs import atomic_output_dir
     from laserrmt.pipeline import CompressionResult, _calibration_record, _calibration_windows
     from laserrmt.report.compression import comparison_markdown, compression_report
     from laserrmt.sequential import compress_streaming
     from laserrmt.surgery.io import write_compressed
 
-    if not readable_lazily(args.model):
-        raise InvalidOptionError(
-            f"--stream reads the model lazily from a folder of safetensors weights or a .gguf "
-            f"file, and {args.model} is neither; save it with save_pretrained or drop --stream"
-        )
-    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
-    checkpoint = open_checkpoint(args.model, trust_remote_code=args.trust_remote_code)
-    stream = BlockStream(
-        checkpoint, device=device, dtype=dtype, trust_remote_code=args.trust_remote_code
-    )
-    tokenizer = checkpoint_tokenizer(checkpoint.path, args.trust_remote_code)
+    stream, tokenizer = _open_stream(args)
     calibration = _calibration_windows(tokenizer, settings)
     windows, protocol = (None, None)
     if not args.no_eval:
@@ -1252,9 +1249,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from laserrmt.outputs import write_text_atomic
     from laserrmt.report.html import markdown_table
 
-    loaded = _load_placed(args)
-    result = _evaluate(loaded.model, loaded.tokenizer, args, saved_path=loaded.path)
-    print(f"model: {loaded.source}")
+    if args.stream:
+        source, result = _evaluate_streamed(args)
+    else:
+        loaded = _load_placed(args)
+        result = _evaluate(loaded.model, loaded.tokenizer, args, saved_path=loaded.path)
+        source = loaded.source
+    print(f"model: {source}")
     print(
         markdown_table(
             ("metric", "value"),
@@ -1265,6 +1266,48 @@ def run_evaluate(args: argparse.Namespace) -> int:
         write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
         print(f"written: {args.json}")
     return 0
+
+
+def _open_stream(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The model of ``args`` as a BlockStream (``--stream``), and its tokenizer."""
+    from laserrmt.models.checkpoint import open_checkpoint, readable_lazily
+    from laserrmt.models.loading import checkpoint_tokenizer
+    from laserrmt.models.placement import resolve_device, resolve_dtype
+    from laserrmt.models.streaming import BlockStream
+
+    if not readable_lazily(args.model):
+        raise InvalidOptionError(
+            f"--stream reads the model lazily from a folder of safetensors weights or a .gguf "
+            f"file, and {args.model} is neither; save it with save_pretrained or drop --stream"
+        )
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    checkpoint = open_checkpoint(args.model, trust_remote_code=args.trust_remote_code)
+    stream = BlockStream(
+        checkpoint, device=device, dtype=dtype, trust_remote_code=args.trust_remote_code
+    )
+    return stream, checkpoint_tokenizer(checkpoint.path, args.trust_remote_code)
+
+
+def _evaluate_streamed(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    from laserrmt.evaluate import _windows_and_protocol, track_peak_memory
+    from laserrmt.sequential import streamed_perplexity
+
+    stream, tokenizer = _open_stream(args)
+    windows, protocol = _windows_and_protocol(
+        tokenizer, None, args.eval_windows, None, _text_source(args.eval_data, args)
+    )
+    with track_peak_memory() as memory:
+        ppl = streamed_perplexity(stream, windows, progress=not args.quiet)
+    checkpoint = stream.checkpoint
+    return stream.source, {
+        "perplexity": ppl.perplexity,
+        "nll": ppl.nll,
+        "eval_tokens": ppl.tokens,
+        "eval_windows": int(windows.shape[0]),
+        "params_total": sum(math.prod(checkpoint.shape(n)) for n in checkpoint.names()),
+        "peak_memory_bytes": int(memory["peak_bytes"]),
+        "protocol": protocol,
+    }
 
 
 def run_monitor(args: argparse.Namespace) -> int:

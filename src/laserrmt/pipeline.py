@@ -211,7 +211,10 @@ class CompressSettings:
                 ("--quantize", self.quantize is not None),
                 ("--include-heads", self.include_heads),
                 ("--importance attention", self.importance == "attention"),
-                ("--whiten asvd/fisher with --sequential", self.sequential and self.whiten not in ("svdllm", "none")),
+                (
+                    "--whiten asvd/fisher with --sequential",
+                    self.sequential and self.whiten not in ("svdllm", "none"),
+                ),
             )
             if used
         ]

@@ -41,19 +41,19 @@ from transformers.pytorch_utils import Conv1D
 
 from laserrmt.allocation import largest_paying_rank
 from laserrmt.errors import InvalidOptionError, NumericalError
-from laserrmt.evaluate import PerplexityResult, _nll_sum, _logits
+from laserrmt.evaluate import PerplexityResult, _logits, _nll_sum
 from laserrmt.methods.budget import decide_ranks, factor_source
 from laserrmt.models.architectures import is_causal_lm
 from laserrmt.models.blockrun import BlockRunner
 from laserrmt.models.streaming import BlockStream
-from laserrmt.models.targets import Target, find_targets, select_targets, weight_matrix
+from laserrmt.models.targets import find_targets, select_targets, weight_matrix
 from laserrmt.plan import CompressionPlan
-from laserrmt.stats.calibration import _as_out_by_in, _StatisticsHooks
+from laserrmt.stats.calibration import _as_out_by_in, _StatisticsHooks, _weight_of
 from laserrmt.surgery.lowrank import factorize
 from laserrmt.surgery.registry import CompressedModule
-from laserrmt.surgery.sparse import factorize_sparse
 from laserrmt.surgery.replace import set_submodule
 from laserrmt.surgery.shards import ShardWriter
+from laserrmt.surgery.sparse import factorize_sparse
 from laserrmt.surgery.spill import FactorSpill
 from laserrmt.surgery.whiten import DEFAULT_FLOOR, compensated_svd, weighted_svd
 
@@ -170,8 +170,10 @@ def streamed_fisher_rows(
     for index in reversed(range(n_blocks)):
         prefix = runner.block_prefix(index)
         with stream.block(index) as block, torch.enable_grad():
-            modules = {n: block.get_submodule(n[len(prefix) + 1 :]) for n in names if _in(n, prefix)}
-            weights = [m.weight for m in modules.values()]
+            modules = {
+                n: block.get_submodule(n[len(prefix) + 1 :]) for n in names if _in(n, prefix)
+            }
+            weights: list[torch.Tensor] = [_weight_of(n, m) for n, m in modules.items()]
             for w in weights:
                 w.requires_grad_(True)
             for window, x in enumerate(inputs[index]):
@@ -181,7 +183,9 @@ def streamed_fisher_rows(
                 parts = torch.autograd.grad(out, wanted, grad_outputs=grads[window])
                 if index > 0:
                     grads[window] = parts[0]
-                for (name, module), g in zip(modules.items(), parts[len(parts) - len(weights) :], strict=True):
+                for (name, module), g in zip(
+                    modules.items(), parts[len(parts) - len(weights) :], strict=True
+                ):
                     rows = _as_out_by_in(module, g.detach().to(torch.float64)).square().sum(dim=1)
                     fishers[name] = fishers[name] + rows if name in fishers else rows
         inputs[index] = []
@@ -255,9 +259,7 @@ class _InputCapture:
 
         self._seen = seen
         self._handles = [
-            block.get_submodule(n).register_forward_pre_hook(
-                lambda m, args, n=n: keep(m, args, n)
-            )
+            block.get_submodule(n).register_forward_pre_hook(lambda m, args, n=n: keep(m, args, n))
             for n in names
         ]
 
@@ -313,10 +315,10 @@ def _trainable(block: nn.Module) -> list[nn.Parameter]:
     for module in block.modules():
         if isinstance(module, CompressedModule):  # factors (and sparse values)
             params += [p for p in module.parameters(recurse=False) if p.is_floating_point()]
-        elif "norm" in type(module).__name__.lower() and isinstance(
-            getattr(module, "weight", None), nn.Parameter
-        ):
-            params.append(module.weight)
+            continue
+        weight = getattr(module, "weight", None)
+        if "norm" in type(module).__name__.lower() and isinstance(weight, nn.Parameter):
+            params.append(weight)
     return params
 
 
@@ -580,7 +582,12 @@ def _cut(
                         module = block.get_submodule(name)
                         full = f"{prefix}.{name}"
                         svd = compensated_svd(
-                            weight_matrix(module), gram, cross, n_samples=n, floor=floor, module=full
+                            weight_matrix(module),
+                            gram,
+                            cross,
+                            n_samples=n,
+                            floor=floor,
+                            module=full,
                         )
                         if sparse_share:  # the residual is taken against the compensated target
                             module = _with_weight(module, svd)
@@ -653,8 +660,9 @@ def _with_weight(module: nn.Module, svd: Any) -> nn.Module:
     """A copy of a linear ``module`` whose weight is ``svd``'s full-rank product."""
     proxy = copy.deepcopy(module)
     target = svd.U @ torch.diag(svd.s) @ svd.Vh
+    weight = proxy.get_parameter("weight")
     with torch.no_grad():
-        proxy.weight.copy_(target.T if isinstance(proxy, Conv1D) else target)
+        weight.copy_(target.T if isinstance(proxy, Conv1D) else target)
     return proxy
 
 

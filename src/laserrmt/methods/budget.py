@@ -206,7 +206,9 @@ def decide_ranks(
     shapes = {t.name: t.shape for t in targets}
     # The RMT rule in the weighted space: directions standing above the MP bulk.
     free_ranks = {t.name: choose_rank(values[t.name], t.shape, "mp").rank for t in targets}
-    curves = {name: LossCurve(t.shape, values[name]) for name, t in zip(names, targets, strict=True)}
+    curves = {
+        name: LossCurve(t.shape, values[name]) for name, t in zip(names, targets, strict=True)
+    }
     extras = {
         name: {"whiten": whiten, "importance": importance, "free_rank": free_ranks[name]}
         for name in names

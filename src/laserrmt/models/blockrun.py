@@ -147,15 +147,15 @@ class BlockRunner:
             with self.stream.block(0) as block:
                 self._tuple_output = isinstance(block(*first[0], **first[1]), tuple | list)
             self._forward(0)
-            calls = list(self._recording)
-            if any(c is None for c in calls):
+            calls = [c for c in self._recording if c is not None]
+            if len(calls) != len(self.blocks):
                 raise ModelLoadError(
                     f"{type(self.model).__name__} does not call each block once per forward; "
                     "it cannot be streamed block by block"
                 )
-            first_rest = _rest(*calls[0])  # type: ignore[misc]
-            self.uniform = all(_same_objects(_rest(*c), first_rest) for c in calls[1:])  # type: ignore[misc]
-            per_block: list[list[Call]] = [[c] for c in calls]  # type: ignore[misc]
+            first_rest = _rest(*calls[0])
+            self.uniform = all(_same_objects(_rest(*c), first_rest) for c in calls[1:])
+            per_block: list[list[Call]] = [[c] for c in calls]
             for window in range(1, len(self.windows)):
                 self._forward(window, stop_at=0 if self.uniform else None)
                 for b, call in enumerate(self._recording[: 1 if self.uniform else None]):
