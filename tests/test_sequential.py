@@ -238,3 +238,55 @@ def test_the_streamed_budget_runs_on_cuda(tmp_path):
         stream, windows(4, 1), out, target_params=0.3, evaluation=windows(2, 2), progress=False
     )
     assert math.isfinite(result.perplexity_after.perplexity)
+
+
+def test_compress_and_evaluate_stream_from_the_command_line(tmp_path, capsys):
+    import json
+
+    from tests.small_text import small_calibration_split
+    from tests.tiny_models import save_tiny, tiny_tokenizer
+
+    folder = tmp_path / "tiny"
+    save_tiny(tiny_llama(tie_word_embeddings=False), folder, tiny_tokenizer())
+    common = ["--target-params", "0.3", "--calibration-windows", "2", "--eval-windows", "2"]
+    with small_calibration_split():
+        for name, extra in (
+            ("memory", ["--method", "budget", "--no-latency"]),
+            ("stream", ["--stream"]),
+        ):
+            code = main(
+                ["-q", "compress", str(folder), *common, *extra, "--out", str(tmp_path / name)]
+            )
+            assert code == 0, capsys.readouterr().err
+    results = {
+        name: json.loads((tmp_path / name / "evaluation.json").read_text())
+        for name in ("memory", "stream")
+    }
+    for when in ("before", "after"):
+        assert results["stream"][when]["perplexity"] == pytest.approx(
+            results["memory"][when]["perplexity"], rel=1e-6
+        )
+    streamed, _ = load(tmp_path / "stream")
+    in_memory, _ = load(tmp_path / "memory")
+    ids = windows(1, 9)
+    assert torch.allclose(streamed(ids).logits, in_memory(ids).logits, atol=1e-5)
+
+    report = tmp_path / "eval.json"
+    assert (
+        main(
+            [
+                "-q",
+                "evaluate",
+                str(folder),
+                "--stream",
+                "--eval-windows",
+                "2",
+                "--json",
+                str(report),
+            ]
+        )
+        == 0
+    )
+    assert json.loads(report.read_text())["perplexity"] == pytest.approx(
+        results["memory"]["before"]["perplexity"], rel=1e-6
+    )
