@@ -290,3 +290,22 @@ def test_compress_and_evaluate_stream_from_the_command_line(tmp_path, capsys):
     assert json.loads(report.read_text())["perplexity"] == pytest.approx(
         results["memory"]["before"]["perplexity"], rel=1e-6
     )
+
+
+def test_a_plan_replayed_with_compensation_equals_the_full_run(tmp_path):
+    model = tiny_llama()
+    calibration = windows(6, 7)
+    results, outputs = {}, {}
+    for name, options in (("full", {}), ("replay", {"plan": "full"})):
+        stream = stream_of(model, tmp_path / f"m-{name}")
+        out = tmp_path / name
+        out.mkdir()
+        plan = results["full"].plan if options else None
+        results[name] = compress_streaming(
+            stream, calibration, out, target_params=0.3, compensate=True, plan=plan, progress=False
+        )
+        write_compressed(stream.model, out, plan=results[name].plan, weights_written=True)
+        with torch.no_grad():
+            outputs[name] = load(out)[0](calibration).logits
+    assert results["replay"].timings["fisher"] < results["full"].timings["fisher"]
+    assert torch.equal(outputs["full"], outputs["replay"])

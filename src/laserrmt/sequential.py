@@ -25,7 +25,9 @@ compressed model's out of step 4, without loading either model whole.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -243,9 +245,14 @@ def _input_groups(
     return list(groups.values())
 
 
+class _Captured(Exception):
+    """Raised once every watched module's input is kept: the rest of the block is not needed."""
+
+
 class _InputCapture:
     """Pre-hooks that keep the input rows (float64, ``[tokens, in]``) of some modules for one
-    forward call; modules given the same tensor share one copy."""
+    forward call, which they end (:meth:`run`) once all are kept; modules given the same tensor
+    share one copy."""
 
     def __init__(self, block: nn.Module, names: Sequence[str]) -> None:
         self.rows: dict[str, torch.Tensor] = {}
@@ -256,6 +263,8 @@ class _InputCapture:
             if id(x) not in seen:
                 seen[id(x)] = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
             self.rows[name] = seen[id(x)]
+            if len(self.rows) == len(names):
+                raise _Captured
 
         self._seen = seen
         self._handles = [
@@ -263,9 +272,11 @@ class _InputCapture:
             for n in names
         ]
 
-    def clear(self) -> None:
+    def run(self, call: Callable[[], Any]) -> None:
         self.rows.clear()
         self._seen.clear()
+        with contextlib.suppress(_Captured):
+            call()
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -287,8 +298,8 @@ def _compensated_group(
     sums: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
     try:
         for window in range(len(compressed_in)):
-            runner.call(index, dense, window, dense_in[window])
-            runner.call(index, block, window, compressed_in[window])
+            theirs.run(functools.partial(runner.call, index, dense, window, dense_in[window]))
+            ours.run(functools.partial(runner.call, index, block, window, compressed_in[window]))
             done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
             for name in group:
                 x, xt = theirs.rows[name], ours.rows[name]
@@ -301,8 +312,6 @@ def _compensated_group(
                     sums[name] = (g0 + gram, c0 + cross, n0 + xt.shape[0])
                 else:
                     sums[name] = (gram, cross, xt.shape[0])
-            ours.clear()
-            theirs.clear()
     finally:
         ours.remove()
         theirs.remove()
@@ -400,9 +409,14 @@ def compress_streaming(
     settings: dict[str, Any] | None = None,
     progress: bool = True,
     on_block: Callable[[int], None] | None = None,
+    plan: CompressionPlan | None = None,
 ) -> StreamedCompression:
     """The budget method on a streamed model; the weights are written to ``out_dir`` (an
     existing folder) shard by shard, block by block.
+
+    A ``plan`` (of an earlier run on the same model) replaces the decision: with
+    ``compensate`` only the cut pass runs (its factors are refitted anyway), and there is no
+    perplexity before.
 
     ``sparse_share`` of each factorized matrix's parameters go to the largest entries of its
     activation-weighted residual (:func:`~laserrmt.surgery.sparse.factorize_sparse`).
@@ -440,7 +454,8 @@ def compress_streaming(
 
     started = time.perf_counter()
     fisher_rows: dict[str, torch.Tensor] = {}
-    if importance == "fisher" or whiten == "fisher":
+    replay_only = plan is not None and compensate
+    if plan is None and (importance == "fisher" or whiten == "fisher"):
         fisher_rows = streamed_fisher_rows(
             stream, calibration[:fisher_windows], names, progress=progress
         )
@@ -458,7 +473,7 @@ def compress_streaming(
     try:
         bar = _bar(len(stream.blocks), "statistics and spectra (streamed)", progress)
         with torch.no_grad(), bar:
-            for index in range(len(stream.blocks)):
+            for index in range(0 if replay_only else len(stream.blocks)):
                 prefix = runner.block_prefix(index)
                 local = _block_targets(names, prefix)
                 with stream.block(index) as block:
@@ -494,20 +509,25 @@ def compress_streaming(
                     if evaluator is not None:
                         eval_hidden = _carry(evaluator, index, block, eval_hidden)
                 _tick(bar)
-        before = _perplexity(evaluator, eval_hidden) if evaluator is not None else None
+        before = None
+        if evaluator is not None and not replay_only:
+            before = _perplexity(evaluator, eval_hidden)
         timings["statistics"] = time.perf_counter() - started
 
-        plan, _chosen, _free = decide_ranks(
-            found,
-            values,
-            whiten=whiten,
-            allocation=allocation,
-            importance=importance,
-            fisher_rows=fisher_rows,
-            target_params=target_params,
-            settings=settings,
-        )
-        plan.factors = factor_source(whiten, floor, calibration, calibration_source, fisher_windows)
+        if plan is None:
+            plan, _chosen, _free = decide_ranks(
+                found,
+                values,
+                whiten=whiten,
+                allocation=allocation,
+                importance=importance,
+                fisher_rows=fisher_rows,
+                target_params=target_params,
+                settings=settings,
+            )
+            plan.factors = factor_source(
+                whiten, floor, calibration, calibration_source, fisher_windows
+            )
         spill.ranks = {d.module: d.rank for d in plan if d.mode != "keep"}
         started = time.perf_counter()
         outcome = _cut(
