@@ -309,3 +309,30 @@ def test_a_plan_replayed_with_compensation_equals_the_full_run(tmp_path):
             outputs[name] = load(out)[0](calibration).logits
     assert results["replay"].timings["fisher"] < results["full"].timings["fisher"]
     assert torch.equal(outputs["full"], outputs["replay"])
+
+
+def test_a_plan_the_streaming_cut_cannot_apply_is_refused(tmp_path):
+    from dataclasses import replace
+
+    from laserrmt.errors import InvalidOptionError
+    from laserrmt.plan import CompressionPlan
+
+    model = tiny_llama()
+    stream = stream_of(model, tmp_path / "m")
+    out = tmp_path / "o"
+    out.mkdir()
+    plan = compress_streaming(stream, windows(2, 1), out, target_params=0.3, progress=False).plan
+    first = next(d for d in plan if d.mode == "factorize")
+    denoising = CompressionPlan.from_decisions(
+        [replace(d, mode="denoise") if d is first else d for d in plan], method="laser"
+    )
+    with pytest.raises(InvalidOptionError, match="denoise"):
+        compress_streaming(
+            stream_of(model, tmp_path / "m2"),
+            windows(2, 1),
+            tmp_path,
+            target_params=0.3,
+            compensate=True,
+            plan=denoising,
+            progress=False,
+        )

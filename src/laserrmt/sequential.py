@@ -451,6 +451,14 @@ def compress_streaming(
         )
     names = [t.name for t in found]
     by_name = {t.name: t for t in found}
+    if plan is not None:
+        modes = {d.mode for d in plan} - {"keep", "factorize"}
+        unknown = [d.module for d in plan if d.module not in by_name]
+        if modes or unknown:
+            raise InvalidOptionError(
+                f"the plan {'has ' + '/'.join(sorted(modes)) + ' decisions' if modes else 'names ' + unknown[0]}"
+                "; the streaming cut factorizes block targets only"
+            )
 
     started = time.perf_counter()
     fisher_rows: dict[str, torch.Tensor] = {}
