@@ -18,7 +18,14 @@ from laserrmt.data.sources import TextSource, open_text_source
 from laserrmt.data.text import PROTOCOL_NAME
 from laserrmt.errors import InvalidOptionError, NumericalError, PlanError
 from laserrmt.methods.budget import ALLOCATIONS, budget_plan, replay_factors
-from laserrmt.methods.heal import heal, healing_teacher
+from laserrmt.methods.heal import (
+    HEAL_PARAMS,
+    LORA_RANK,
+    SCHEDULES,
+    heal,
+    healing_steps,
+    healing_teacher,
+)
 from laserrmt.methods.laser import (
     LASERRMT_CANDIDATES,
     SCORES,
@@ -86,6 +93,14 @@ class CompressSettings:
     heal_lr: float = 1e-4
     heal_batch_size: int = 1
     heal_top_k: int = 64
+    #: The healing length in input tokens instead of ``heal_steps`` (one of the two decides).
+    heal_tokens: int = 0
+    heal_accumulate: int = 1
+    heal_params: str = "factors"
+    #: The adapters' rank with ``heal_params="factors+norms+lora"`` (``None``: 8).
+    heal_lora_rank: int | None = None
+    heal_schedule: str = "cosine"
+    heal_warmup: float = 0.05
     quantize: str | None = None
     #: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``, and ``float32``, ``bfloat16`` or ``float16``:
     #: the model is moved and cast to them once, before anything is measured (``None``: as it is).
@@ -129,6 +144,54 @@ class CompressSettings:
             )
         return cls(**data)
 
+    @property
+    def heals(self) -> bool:
+        return self.heal_steps > 0 or self.heal_tokens > 0
+
+    @property
+    def n_heal_steps(self) -> int:
+        """The healing steps: ``heal_steps``, or as many as ``heal_tokens`` buys."""
+        if self.heal_tokens:
+            return healing_steps(
+                self.heal_tokens,
+                window=self.window,
+                batch_size=self.heal_batch_size,
+                accumulate=self.heal_accumulate,
+            )
+        return self.heal_steps
+
+    def _validate_healing(self) -> None:
+        if self.heal_steps < 0 or self.heal_tokens < 0:
+            raise InvalidOptionError("--heal-steps and --heal-tokens must be ≥ 0")
+        if self.heal_steps and self.heal_tokens:
+            raise InvalidOptionError(
+                "--heal-steps and --heal-tokens both set the healing length; give one of them"
+            )
+        if self.heal_batch_size < 1 or self.heal_top_k < 1 or self.heal_accumulate < 1:
+            raise InvalidOptionError(
+                "--heal-batch-size, --heal-accumulate and --heal-top-k must be ≥ 1"
+            )
+        for option, value, choices in (
+            ("heal-params", self.heal_params, HEAL_PARAMS),
+            ("heal-schedule", self.heal_schedule, SCHEDULES),
+        ):
+            if value not in choices:
+                raise InvalidOptionError(
+                    f"unknown --{option} {value!r}; choose one of {', '.join(choices)}"
+                )
+        if not 0.0 <= self.heal_warmup < 1.0:
+            raise InvalidOptionError(
+                f"--heal-warmup {self.heal_warmup}; give a fraction of the steps in [0, 1)"
+            )
+        if self.heal_lora_rank is not None:
+            if not self.heal_params.endswith("lora"):
+                raise InvalidOptionError(
+                    "--heal-lora-rank sizes the adapters of --heal-params factors+norms+lora; "
+                    "add that or drop --heal-lora-rank"
+                )
+            if self.heal_lora_rank < 1:
+                raise InvalidOptionError("--heal-lora-rank must be ≥ 1")
+
     def validate(self) -> None:
         """Check every option before anything is loaded or measured (one line per mistake)."""
         for option, value, choices in (
@@ -153,17 +216,14 @@ class CompressSettings:
             raise InvalidOptionError(
                 f"unknown --quantize {self.quantize!r}; choose one of {', '.join(QUANTIZATIONS)}"
             )
-        if self.heal_steps < 0:
-            raise InvalidOptionError("--heal-steps must be ≥ 0")
-        if self.heal_batch_size < 1 or self.heal_top_k < 1:
-            raise InvalidOptionError("--heal-batch-size and --heal-top-k must be ≥ 1")
+        self._validate_healing()
         if self.device is not None:
             resolve_device(self.device)
         if self.dtype is not None:
             resolve_dtype(self.dtype)
-        if self.heal_steps:
+        if self.heals:
             check_trainable_dtype(self.dtype, "--heal-steps")
-        reads_text = self.method != "laser" or self.select == "loop" or self.heal_steps > 0
+        reads_text = self.method != "laser" or self.select == "loop" or self.heals
         if self.calibration_data is not None and not reads_text:
             raise InvalidOptionError(
                 "--calibration-data: the laser method's oneshot selection reads no calibration "
@@ -240,10 +300,10 @@ def compress(
         )
     place_model(model, settings.device, settings.dtype)
     result = CompressionResult(CompressionPlan({}), settings)
-    if settings.heal_steps:
+    if settings.heals:
         # Healing distils from the model as it was: its top-k predictions on the healing
         # batches, taken before any surgery (a few MB where a copy of the model would be GB).
-        heal_windows = _calibration_windows(tokenizer, settings)
+        heal_windows = _healing_windows(tokenizer, settings)
         teacher = healing_teacher(
             model,
             heal_windows,
@@ -259,15 +319,20 @@ def compress(
     else:
         _compress_laser(model, tokenizer, settings, result, progress)
     result.timings["decision_and_surgery"] = time.perf_counter() - start
-    if settings.heal_steps:
+    if settings.heals:
         start = time.perf_counter()
         result.healing = heal(
             model,
             teacher,
             heal_windows,
-            steps=settings.heal_steps,
+            steps=settings.n_heal_steps,
             lr=settings.heal_lr,
             batch_size=settings.heal_batch_size,
+            accumulate=settings.heal_accumulate,
+            params=settings.heal_params,
+            lora_rank=settings.heal_lora_rank or LORA_RANK,
+            schedule=settings.heal_schedule,
+            warmup=settings.heal_warmup,
             seed=settings.seed,
             progress=progress,
         )
@@ -412,7 +477,17 @@ def _calibration_record(settings: CompressSettings) -> dict[str, Any]:
     return record
 
 
-def _calibration_windows(tokenizer: Any, settings: CompressSettings) -> Any:
+def _healing_windows(tokenizer: Any, settings: CompressSettings) -> Any:
+    """The windows healing reads: as many as its steps visit, drawn with the seed from the
+    calibration source (never evaluation text), all of them when the source holds fewer (the
+    steps then pass over them again)."""
+    needed = settings.n_heal_steps * settings.heal_accumulate * settings.heal_batch_size
+    return _calibration_windows(
+        tokenizer, replace(settings, calibration_windows=needed), at_most=True
+    )
+
+
+def _calibration_windows(tokenizer: Any, settings: CompressSettings, at_most: bool = False) -> Any:
     from laserrmt.data.text import calibration_windows
 
     if tokenizer is None:
@@ -426,10 +501,12 @@ def _calibration_windows(tokenizer: Any, settings: CompressSettings) -> Any:
             n_windows=settings.n_calibration_windows,
             window=settings.window,
             seed=settings.seed,
+            at_most=at_most,
         )
     return calibration_windows(
         tokenizer,
         n_windows=settings.n_calibration_windows,
         window=settings.window,
         seed=settings.seed,
+        at_most=at_most,
     )
