@@ -162,9 +162,7 @@ def test_a_token_budget_buys_the_steps_counted_by_hand():
     assert len(result.healing["losses"]) == len(result.healing["lrs"]) == 4
 
 
-@pytest.mark.parametrize(
-    ("params", "norms_train"), [("factors", False), ("factors+norms", True)]
-)
+@pytest.mark.parametrize(("params", "norms_train"), [("factors", False), ("factors+norms", True)])
 def test_norm_scales_train_only_when_included(params, norms_train):
     teacher = tiny_llama(initializer_range=0.15)
     student = _compressed(teacher)
@@ -172,9 +170,11 @@ def test_norm_scales_train_only_when_included(params, norms_train):
     assert len(norms_before) == 2 * 2 + 1  # two per block and the final norm
     factors_before = [p.detach().clone() for p in factor_parameters(student)]
     log = heal(student, teacher, _windows(4), steps=3, lr=1e-2, params=params, progress=False)
-    changed = [not torch.equal(a, b) for a, b in zip(norms_before, norm_parameters(student))]
+    after = zip(norms_before, norm_parameters(student), strict=True)
+    changed = [not torch.equal(a, b) for a, b in after]
     assert all(changed) if norms_train else not any(changed)
-    assert any(not torch.equal(a, b) for a, b in zip(factors_before, factor_parameters(student)))
+    moved = zip(factors_before, factor_parameters(student), strict=True)
+    assert any(not torch.equal(a, b) for a, b in moved)
     factors = sum(p.numel() for p in factors_before)
     assert log["trainable_parameters"] == factors + (5 * 64 if norms_train else 0)
 
@@ -262,7 +262,9 @@ def tiny_folder(tmp_path_factory):
         (["--heal-tokens", "-5"], "--heal-tokens must be ≥ 0"),
     ],
 )
-def test_bad_healing_options_are_one_line_and_exit_2(capsys, tiny_folder, tmp_path, options, fragment):
+def test_bad_healing_options_are_one_line_and_exit_2(
+    capsys, tiny_folder, tmp_path, options, fragment
+):
     argv = ["--quiet", "compress", str(tiny_folder), "--method", "budget", "--no-eval"]
     code = main([*argv, "--target-params", "0.3", *options, "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
