@@ -246,6 +246,22 @@ def test_healing_windows_come_from_the_calibration_split_and_as_many_as_the_step
     assert whole.shape == every.shape and {tuple(w.tolist()) for w in whole} == rows
 
 
+def test_healing_windows_of_user_data_are_drawn_from_it(tmp_path):
+    from laserrmt.data.sources import open_text_source
+
+    path = tmp_path / "mine.txt"
+    path.write_text("x" * (32 * 7 + 5))  # 7 windows of 32 byte tokens and a tail
+    source = open_text_source(path).to_dict()
+    tokenizer = tiny_tokenizer()
+    three = _healing_windows(
+        tokenizer, CompressSettings(calibration_data=source, window=32, heal_steps=3)
+    )
+    every = _healing_windows(
+        tokenizer, CompressSettings(calibration_data=source, window=32, heal_steps=50)
+    )
+    assert three.shape == (3, 32) and every.shape == (7, 32)
+
+
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     return save_tiny(tiny_llama(), tmp_path_factory.mktemp("tiny"), tiny_tokenizer())
