@@ -19,9 +19,8 @@ from laserrmt.data.text import PROTOCOL_NAME
 from laserrmt.errors import InvalidOptionError, NumericalError, PlanError
 from laserrmt.methods.budget import ALLOCATIONS, budget_plan, replay_factors
 from laserrmt.methods.heal import (
-    HEAL_PARAMS,
     LORA_RANK,
-    SCHEDULES,
+    check_healing_options,
     heal,
     healing_steps,
     healing_teacher,
@@ -171,18 +170,7 @@ class CompressSettings:
             raise InvalidOptionError(
                 "--heal-batch-size, --heal-accumulate and --heal-top-k must be ≥ 1"
             )
-        for option, value, choices in (
-            ("heal-params", self.heal_params, HEAL_PARAMS),
-            ("heal-schedule", self.heal_schedule, SCHEDULES),
-        ):
-            if value not in choices:
-                raise InvalidOptionError(
-                    f"unknown --{option} {value!r}; choose one of {', '.join(choices)}"
-                )
-        if not 0.0 <= self.heal_warmup < 1.0:
-            raise InvalidOptionError(
-                f"--heal-warmup {self.heal_warmup}; give a fraction of the steps in [0, 1)"
-            )
+        check_healing_options(self.heal_params, self.heal_schedule, self.heal_warmup)
         if self.heal_lora_rank is not None:
             if not self.heal_params.endswith("lora"):
                 raise InvalidOptionError(

@@ -145,6 +145,20 @@ def _adapters(model: nn.Module, rank: int | None, seed: int) -> Iterator[list[nn
         merge_adapters(model)
 
 
+def check_healing_options(params: str, schedule: str, warmup: float) -> None:
+    """Refuse an unknown trainable set or schedule, or a warm-up outside [0, 1)."""
+    for option, value, choices in (
+        ("heal-params", params, HEAL_PARAMS),
+        ("heal-schedule", schedule, SCHEDULES),
+    ):
+        if value not in choices:
+            raise InvalidOptionError(
+                f"unknown --{option} {value!r}; choose one of {', '.join(choices)}"
+            )
+    if not 0.0 <= warmup < 1.0:
+        raise InvalidOptionError(f"--heal-warmup {warmup}; give a fraction of the steps in [0, 1)")
+
+
 def healing_steps(tokens: int, *, window: int, batch_size: int, accumulate: int) -> int:
     """The steps a budget of ``tokens`` input tokens buys: each step reads ``accumulate``
     batches of ``batch_size`` windows of ``window`` tokens; the last step may overshoot."""
@@ -210,16 +224,7 @@ def heal(
     ``windows``, ``batch_size`` and ``temperature``. The learning rate follows ``schedule``
     (:data:`SCHEDULES`) with a warm-up over the first ``warmup`` fraction of the steps.
     """
-    if params not in HEAL_PARAMS:
-        raise InvalidOptionError(
-            f"unknown --heal-params {params!r}; choose one of {', '.join(HEAL_PARAMS)}"
-        )
-    if schedule not in SCHEDULES:
-        raise InvalidOptionError(
-            f"unknown --heal-schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}"
-        )
-    if not 0.0 <= warmup < 1.0:
-        raise InvalidOptionError(f"--heal-warmup {warmup}; give a fraction of the steps in [0, 1)")
+    check_healing_options(params, schedule, warmup)
     factors = factor_parameters(student)
     if not factors:
         raise InvalidOptionError(
