@@ -108,6 +108,7 @@ def test_healing_brings_the_factors_closer_to_the_dense_model():
             target_params=0.4,
             heal_steps=steps,
             heal_lr=1e-3,
+            heal_params="factors",
             importance="none",
             **SMALL,
         )
