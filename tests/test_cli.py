@@ -58,6 +58,7 @@ def test_analyze_writes_the_report(capsys, tiny_folder, tmp_path):
         ),
         (["compress", "{folder}", "--out", "{out}", "--mode", "shrink"], ["unknown --mode"]),
         (["compress", "{folder}", "--out", "{out}", "--target-params", "1.5"], ["--target-params"]),
+        (["compress", "{folder}", "--out", "{out}", "--sparse-share", "0.95"], ["--sparse-share"]),
         (["compress", "{folder}", "--out", "{out}", "--plan", "{missing}"], []),
         (["compress", "{folder}", "--out", "{out}", "--target-size", "lots"], ["not a size", "MB"]),
         (

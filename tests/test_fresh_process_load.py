@@ -88,7 +88,8 @@ def _registered(name: str) -> Any:
 
 
 def _llama() -> nn.Module:
-    """Low-rank, int8, int8 low-rank and one MLP cut from 128 to 96 units (resized layers)."""
+    """Low-rank, int8, int8 low-rank, low rank plus sparse and one MLP cut from 128 to 96 units
+    (resized layers)."""
     from laserrmt.surgery.lowrank import LowRankLinear
     from laserrmt.surgery.quantize import Int8Linear, Int8LowRankLinear
 
@@ -99,6 +100,7 @@ def _llama() -> nn.Module:
     attention.v_proj = Int8LowRankLinear.from_low_rank(
         LowRankLinear.from_linear(attention.v_proj, 4)
     )
+    attention.o_proj = _registered("LowRankSparseLinear").from_linear(attention.o_proj, 6, 50)
     resized = _registered("ResizedLinear")
     mlp = model.model.layers[1].mlp
     with torch.no_grad():

@@ -22,6 +22,7 @@ from torch import nn
 from laserrmt.surgery.io import load, save_compressed
 from laserrmt.surgery.lowrank import LowRankConv1d, LowRankConv2d, LowRankLinear
 from laserrmt.surgery.quantize import Int8Linear, Int8LowRankLinear, quantize_model_int8
+from laserrmt.surgery.sparse import LowRankSparseLinear, factorize_sparse
 from laserrmt.surgery.width import (
     ReducedSelfAttention,
     ResizedBatchNorm2d,
@@ -51,6 +52,15 @@ def _int8_low_rank(model: nn.Module) -> nn.Module:
         LowRankLinear.from_linear(attention.v_proj, 4)
     )
     attention.k_proj = Int8Linear.from_linear(attention.k_proj)
+    return model
+
+
+def _low_rank_sparse(model: nn.Module) -> nn.Module:
+    """Block 0's query and block 1's down projection: low rank plus 30 % / 50 % sparse."""
+    attention = model.model.layers[0].self_attn
+    attention.q_proj = factorize_sparse(attention.q_proj, 8, 0.3)
+    mlp = model.model.layers[1].mlp
+    mlp.down_proj = factorize_sparse(mlp.down_proj, 16, 0.5)
     return model
 
 
@@ -91,6 +101,7 @@ CASES = {
     "int8": (lambda: _int8(tiny_llama()), "AutoModelForCausalLM", {}),
     "int8-low-rank": (lambda: _int8_low_rank(tiny_llama()), "AutoModelForCausalLM", {}),
     "int8-head": (lambda: _int8(tiny_llama(), ["lm_head"]), "AutoModelForCausalLM", {}),
+    "low-rank-sparse": (lambda: _low_rank_sparse(tiny_llama()), "AutoModelForCausalLM", {}),
     "mlp-cut": (lambda: _mlp_cut(tiny_llama()), "AutoModelForCausalLM", {}),
     "residual-cut": (lambda: _residual_cut(tiny_llama()), "AutoModelForCausalLM", {}),
     "residual-and-mlp-cut": (
@@ -320,6 +331,8 @@ def _remote_layers():
             lambda: LowRankConv2d.from_conv(nn.Conv2d(3, 6, 3, stride=2, padding="valid"), 2),
             (2, 3, 9, 9),
         ),
+        (lambda: LowRankSparseLinear.from_linear(nn.Linear(12, 10), 3, 20), (2, 5, 12)),
+        (lambda: LowRankSparseLinear.from_linear(nn.Linear(12, 10, bias=False), 2, 9), (4, 12)),
         (lambda: ResizedLinear(7, 5), (3, 7)),
         (lambda: ResizedConv2d(3, 4, (3, 2), padding=(1, 0), groups=1), (2, 3, 6, 6)),
         (lambda: ResizedBatchNorm2d(3), (2, 3, 4, 4)),
@@ -332,6 +345,8 @@ def _remote_layers():
         "int8-lowrank",
         "lowrank-conv1d",
         "lowrank-conv2d",
+        "lowrank-sparse",
+        "lowrank-sparse-nobias",
         "resized-linear",
         "resized-conv2d",
         "resized-bn",

@@ -154,7 +154,7 @@ def _boom(*args, **kwargs):
 
 
 def test_failure_mid_save_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(shards, "save_file", _boom)
+    monkeypatch.setattr(shards.shutil, "copyfileobj", _boom)
     with pytest.raises(RuntimeError, match="disk full"):
         save_compressed(tiny_llama(), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
@@ -163,7 +163,7 @@ def test_failure_mid_save_leaves_nothing(tmp_path, monkeypatch):
 def test_failure_mid_overwrite_keeps_the_old_output(tmp_path, monkeypatch):
     out = save_compressed(tiny_gpt2(), tmp_path / "out")
     snapshot = {p.name: p.read_bytes() for p in out.iterdir()}
-    monkeypatch.setattr(shards, "save_file", _boom)
+    monkeypatch.setattr(shards.shutil, "copyfileobj", _boom)
     with pytest.raises(RuntimeError, match="disk full"):
         save_compressed(tiny_llama(), out, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == snapshot

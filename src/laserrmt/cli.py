@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import sys
@@ -358,11 +359,33 @@ def build_parser() -> argparse.ArgumentParser:
         default="label",
         help="rmt-kd on a classifier with --calibration-data: the label column (default label)",
     )
+    kd.add_argument(
+        "--images",
+        metavar="DIR",
+        default=None,
+        help="rmt-kd on an image classifier (…ForImageClassification folder): an "
+        "ImageFolder-style directory, one subfolder of images per class",
+    )
+    kd.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="rmt-kd with --images: resize images to N×N (default: the model's image_size)",
+    )
     compress.add_argument(
         "--whiten",
         default=None,
         help="budget: the space ranks are chosen in: svdllm (whitened by the input Gram), asvd "
         "(input-channel scaling), fisher (FWSVD row weighting) or none (default svdllm)",
+    )
+    compress.add_argument(
+        "--sparse-share",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="budget: spend this fraction of each factorized matrix's parameters on the largest "
+        "entries of its activation-weighted residual, W ≈ UV + S (values and indices counted), "
+        "in [0, 0.9) (default 0: plain factors)",
     )
     compress.add_argument(
         "--allocation",
@@ -376,6 +399,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="budget: layer-importance weight: fisher (gradient sensitivity), entropy, attention "
         "or none; auto (default) = fisher for language models (it won the benchmark, "
         "benchmarks/results/lowrank.md), none for models without a language-model loss",
+    )
+    stream = compress.add_argument_group("streaming (models larger than memory)")
+    stream.add_argument(
+        "--stream",
+        action="store_true",
+        help="budget method block by block: one transformer block of weights in memory, "
+        "calibration and evaluation windows carried between blocks, output written shard by "
+        "shard (--max-shard-size bounds what the writer holds)",
+    )
+    stream.add_argument(
+        "--sequential",
+        action="store_true",
+        help="with --stream: refit each block's factors on the inputs the already-compressed "
+        "blocks produce, to reproduce the dense outputs (error compensation)",
+    )
+    stream.add_argument(
+        "--refine-steps",
+        type=int,
+        default=0,
+        help="with --stream: Adam steps per block on its factors and norm scales towards the "
+        "dense block's outputs (default 0)",
     )
     _add_healing_arguments(compress)
     compress.add_argument(
@@ -454,6 +498,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_arguments(evaluate)
     _add_evaluation_arguments(evaluate)
     evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
+    evaluate.add_argument(
+        "--stream",
+        action="store_true",
+        help="perplexity with one transformer block in memory at a time (a safetensors folder or "
+        ".gguf file; no latency: that needs the whole model)",
+    )
     evaluate.set_defaults(run=run_evaluate)
 
     monitor = commands.add_parser(
@@ -492,19 +542,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser(
         "export",
-        help="write a model as an ONNX graph with a KV cache, or as a standard HF folder",
+        help="write a model as an ONNX graph with a KV cache, a standard HF folder or GGUF",
         description="Export a model folder (compressed by laserrmt or not): --format onnx "
         "writes model.onnx checked against torch with ONNX Runtime; --format hf writes the "
-        "base architecture's own folder and says which savings survive.",
+        "base architecture's own folder and says which savings survive; --format gguf writes "
+        "that model as model.gguf (Llama-style causal LMs) checked with transformers' reader.",
     )
     _add_output_arguments(export, top=False)
     export.add_argument("model", metavar="MODEL_DIR", help="the model folder to export")
-    export.add_argument("--format", required=True, help="onnx or hf")
+    export.add_argument("--format", required=True, help="onnx, hf or gguf")
     export.add_argument("--out", required=True, help="the folder to write")
     export.add_argument(
         "--quantize",
         default=None,
         help="int8: ONNX Runtime's dynamic int8 MatMuls (--format onnx only)",
+    )
+    export.add_argument(
+        "--dtype",
+        default=None,
+        help="gguf: matrix type float16 (default), bfloat16 or float32; norms stay float32",
     )
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     export.set_defaults(run=run_export)
@@ -767,7 +823,12 @@ def run_compress(args: argparse.Namespace) -> int:
 
         check_disjoint(calibration, evaluation)
     common = dict(
-        method=args.method or ("budget" if args.whiten or args.target_size else "laser"),
+        method=args.method
+        or (
+            "budget"
+            if args.whiten or args.target_size or args.stream or args.sparse_share
+            else "laser"
+        ),
         threshold_options=options,
         targets=args.targets,
         include_heads=args.include_heads,
@@ -791,8 +852,12 @@ def run_compress(args: argparse.Namespace) -> int:
         heal_schedule=args.heal_schedule,
         heal_warmup=args.heal_warmup,
         quantize=args.quantize,
+        sparse_share=args.sparse_share,
         device=args.device,
         dtype=args.dtype,
+        stream=args.stream,
+        sequential=args.sequential,
+        refine_steps=args.refine_steps,
     )
     if args.reproduce_laserrmt:
         settings = CompressSettings.reproduce_laserrmt_preset(**common)
@@ -807,6 +872,8 @@ def run_compress(args: argparse.Namespace) -> int:
             max_candidates=args.max_candidates,
             **common,
         )
+    if (args.images is not None or args.image_size is not None) and args.method != "rmt-kd":
+        raise InvalidOptionError("--images and --image-size are read by --method rmt-kd only")
     if args.method == "rmt-kd":
         from laserrmt.models.placement import check_trainable_dtype
 
@@ -822,6 +889,10 @@ def run_compress(args: argparse.Namespace) -> int:
     if isinstance(plan, WidthPlan):
         return run_width_plan_command(args, plan)
     check_output_dir(args.out, args.overwrite)
+    if settings.stream:
+        if plan is not None:
+            raise InvalidOptionError("--plan is replayed in memory; drop --stream")
+        return run_compress_streaming(args, settings, max_shard_size, evaluation)
 
     loaded = _load_placed(args)
     if plan is not None:
@@ -886,6 +957,116 @@ def run_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_compress_streaming(
+    args: argparse.Namespace, settings: Any, max_shard_size: int, evaluation: Any
+) -> int:
+    """The budget method through the streaming pipeline (``--stream``)."""
+    import json
+
+    from laserrmt.evaluate import _windows_and_protocol, track_peak_memory
+    from laserrmt.outputs import atomic_output_dir
+    from laserrmt.pipeline import CompressionResult, _calibration_record, _calibration_windows
+    from laserrmt.report.compression import comparison_markdown, compression_report
+    from laserrmt.sequential import compress_streaming
+    from laserrmt.surgery.io import write_compressed
+
+    stream, tokenizer = _open_stream(args)
+    calibration = _calibration_windows(tokenizer, settings)
+    windows, protocol = (None, None)
+    if not args.no_eval:
+        windows, protocol = _windows_and_protocol(
+            tokenizer, None, args.eval_windows, None, evaluation
+        )
+    started = time.perf_counter()
+    with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
+        with track_peak_memory() as memory:
+            outcome = compress_streaming(
+                stream,
+                calibration,
+                tmp,
+                target_params=settings.target_params,
+                whiten=settings.whiten,
+                allocation=settings.allocation,
+                importance=settings.importance,
+                fisher_windows=settings.fisher_windows,
+                targets=settings.targets,
+                compensate=settings.sequential,
+                refine_steps=settings.refine_steps,
+                sparse_share=settings.sparse_share,
+                evaluation=windows,
+                max_shard_size=max_shard_size,
+                calibration_source=_calibration_record(settings),
+                settings=settings.to_dict(),
+                progress=not args.quiet,
+            )
+        result = CompressionResult(outcome.plan, settings)
+        result.weight_bytes = outcome.weight_bytes
+        result.timings = {**outcome.timings, "total": time.perf_counter() - started}
+        peak = int(memory["peak_bytes"])
+        write_compressed(
+            stream.model,
+            tmp,
+            tokenizer=tokenizer,
+            plan=outcome.plan,
+            settings={
+                "compress": result.to_dict(),
+                "source": stream.source,
+                "stream": {"peak_memory_bytes": peak, "refinement": outcome.refinement},
+            },
+            weights_written=True,
+        )
+        before = after = None
+        if windows is not None:
+            assert outcome.perplexity_before is not None and outcome.perplexity_after is not None
+            common = {"eval_windows": int(windows.shape[0]), "protocol": protocol}
+            before = {
+                "perplexity": outcome.perplexity_before.perplexity,
+                "nll": outcome.perplexity_before.nll,
+                "eval_tokens": outcome.perplexity_before.tokens,
+                "params_total": outcome.params_before,
+                **common,
+            }
+            after = {
+                "perplexity": outcome.perplexity_after.perplexity,
+                "nll": outcome.perplexity_after.nll,
+                "eval_tokens": outcome.perplexity_after.tokens,
+                "params_total": outcome.params_after,
+                "size_bytes": outcome.weight_bytes,
+                "peak_memory_bytes": peak,
+                **common,
+            }
+            (tmp / "evaluation.json").write_text(
+                json.dumps({"before": before, "after": after}, indent=2) + "\n"
+            )
+        report = compression_report(
+            source=stream.source,
+            result=result.to_dict(),
+            plan_rows=outcome.plan.summary(),
+            analysis_records=[],
+            before=before,
+            after=after,
+            folder=tmp,
+        )
+        report.notes.append(
+            f"Streamed block by block: peak resident memory of the whole process "
+            f"{peak / 2**30:.2f} GiB (block parameters {outcome.params_before:,} → "
+            f"{outcome.params_after:,})."
+        )
+        report.write(tmp / "report.html")
+    summary = result.to_dict()["plan_summary"]
+    print(f"model: {stream.source} (streamed block by block)")
+    print(
+        f"target parameters removed: {summary['params_removed']:,} of {summary['params_before']:,} "
+        f"({summary['params_removed'] / max(1, summary['params_before']):.1%}); peak memory "
+        f"{peak / 2**30:.2f} GiB"
+    )
+    print(f"weights: {outcome.weight_bytes:,} bytes")
+    if before and after:
+        print(comparison_markdown(before, after))
+    print(f"saved: {args.out}  (load it with laserrmt.load); report: {args.out}/report.html")
+    return 0
+
+
 def run_rmt_kd_command(args: argparse.Namespace) -> int:
     """RMT-KD: widths from activation spectra, each cut healed by self-distillation."""
     import json
@@ -906,11 +1087,30 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
         lr=args.distill_lr,
         dataset=args.dataset,
     )
+    if args.images is not None and (args.calibration_data or args.dataset):
+        raise InvalidOptionError(
+            "--images is the whole data set of an image classifier; drop --calibration-data "
+            "and --dataset"
+        )
+    if args.image_size is not None and (args.images is None or args.image_size < 1):
+        raise InvalidOptionError("--image-size N (N ≥ 1) goes with --images")
     init_distributed()
     main_process = is_main_process()
     check_output_dir(args.out, args.overwrite)
     loaded = _load_placed(args)
     task: Task = "causal-lm" if is_causal_lm(loaded.model) else "classification"
+    images = None
+    if args.images is not None:
+        from laserrmt.data.classification import ImageFolderData
+
+        if task != "classification" or not hasattr(loaded.model, "classifier"):
+            raise InvalidOptionError(
+                f"--images needs an image classifier with its head (a …ForImageClassification "
+                f"folder); {type(loaded.model).__name__} is not one"
+            )
+        images = ImageFolderData.for_model(
+            args.images, loaded.model, model_folder=loaded.path, size=args.image_size
+        )
     data = None
     if args.calibration_data is not None:
         from laserrmt.data.sources import open_text_source
@@ -943,6 +1143,7 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
         fine_tune_epochs=fine_tune_epochs,
         dataset=args.dataset,
         data=data,
+        images=images,
         sites=args.sites,
         tau=args.tau,
         estimator=args.kd_estimator,
@@ -1103,9 +1304,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from laserrmt.outputs import write_text_atomic
     from laserrmt.report.html import markdown_table
 
-    loaded = _load_placed(args)
-    result = _evaluate(loaded.model, loaded.tokenizer, args, saved_path=loaded.path)
-    print(f"model: {loaded.source}")
+    if args.stream:
+        source, result = _evaluate_streamed(args)
+    else:
+        loaded = _load_placed(args)
+        result = _evaluate(loaded.model, loaded.tokenizer, args, saved_path=loaded.path)
+        source = loaded.source
+    print(f"model: {source}")
     print(
         markdown_table(
             ("metric", "value"),
@@ -1116,6 +1321,48 @@ def run_evaluate(args: argparse.Namespace) -> int:
         write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
         print(f"written: {args.json}")
     return 0
+
+
+def _open_stream(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The model of ``args`` as a BlockStream (``--stream``), and its tokenizer."""
+    from laserrmt.models.checkpoint import open_checkpoint, readable_lazily
+    from laserrmt.models.loading import checkpoint_tokenizer
+    from laserrmt.models.placement import resolve_device, resolve_dtype
+    from laserrmt.models.streaming import BlockStream
+
+    if not readable_lazily(args.model):
+        raise InvalidOptionError(
+            f"--stream reads the model lazily from a folder of safetensors weights or a .gguf "
+            f"file, and {args.model} is neither; save it with save_pretrained or drop --stream"
+        )
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    checkpoint = open_checkpoint(args.model, trust_remote_code=args.trust_remote_code)
+    stream = BlockStream(
+        checkpoint, device=device, dtype=dtype, trust_remote_code=args.trust_remote_code
+    )
+    return stream, checkpoint_tokenizer(checkpoint.path, args.trust_remote_code)
+
+
+def _evaluate_streamed(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    from laserrmt.evaluate import _windows_and_protocol, track_peak_memory
+    from laserrmt.sequential import streamed_perplexity
+
+    stream, tokenizer = _open_stream(args)
+    windows, protocol = _windows_and_protocol(
+        tokenizer, None, args.eval_windows, None, _text_source(args.eval_data, args)
+    )
+    with track_peak_memory() as memory:
+        ppl = streamed_perplexity(stream, windows, progress=not args.quiet)
+    checkpoint = stream.checkpoint
+    return stream.source, {
+        "perplexity": ppl.perplexity,
+        "nll": ppl.nll,
+        "eval_tokens": ppl.tokens,
+        "eval_windows": int(windows.shape[0]),
+        "params_total": sum(math.prod(checkpoint.shape(n)) for n in checkpoint.names()),
+        "peak_memory_bytes": int(memory["peak_bytes"]),
+        "protocol": protocol,
+    }
 
 
 def run_monitor(args: argparse.Namespace) -> int:
@@ -1149,7 +1396,21 @@ def run_export(args: argparse.Namespace) -> int:
     if args.format not in FORMATS:
         raise InvalidOptionError(f"unknown --format {args.format!r}; choose {', '.join(FORMATS)}")
     if args.quantize is not None and args.format != "onnx":
-        raise InvalidOptionError("--quantize applies to --format onnx only; drop it for hf")
+        raise InvalidOptionError(
+            f"--quantize applies to --format onnx only; drop it for {args.format}"
+        )
+    if args.dtype is not None and args.format != "gguf":
+        raise InvalidOptionError(
+            f"--dtype applies to --format gguf only; drop it for {args.format}"
+        )
+    if args.format == "gguf":
+        from laserrmt.export.gguf import GGUF_DTYPES, gguf_package
+
+        if args.dtype is not None and args.dtype not in GGUF_DTYPES:
+            raise InvalidOptionError(
+                f"unknown --dtype {args.dtype!r}; choose {', '.join(GGUF_DTYPES)}"
+            )
+        gguf_package()
     if args.format == "onnx":
         from laserrmt.export.onnx import QUANTIZE_CHOICES, onnx_runtime
 
@@ -1183,6 +1444,27 @@ def run_export(args: argparse.Namespace) -> int:
                     f"agreement {report['int8']['top1_agreement_vs_float32_onnx']:.3f}"
                 )
             print(f"model.onnx: {report['onnx_bytes'] / 1e6:.1f} MB")
+    elif args.format == "gguf":
+        from laserrmt.export import export_gguf
+
+        report = export_gguf(
+            loaded.model,
+            args.out,
+            tokenizer=loaded.tokenizer,
+            dtype=args.dtype or "float16",
+            overwrite=args.overwrite,
+            source_folder=loaded.path,
+        )
+        if not args.quiet:
+            check = report["check"]
+            print(
+                f"transformers' GGUF reader vs the same weights in torch: max |diff| "
+                f"{check['max_abs_logit_diff_vs_same_weights']:.3g}; vs the laserrmt model "
+                f"({report['dtype']} rounding): {check['max_abs_logit_diff_vs_laserrmt']:.3g}"
+            )
+            print(f"savings that survive: {'; '.join(report['survives'])}")
+            print(f"savings lost: {'; '.join(report['lost']) or 'none'}")
+            print(f"model.gguf: {report['gguf_bytes'] / 1e6:.1f} MB")
     else:
         from laserrmt.export import export_hf
 

@@ -217,16 +217,17 @@ def _unique_tensors(tensors: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
 
 
 def _weight_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
-    """Parameters plus int8 weight buffers (int8-quantized weights are buffers, not parameters)."""
+    """Parameters plus int8 weight buffers (int8-quantized weights are buffers, not parameters)
+    and int32 ones (the sparse indices of low rank plus sparse layers are stored numbers too)."""
     yield from module.parameters()
-    yield from (b for b in module.buffers() if b.dtype == torch.int8)
+    yield from (b for b in module.buffers() if b.dtype in (torch.int8, torch.int32))
 
 
 def count_parameters(model: nn.Module, target_names: Iterable[str] | None = None) -> dict[str, int]:
     """Count the weights a model stores, each distinct tensor once.
 
     Tied weights (an LM head sharing the embedding) are counted once: tensors are identified by
-    their memory, not their names. int8 weight buffers count as weights.
+    their memory, not their names. int8 weight buffers and int32 sparse indices count as weights.
 
     Args:
         model: any module.

@@ -47,6 +47,7 @@ from laserrmt.stats.importance import IMPORTANCE_KINDS
 from laserrmt.surgery.apply import apply_plan
 from laserrmt.surgery.io import weight_bytes
 from laserrmt.surgery.quantize import quantize_model_int8
+from laserrmt.surgery.sparse import check_sparse_share, input_gram_diagonals, sparse_factorizer
 from laserrmt.surgery.whiten import WHITEN_METHODS
 
 METHODS = ("laser", "budget", "rmt-kd")
@@ -103,10 +104,19 @@ class CompressSettings:
     heal_schedule: str = "cosine"
     heal_warmup: float = 0.05
     quantize: str | None = None
+    #: Budget method: the fraction of each factorized matrix's parameters spent on the largest
+    #: entries of its residual (:mod:`laserrmt.surgery.sparse`); 0 keeps plain factors.
+    sparse_share: float = 0.0
     #: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``, and ``float32``, ``bfloat16`` or ``float16``:
     #: the model is moved and cast to them once, before anything is measured (``None``: as it is).
     device: str | None = None
     dtype: str | None = None
+    #: The budget method through the streaming pipeline (:mod:`laserrmt.sequential`): one
+    #: block in memory; ``sequential`` refits each block's factors on the compressed model's
+    #: inputs, ``refine_steps`` optimises each block towards the dense block's outputs.
+    stream: bool = False
+    sequential: bool = False
+    refine_steps: int = 0
 
     @property
     def n_calibration_windows(self) -> int:
@@ -219,10 +229,53 @@ class CompressSettings:
                 "--calibration-data: the laser method's oneshot selection reads no calibration "
                 "text; add --select loop, --heal-steps or use --method budget"
             )
+        if self.refine_steps < 0:
+            raise InvalidOptionError("--refine-steps must be ≥ 0")
+        if (self.sequential or self.refine_steps) and not self.stream:
+            raise InvalidOptionError(
+                "--sequential and --refine-steps work block by block: add --stream"
+            )
+        if self.stream:
+            self._check_streamable()
+        check_sparse_share(self.sparse_share)
+        if self.sparse_share and self.method != "budget":
+            raise InvalidOptionError("--sparse-share applies to --method budget; drop it")
+        if self.sparse_share and self.quantize is not None:
+            raise InvalidOptionError(
+                "--sparse-share with --quantize: int8 does not cover the sparse entries; "
+                "drop one of them"
+            )
         if self.target_size is not None and self.method != "budget":
             raise InvalidOptionError(
                 "--target-size is a budget for --method budget (or --whiten); the laser method "
                 "takes --target-params"
+            )
+
+    def _check_streamable(self) -> None:
+        unsupported = [
+            option
+            for option, used in (
+                ("--method laser/rmt-kd", self.method != "budget"),
+                ("--target-size", self.target_size is not None),
+                ("--heal-steps/--heal-tokens", self.heals),
+                ("--quantize", self.quantize is not None),
+                ("--include-heads", self.include_heads),
+                ("--importance attention", self.importance == "attention"),
+                (
+                    "--whiten asvd/fisher with --sequential",
+                    self.sequential and self.whiten not in ("svdllm", "none"),
+                ),
+            )
+            if used
+        ]
+        if unsupported:
+            raise InvalidOptionError(
+                f"--stream runs the budget method block by block and does not take "
+                f"{unsupported[0]}; drop it, or drop --stream to compress in memory"
+            )
+        if self.target_params is None:
+            raise InvalidOptionError(
+                "--stream needs --target-params F (the fraction of target parameters to remove)"
             )
 
 
@@ -303,7 +356,7 @@ def compress(
     start = time.perf_counter()
     if plan is not None:
         result.plan = plan
-        _replay(model, tokenizer, plan, progress)
+        _replay(model, tokenizer, plan, settings.sparse_share, progress)
     elif settings.method == "budget":
         _compress_budget(model, tokenizer, settings, result, progress)
     else:
@@ -404,11 +457,12 @@ def _compress_budget(
     targets = select_targets(
         find_targets(model, include_heads=settings.include_heads), settings.targets
     )
+    windows = _calibration_windows(tokenizer, settings)
     # The outcome owns a temporary folder of spilled factors: removed on leaving, also on error.
     with budget_plan(
         model,
         targets,
-        _calibration_windows(tokenizer, settings),
+        windows,
         calibration_source=_calibration_record(settings),
         target_params=settings.target_params,
         target_bytes=settings.target_size,
@@ -420,16 +474,44 @@ def _compress_budget(
         settings=settings.to_dict(),
         progress=progress,
     ) as outcome:
-        apply_plan(model, outcome.plan, svd_cache=outcome.svd_cache, progress=progress)
+        _cut(model, outcome.plan, outcome.svd_cache, windows, settings.sparse_share, progress)
     result.plan = outcome.plan
 
 
-def _replay(model: nn.Module, tokenizer: Any, plan: CompressionPlan, progress: bool) -> None:
+def _cut(
+    model: nn.Module,
+    plan: CompressionPlan,
+    svd_cache: Any,
+    windows: Any,
+    sparse_share: float,
+    progress: bool,
+) -> None:
+    """Apply ``plan``; with a sparse share, factorized layers become low rank plus sparse, their
+    residual entries weighted by the input Gram's diagonal on ``windows`` when the plan's
+    factors were whitened by the Gram (``svdllm``, ``asvd``), unweighted otherwise."""
+    if not sparse_share:
+        apply_plan(model, plan, svd_cache=svd_cache, progress=progress)
+        return
+    diagonals = {}
+    if windows is not None and plan.factors.whiten in ("svdllm", "asvd"):
+        names = [d.module for d in plan if d.mode == "factorize"]
+        diagonals = input_gram_diagonals(model, names, windows.split(1), progress)
+    factorizer = sparse_factorizer(sparse_share, diagonals)
+    apply_plan(model, plan, svd_cache=svd_cache, progress=progress, factorizer=factorizer)
+
+
+def _replay(
+    model: nn.Module,
+    tokenizer: Any,
+    plan: CompressionPlan,
+    sparse_share: float,
+    progress: bool,
+) -> None:
     """Apply a saved plan with the factors it was made with: whitened factors are recomputed on
     the calibration windows the plan names (the seed and counts of this call do not matter)."""
     factors = plan.factors
     if not factors.needs_calibration:
-        apply_plan(model, plan, progress=progress)
+        _cut(model, plan, None, None, sparse_share, progress)
         return
     problem = factors.missing()
     if problem:
@@ -451,7 +533,7 @@ def _replay(model: nn.Module, tokenizer: Any, plan: CompressionPlan, progress: b
     )
     windows = _calibration_windows(tokenizer, recorded)
     with replay_factors(model, plan, windows, progress=progress) as cache:
-        apply_plan(model, plan, svd_cache=cache, progress=progress)
+        _cut(model, plan, cache, windows, sparse_share, progress)
 
 
 def _calibration_record(settings: CompressSettings) -> dict[str, Any]:

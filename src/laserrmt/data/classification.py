@@ -30,10 +30,12 @@ from laserrmt.errors import DataError
 
 __all__ = [
     "ClassificationBatches",
+    "ImageFolderData",
     "ImageSplit",
     "TextSplit",
     "bbc_news",
     "bbc_news_batches",
+    "image_batches",
     "image_folder",
     "labelled_batches",
     "labelled_split",
@@ -210,15 +212,16 @@ def image_folder(
 
 @dataclass
 class ClassificationBatches:
-    """Tokenized batches (dicts with ``input_ids``, ``attention_mask``, ``labels``).
+    """Tokenized batches (dicts with ``input_ids``, ``attention_mask``, ``labels``), or
+    ``(images, labels)`` pairs (:func:`image_batches`).
 
     ``validation`` is a stratified slice of the *training* split (for stop rules and model
     selection); ``test`` is the held-out split, for the final report only.
     """
 
-    train: list[dict[str, Any]]
-    validation: list[dict[str, Any]]
-    test: list[dict[str, Any]]
+    train: list[Any]
+    validation: list[Any]
+    test: list[Any]
     label_names: list[str]
 
 
@@ -355,3 +358,125 @@ def _split_batches(
         test=_encode(tokenizer, test_texts, test_labels, 32, max_length),
         label_names=data.label_names,
     )
+
+
+def image_batches(
+    data: ImageSplit,
+    *,
+    batch_size: int = 16,
+    validation_fraction: float = 0.1,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    seed: int = 0,
+) -> ClassificationBatches:
+    """``(images, labels)`` tensor pairs of an :class:`ImageSplit`, in the form
+    :func:`laserrmt.distill.batch_logits_and_labels` takes for a classifier.
+
+    ``validation`` is a stratified ``validation_fraction`` of the training split (as for
+    text); ``mean`` and ``std`` (one value per channel, e.g. an image processor's
+    ``image_mean`` / ``image_std``) normalise the ``[0, 1]`` pixels as the model was trained.
+
+    Raises:
+        DataError: a class too small to split, or ``mean``/``std`` of the wrong length.
+    """
+    import torch
+
+    channels = data.train_images.shape[1]
+    shift = np.zeros(channels, np.float32) if mean is None else np.asarray(mean, np.float32)
+    scale = np.ones(channels, np.float32) if std is None else np.asarray(std, np.float32)
+    if shift.shape != (channels,) or scale.shape != (channels,):
+        raise DataError(
+            f"image mean {mean} / std {std} do not have one value per channel ({channels})"
+        )
+
+    def batches(images: np.ndarray, labels: np.ndarray, size: int) -> list[Any]:
+        normalised = (images - shift[:, None, None]) / scale[:, None, None]
+        return [
+            (torch.from_numpy(normalised[i : i + size]), torch.from_numpy(labels[i : i + size]))
+            for i in range(0, len(labels), size)
+        ]
+
+    labels = data.train_labels
+    try:
+        train, validation = _split(len(labels), labels, validation_fraction, seed)
+    except ValueError as exc:
+        raise DataError(
+            f"cannot keep {validation_fraction:.0%} of {len(labels)} training images for "
+            f"validation stratified by class ({exc}); give every class more images"
+        ) from None
+    return ClassificationBatches(
+        train=batches(data.train_images[train], labels[train], batch_size),
+        validation=batches(data.train_images[validation], labels[validation], 32),
+        test=batches(data.test_images, data.test_labels, 32),
+        label_names=data.label_names,
+    )
+
+
+@dataclass
+class ImageFolderData:
+    """A user's ImageFolder-style directory and how a given model reads it (see
+    :func:`image_folder` and :func:`image_batches`); recorded in RMT-KD width plans."""
+
+    path: str
+    size: int
+    channels: int
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+    @classmethod
+    def for_model(
+        cls,
+        path: str | os.PathLike[str],
+        model: Any,
+        *,
+        model_folder: str | os.PathLike[str] | None = None,
+        size: int | None = None,
+    ) -> ImageFolderData:
+        """Channels and (unless ``size``) the square image size from the model's config;
+        mean and std from the image processor saved beside it (``preprocessor_config.json``),
+        if any.
+
+        Raises:
+            DataError: the model is not an image model, or gives no size and none was passed.
+        """
+        import json
+
+        config = getattr(model, "config", None)
+        channels = getattr(config, "num_channels", None)
+        if channels not in (1, 3):
+            raise DataError(
+                f"{type(model).__name__} is not an image classifier with 1 or 3 input channels; "
+                "images need a …ForImageClassification model folder"
+            )
+        configured = getattr(config, "image_size", None)
+        if isinstance(configured, list | tuple):
+            configured = configured[0] if len(set(configured)) == 1 else None
+        size = size or configured
+        if not size:
+            raise DataError(
+                f"{type(model).__name__}'s config gives no square image_size; pass --image-size"
+            )
+        mean = std = None
+        processor = Path(model_folder) / "preprocessor_config.json" if model_folder else None
+        if processor is not None and processor.is_file():
+            settings = json.loads(processor.read_text(encoding="utf-8"))
+            if settings.get("do_normalize", True) and "image_mean" in settings:
+                mean, std = list(settings["image_mean"]), list(settings["image_std"])
+        return cls(str(path), int(size), int(channels), mean, std)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "size": self.size,
+            "channels": self.channels,
+            "mean": self.mean,
+            "std": self.std,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ImageFolderData:
+        return cls(**data)
+
+    def batches(self, *, batch_size: int, seed: int) -> ClassificationBatches:
+        split = image_folder(self.path, size=self.size, channels=self.channels, seed=seed)
+        return image_batches(split, batch_size=batch_size, mean=self.mean, std=self.std, seed=seed)

@@ -4,8 +4,9 @@ transformers, vLLM, TGI and llama.cpp's converter read a folder whose tensors ha
 the architecture's config implies. What a standard config can express survives: denoised
 weights (same shapes), the residual-stream cut (``hidden_size`` is a config value) and an MLP
 width shared by every block (``intermediate_size``). What it cannot is undone or refused:
-factorized layers are multiplied back into dense weights and int8 layers dequantized (their
-savings are lost), and MLP widths that differ per block cannot be written at all.
+factorized layers are multiplied back into dense weights (low rank plus sparse ones into
+``A B + S``) and int8 layers dequantized (their savings are lost), and MLP widths that differ
+per block cannot be written at all.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from laserrmt.surgery.io import METADATA_FILE, weight_bytes
 from laserrmt.surgery.lowrank import LowRankLinear
 from laserrmt.surgery.registry import CompressedModule
 from laserrmt.surgery.replace import set_submodule
+from laserrmt.surgery.sparse import LowRankSparseLinear
 from laserrmt.surgery.width.modules import ResizedLinear
 
-__all__ = ["HF_TOLERANCE", "export_hf"]
+__all__ = ["HF_TOLERANCE", "export_hf", "standard_copy"]
 
 HF_TOLERANCE = 1e-5
 
@@ -38,7 +40,7 @@ def _densify(model: nn.Module) -> dict[str, int]:
     """Replace every compressed layer by a plain ``nn.Linear``, in place; counts by kind."""
     counts = {"int8": len(dequantize_int8_layers(model)), "factorized": 0, "resized": 0}
     for name, module in list(model.named_modules()):
-        if isinstance(module, LowRankLinear):
+        if isinstance(module, LowRankLinear | LowRankSparseLinear):
             kind = "factorized"
             weight = module.to_dense()
         elif isinstance(module, ResizedLinear):
@@ -110,6 +112,35 @@ def _check_ids(vocab_size: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (2, 16), generator=generator)
 
 
+def standard_copy(model: nn.Module) -> tuple[Any, dict[str, int], int | None]:
+    """A CPU copy of ``model`` in its base architecture: compressed layers made dense.
+
+    Returns the copy (its config's ``intermediate_size`` set to the shared MLP width), the count
+    of densified layers by kind (``int8``, ``factorized``, ``resized``) and that width (None
+    when the model has no MLP width to set). ``model`` is not changed.
+
+    Raises:
+        TargetSelectionError: no transformers config, or a layer or width the config cannot
+            express.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "save_pretrained"):
+        raise TargetSelectionError(
+            f"{type(model).__name__} has no transformers config, so no standard folder exists "
+            "for it; save it with laserrmt.save"
+        )
+    dense: Any = copy.deepcopy(model).cpu().eval()
+    counts = _densify(dense)
+    mlp_width = _set_mlp_width(dense)
+    mismatch = _shape_mismatch(dense)
+    if mismatch is not None:
+        raise TargetSelectionError(
+            f"the {type(model).__name__} config cannot express tensor {mismatch}; export with "
+            "--format onnx or load with laserrmt"
+        )
+    return dense, counts, mlp_width
+
+
 def export_hf(
     model: nn.Module,
     out: str | os.PathLike[str],
@@ -133,22 +164,9 @@ def export_hf(
     """
     import transformers
 
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "save_pretrained"):
-        raise TargetSelectionError(
-            f"{type(model).__name__} has no transformers config, so no standard folder exists "
-            "for it; save it with laserrmt.save"
-        )
     check_output_dir(out, overwrite)
-    dense: Any = copy.deepcopy(model).cpu().eval()
-    counts = _densify(dense)
-    mlp_width = _set_mlp_width(dense)
-    mismatch = _shape_mismatch(dense)
-    if mismatch is not None:
-        raise TargetSelectionError(
-            f"the {type(model).__name__} config cannot express tensor {mismatch}; export with "
-            "--format onnx or load with laserrmt"
-        )
+    dense, counts, mlp_width = standard_copy(model)
+    config: Any = model.config
     ids = _check_ids(int(config.vocab_size))
     device = next(model.parameters()).device
     with torch.no_grad():

@@ -39,6 +39,7 @@ from laserrmt.export.common import (
 from laserrmt.models.architectures import is_causal_lm
 from laserrmt.outputs import atomic_output_dir, check_output_dir
 from laserrmt.surgery.io import weight_bytes
+from laserrmt.surgery.sparse import LowRankSparseLinear
 
 __all__ = ["ONNX_TOLERANCE", "QUANTIZE_CHOICES", "export_onnx", "onnx_runtime", "run_decode"]
 
@@ -221,10 +222,18 @@ def export_onnx(
 
     Raises:
         InvalidOptionError: onnx/onnxruntime missing, or an unknown ``quantize``.
-        TargetSelectionError: the model is not a causal LM.
+        TargetSelectionError: the model is not a causal LM, or holds low rank plus sparse
+            layers.
         NumericalError: ONNX Runtime's float32 logits differ from torch's beyond the tolerance.
         OutputExistsError: ``out`` exists and ``overwrite`` is false.
     """
+    sparse = [n for n, m in model.named_modules() if isinstance(m, LowRankSparseLinear)]
+    if sparse:
+        raise TargetSelectionError(
+            f"{sparse[0]} (and {len(sparse) - 1} more) is low rank plus sparse, a product ONNX "
+            "export does not cover; export with --format hf (dense A B + S) or compress without "
+            "--sparse-share"
+        )
     onnxruntime = onnx_runtime()
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise InvalidOptionError(

@@ -139,43 +139,37 @@ def budget_plan(
             {name: largest_paying_rank(shapes[name]) for name in names},
             progress,
         )
-        # The RMT rule in the weighted space: directions standing above the MP bulk.
-        free_ranks = {t.name: choose_rank(values[t.name], t.shape, "mp").rank for t in targets}
-        curves = {
-            name: LossCurve(t.shape, values[name]) for name, t in zip(names, targets, strict=True)
-        }
-        extras = {
-            name: {"whiten": whiten, "importance": importance, "free_rank": free_ranks[name]}
-            for name in names
-        }
-
-        if allocation == "uniform":
-            plan = uniform_plan(targets, target_params, extras, settings)  # type: ignore[arg-type]
-            chosen = None
-        else:
-            scores = layer_importance(
-                importance,
-                names,
-                # The importance reads the mean Fisher per parameter: the 0-d mean is its own mean.
-                fisher=(
-                    {n: fisher_rows[n].sum() / (shapes[n][0] * shapes[n][1]) for n in names}
-                    if importance == "fisher"
-                    else None
-                ),
-                singular_values={n: curves[n].singular_values for n in names},
-                model=model,
-                batches=batches,
-            )
-            if target_bytes is not None:
-                removed = removal_for_size(model, targets, curves, scores, target_bytes, quantize)
-                chosen = allocate_ranks(curves, target_params_removed=removed, importance=scores)
-            else:
-                chosen = allocate_ranks(curves, target_fraction=target_params, importance=scores)
-            plan = allocation_to_plan(chosen, method="budget", settings=settings, extras=extras)
+        plan, chosen, free_ranks = decide_ranks(
+            targets,
+            values,
+            whiten=whiten,
+            allocation=allocation,
+            importance=importance,
+            fisher_rows=fisher_rows,
+            target_params=target_params,
+            target_bytes=target_bytes,
+            quantize=quantize,
+            settings=settings,
+            model=model,
+            batches=batches,
+        )
     except BaseException:
         spill.close()
         raise
-    plan.factors = FactorSource(
+    plan.factors = factor_source(whiten, floor, calibration, calibration_source, fisher_windows)
+    spill.ranks = {d.module: d.rank for d in plan if d.mode != "keep"}
+    return BudgetOutcome(plan, spill, chosen, free_ranks)
+
+
+def factor_source(
+    whiten: str,
+    floor: float,
+    calibration: torch.Tensor,
+    calibration_source: Mapping[str, Any] | None,
+    fisher_windows: int,
+) -> FactorSource:
+    """How a budget plan's factors were computed, as the plan records it for a replay."""
+    return FactorSource(
         whiten=whiten,
         floor=floor if whiten != "none" else None,
         calibration=(
@@ -185,8 +179,64 @@ def budget_plan(
         ),
         fisher_windows=fisher_windows if whiten == "fisher" else None,
     )
-    spill.ranks = {d.module: d.rank for d in plan if d.mode != "keep"}
-    return BudgetOutcome(plan, spill, chosen, free_ranks)
+
+
+def decide_ranks(
+    targets: Sequence[Target],
+    values: Mapping[str, np.ndarray],
+    *,
+    whiten: str,
+    allocation: str,
+    importance: str,
+    fisher_rows: Mapping[str, torch.Tensor],
+    target_params: float | None,
+    target_bytes: int | None = None,
+    quantize: str | None = None,
+    settings: dict[str, Any] | None = None,
+    model: nn.Module | None = None,
+    batches: Sequence[torch.Tensor] | None = None,
+) -> tuple[CompressionPlan, Allocation | None, dict[str, int]]:
+    """The budget's plan from every target's weighted singular values (``values``): the
+    allocation, the allocation it came from (``None`` for a uniform one) and the RMT free ranks.
+
+    ``fisher_rows`` are the Fisher row sums (``importance="fisher"``); ``model`` is needed by a
+    byte budget and by the ``attention`` importance, ``batches`` by the latter.
+    """
+    names = [t.name for t in targets]
+    shapes = {t.name: t.shape for t in targets}
+    # The RMT rule in the weighted space: directions standing above the MP bulk.
+    free_ranks = {t.name: choose_rank(values[t.name], t.shape, "mp").rank for t in targets}
+    curves = {
+        name: LossCurve(t.shape, values[name]) for name, t in zip(names, targets, strict=True)
+    }
+    extras = {
+        name: {"whiten": whiten, "importance": importance, "free_rank": free_ranks[name]}
+        for name in names
+    }
+    if allocation == "uniform":
+        return uniform_plan(targets, target_params, extras, settings), None, free_ranks  # type: ignore[arg-type]
+    scores = layer_importance(
+        importance,
+        names,
+        # The importance reads the mean Fisher per parameter: the 0-d mean is its own mean.
+        fisher=(
+            {n: fisher_rows[n].sum() / (shapes[n][0] * shapes[n][1]) for n in names}
+            if importance == "fisher"
+            else None
+        ),
+        singular_values={n: curves[n].singular_values for n in names},
+        model=model,
+        batches=batches,
+    )
+    if target_bytes is not None:
+        if model is None:
+            raise InvalidOptionError("a budget in bytes needs the model to count its weights")
+        removed = removal_for_size(model, targets, curves, scores, target_bytes, quantize)
+        chosen = allocate_ranks(curves, target_params_removed=removed, importance=scores)
+    else:
+        chosen = allocate_ranks(curves, target_fraction=target_params, importance=scores)
+    plan = allocation_to_plan(chosen, method="budget", settings=settings, extras=extras)
+    return plan, chosen, free_ranks
 
 
 def spill_weighted_factors(

@@ -32,8 +32,9 @@ from torch import nn
 from laserrmt.distill import TopKLogits, distill, teacher_top_k, warmup_cosine
 from laserrmt.errors import InvalidOptionError
 from laserrmt.surgery.lowrank import LowRankConv1d, LowRankConv2d, LowRankLinear
+from laserrmt.surgery.sparse import LowRankSparseLinear
 
-_FACTORIZED = (LowRankLinear, LowRankConv1d, LowRankConv2d)
+_FACTORIZED = (LowRankLinear, LowRankConv1d, LowRankConv2d, LowRankSparseLinear)
 #: The trainable sets of healing, each a superset of the one before.
 HEAL_PARAMS = ("factors", "factors+norms", "factors+norms+lora")
 #: The learning-rate schedules: ``cosine`` (linear warm-up, then a half cosine down to

@@ -45,6 +45,7 @@ from typing import Any
 
 from torch import nn
 
+from laserrmt.data.classification import ImageFolderData
 from laserrmt.data.sources import TextSource
 from laserrmt.distill import (
     TASKS,
@@ -638,6 +639,11 @@ def _task_batches(recipe: dict[str, Any], tokenizer: Any) -> tuple[list[Any], li
         return calibration, calibration, windows[:split]
     from laserrmt.data.classification import bbc_news_batches, labelled_batches
 
+    if recipe.get("images") is not None:
+        data = ImageFolderData.from_dict(recipe["images"]).batches(
+            batch_size=recipe["batch_size"], seed=recipe["seed"]
+        )
+        return data.train[: max(len(data.train) // 10, 1)], data.train, data
     options = {
         "max_length": recipe["max_length"],
         "batch_size": recipe["batch_size"],
@@ -675,6 +681,7 @@ def run_rmt_kd(
     task: Task,
     dataset: str | None = None,
     data: TextSource | None = None,
+    images: ImageFolderData | None = None,
     sites: Sequence[str] | None = None,
     tau: float = 0.5,
     estimator: str = "mp_fit",
@@ -721,6 +728,10 @@ def run_rmt_kd(
     ``data`` (labelled: ``open_text_source(..., label_column=...)``) the user's rows take BBC
     News's place, split 70/30 by label with ``seed`` (:func:`~laserrmt.data.classification.
     labelled_batches`); the model's head must have one output per distinct label.
+    With ``images`` (an ImageFolder-style directory read for this model, see
+    :class:`~laserrmt.data.classification.ImageFolderData`) the model is an image classifier:
+    80 % of each class trains (10 % of that validates), ``(images, labels)`` batches of
+    ``batch_size``; no tokenizer is needed.
 
     ``checkpoint_dir``, ``resume`` and ``max_cuts`` are those of :func:`rmt_kd` (a run
     sliced with ``max_cuts`` and resumed gives the model after each cut).
@@ -742,7 +753,11 @@ def run_rmt_kd(
         raise InvalidOptionError(
             f"dataset={dataset!r} for task {task}; use one of {', '.join(DATASETS[task])}"
         )
-    if tokenizer is None:
+    if images is not None and (task != "classification" or data is not None):
+        raise InvalidOptionError(
+            "images are classification data on their own; drop the text data or the task"
+        )
+    if tokenizer is None and images is None:
         raise InvalidOptionError("RMT-KD tokenizes its data; pass the model's tokenizer")
     if data is not None and task == "classification" and data.label_column is None:
         raise InvalidOptionError(
@@ -762,6 +777,8 @@ def run_rmt_kd(
     if data is not None:
         # The recipe names the user's text by content digest: a replay refuses a changed file.
         recipe.update(dataset="user data", data=data.to_dict())
+    if images is not None:
+        recipe.update(dataset="image folder", images=images.to_dict())
     calibration, train, held_out = _task_batches(recipe, tokenizer)
     extra: dict[str, Any] = {k: v for k, v in recipe.items() if k not in ("task", "seed")}
     if task == "causal-lm":

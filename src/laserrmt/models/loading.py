@@ -45,7 +45,14 @@ DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE_SUBFOLDER = Path("models") / "smollm2-135m-instruct"
 DEFAULT_MODEL_SOURCE = f"{DEFAULT_MODEL_NAME} (Q4_1 GGUF from {DEFAULT_PACKAGE_PIN}, dequantized)"
 
-TASKS = ("auto", "causal-lm", "sequence-classification", "masked-lm", "base")
+TASKS = (
+    "auto",
+    "causal-lm",
+    "sequence-classification",
+    "image-classification",
+    "masked-lm",
+    "base",
+)
 
 # Written last into a converted cache folder: a folder without it is not a finished cache.
 _CACHE_MARKER = "laserrmt-cache.json"
@@ -98,8 +105,9 @@ def load_model(
     folder (``config.json`` plus safetensors or ``pytorch_model.bin`` weights), a ``.gguf``
     file, or a hub id (``org/name``, needs a network). ``task`` picks the model class:
     ``"auto"`` follows ``config.architectures`` (``*ForCausalLM`` / ``*LMHeadModel``,
-    ``*ForSequenceClassification``, ``*ForMaskedLM``, else the bare model);
-    ``"causal-lm"``, ``"sequence-classification"``, ``"masked-lm"`` and ``"base"`` force one.
+    ``*ForSequenceClassification``, ``*ForImageClassification``, ``*ForMaskedLM``, else the
+    bare model); ``"causal-lm"``, ``"sequence-classification"``, ``"image-classification"``,
+    ``"masked-lm"`` and ``"base"`` force one.
     With ``"auto"``, a checkpoint that holds the base model's weights but not its head's (the
     usual layout of sentence-embedding encoders) loads as the base model (``AutoModel``); one
     line on stderr and ``source`` say so.
@@ -330,6 +338,7 @@ def _auto_class(task: str, architectures: Any, model_type: str | None) -> Any:
     name = {
         "causal-lm": "AutoModelForCausalLM",
         "sequence-classification": "AutoModelForSequenceClassification",
+        "image-classification": "AutoModelForImageClassification",
         "masked-lm": "AutoModelForMaskedLM",
         "base": "AutoModel",
     }[task]
@@ -348,6 +357,8 @@ def _task_from_config(architectures: Any, model_type: str | None) -> str:
             return "causal-lm"
         if arch.endswith("ForSequenceClassification"):
             return "sequence-classification"
+        if arch.endswith("ForImageClassification"):
+            return "image-classification"
         if arch.endswith("ForMaskedLM"):
             return "masked-lm"
     # GGUF configs carry no architectures; every family transformers reads from GGUF is a
@@ -460,6 +471,16 @@ def _load_tokenizer(folder: Path, trust_remote_code: bool) -> Any | None:
             f"{folder} holds tokenizer files that cannot be read ({_first_line(exc)}); fix or "
             "remove them"
         ) from None
+
+
+def checkpoint_tokenizer(path: Path, trust_remote_code: bool = False) -> Any | None:
+    """The tokenizer beside a lazily read checkpoint (its folder, or a ``.gguf`` file's own
+    vocabulary); ``None`` when there is none."""
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return _load_tokenizer(path if path.is_dir() else path.parent, trust_remote_code)
 
 
 def _load_hub(repo_id: str, task: str, trust_remote_code: bool, dtype: torch.dtype) -> LoadedModel:

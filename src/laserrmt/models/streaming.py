@@ -152,10 +152,20 @@ class BlockStream:
         """Read ``names`` from the checkpoint into the skeleton, on ``device`` as ``dtype``."""
         from accelerate.utils import set_module_tensor_to_device
 
+        # Names read from one checkpoint tensor (a tied head) share the one copy read.
+        loaded: dict[str, torch.Tensor] = {}
         for name in names:
-            value = self.checkpoint.get(self.names[name])
+            owner, _, leaf = name.rpartition(".")
+            module = self.model.get_submodule(owner)
+            source = self.names[name]
+            if source in loaded:
+                slots = module._parameters if leaf in module._parameters else module._buffers
+                slots[leaf] = loaded[source]  # type: ignore[assignment]
+                continue
+            value = self.checkpoint.get(source)
             dtype = self.dtype if value.is_floating_point() else None
             set_module_tensor_to_device(self.model, name, self.device, value=value, dtype=dtype)
+            loaded[source] = getattr(module, leaf)
 
     def free(self, names: Sequence[str]) -> None:
         """Return ``names`` to the meta device (their memory is released)."""

@@ -23,6 +23,7 @@ from laserrmt.surgery.lowrank import (
 )
 from laserrmt.surgery.quantize import Int8Linear, Int8LowRankLinear, quantize_model_int8
 from laserrmt.surgery.registry import CompressedModule, module_class, register_module
+from laserrmt.surgery.sparse import LowRankSparseLinear, factorize_sparse, split_budget
 
 __all__ = [
     "AppliedChange",
@@ -32,10 +33,12 @@ __all__ = [
     "LowRankConv1d",
     "LowRankConv2d",
     "LowRankLinear",
+    "LowRankSparseLinear",
     "apply_plan",
     "denoise_",
     "factor_weight",
     "factorize",
+    "factorize_sparse",
     "load",
     "load_into",
     "low_rank_weight",
@@ -45,6 +48,7 @@ __all__ = [
     "restore_",
     "revert_changes",
     "save_compressed",
+    "split_budget",
     "truncated_svd",
     "weight_as_matrix",
     "write_compressed",

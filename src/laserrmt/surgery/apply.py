@@ -9,7 +9,7 @@ model. Then each ``factorize`` decision replaces its layer by a low-rank module 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, overload
 
@@ -59,6 +59,7 @@ def apply_plan(
     calibration: Iterable[Any] | None = None,
     progress: bool = True,
     keep_originals: bool = False,
+    factorizer: Callable[..., nn.Module] = factorize,
 ) -> list[AppliedChange]: ...
 
 
@@ -71,6 +72,7 @@ def apply_plan(
     calibration: Iterable[Any] | None = None,
     progress: bool = True,
     keep_originals: bool = False,
+    factorizer: Callable[..., nn.Module] = factorize,
 ) -> list[WidthCut]: ...
 
 
@@ -82,6 +84,7 @@ def apply_plan(
     calibration: Iterable[Any] | None = None,
     progress: bool = True,
     keep_originals: bool = False,
+    factorizer: Callable[..., nn.Module] = factorize,
 ) -> list[AppliedChange] | list[WidthCut]:
     """Factorize or denoise each planned module of ``model`` in place.
 
@@ -98,6 +101,9 @@ def apply_plan(
         progress: show a progress bar on stderr.
         keep_originals: keep what :func:`revert_changes` needs in each change (memory: the
             replaced layers and the denoised weights stay alive).
+        factorizer: builds a ``factorize`` decision's layer, called as
+            ``factorizer(module, rank, svd=..., name=...)``; e.g.
+            :func:`laserrmt.surgery.sparse.sparse_factorizer` for low rank plus sparse.
 
     Returns:
         The changes made, in plan order (``keep`` decisions make none).
@@ -126,7 +132,7 @@ def apply_plan(
         svd = cache.get(name)
         try:
             if decision.mode == "factorize":
-                replacement = factorize(module, decision.rank, svd=svd, name=name)
+                replacement = factorizer(module, decision.rank, svd=svd, name=name)
                 set_submodule(model, name, replacement)
                 original: nn.Module | torch.Tensor | None = module
             else:

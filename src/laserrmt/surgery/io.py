@@ -117,18 +117,22 @@ def write_compressed(
     plan: CompressionPlan | None = None,
     settings: Mapping[str, Any] | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    weights_written: bool = False,
 ) -> Path:
     """Write the same files as :func:`save_compressed` into an existing ``folder``, in place.
 
     Not atomic by itself: for callers that write more files (evaluation, report) into a
     temporary folder they rename into place themselves (``laserrmt.outputs.atomic_output_dir``).
+    ``weights_written``: the weight files are already in ``folder`` (written block by block by
+    the streaming pipeline); ``model`` is then the skeleton with the compressed layers' shapes,
+    possibly on the meta device, and only the configuration and metadata are written.
     """
     target = Path(folder)
     if not target.is_dir():
         raise FileNotFoundError(f"{target} is not an existing folder; create it first")
     check_max_shard_size(max_shard_size)
     metadata = _metadata(model, _compressed_module_entries(model), plan, settings)
-    _write_folder(model, target, tokenizer, metadata, max_shard_size)
+    _write_folder(model, target, tokenizer, metadata, None if weights_written else max_shard_size)
     return target
 
 
@@ -459,8 +463,9 @@ def _write_folder(
     folder: Path,
     tokenizer: Any | None,
     metadata: dict[str, Any],
-    max_shard_size: int,
+    max_shard_size: int | None,
 ) -> None:
+    """The folder's files; weights too unless ``max_shard_size`` is ``None``."""
     config = _hf_config(model)
     if config is not None:
         config.save_pretrained(folder)
@@ -471,7 +476,8 @@ def _write_folder(
         generation = getattr(model, "generation_config", None)
         if generation is not None and hasattr(generation, "save_pretrained"):
             generation.save_pretrained(folder)
-    _write_weights(model, folder, max_shard_size)
+    if max_shard_size is not None:
+        _write_weights(model, folder, max_shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     # laserrmt.json last: its presence marks a complete folder.

@@ -43,6 +43,7 @@ _REGISTRY: dict[str, type[CompressedModule]] = {}
 BUILTIN_MODULES = (
     "laserrmt.surgery.lowrank",
     "laserrmt.surgery.quantize",
+    "laserrmt.surgery.sparse",
     "laserrmt.surgery.width",
 )
 

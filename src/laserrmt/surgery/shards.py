@@ -7,10 +7,8 @@ Tensors shared by several names are stored once; the other names are recorded in
 files' metadata as ``alias → stored name`` (``from_pretrained`` ignores that metadata and
 re-ties from the config).
 
-:class:`ShardWriter` takes tensors one at a time, so that a caller can hand over a model block
-by block: it holds the tensors of the shard being filled (references to the model's, copied
-only from another device or when not contiguous; ``save_file`` writes from their memory), never
-more of the model. Reading (:class:`WeightFiles`) opens each
+:class:`ShardWriter` takes tensors one at a time and writes each one's bytes at once, so that
+a caller can hand over a model block by block and free each block after it. Reading (:class:`WeightFiles`) opens each
 file with ``safe_open`` and returns one tensor at a time.
 """
 
@@ -18,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from laserrmt.errors import InvalidOptionError, ModelLoadError
 
@@ -51,11 +49,30 @@ def check_max_shard_size(max_shard_size: int) -> int:
     return max_shard_size
 
 
+#: safetensors' names of the dtypes a model holds.
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
 class ShardWriter:
     """Write tensors into shards of at most ``max_shard_size`` bytes, in the order given.
 
-    A tensor larger than ``max_shard_size`` gets a shard of its own. Shards are written under
-    temporary names and renamed by :meth:`close`, which knows their count; a single shard is
+    Each tensor's bytes go to disk when it is added (a shard's data is appended to a temporary
+    file, and the shard is assembled as safetensors' header followed by that data when it is
+    full), so the writer never holds more than the tensor being written, whatever the shard
+    size: a model handed over block by block is written in the memory of one block. A tensor
+    larger than ``max_shard_size`` gets a shard of its own. Shards are written under temporary
+    names and renamed by :meth:`close`, which knows their count; a single shard is
     ``model.safetensors`` without an index. Not atomic: write into a temporary folder
     (``laserrmt.outputs.atomic_output_dir``).
     """
@@ -64,28 +81,47 @@ class ShardWriter:
         self.folder = Path(folder)
         self.max_shard_size = check_max_shard_size(max_shard_size)
         self._aliases: dict[str, str] = {}
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._data: Any = None
+        self._data_bytes = 0
         self._written: list[tuple[Path, list[str]]] = []
         self._total_size = 0
+
+    @property
+    def total_size(self) -> int:
+        """Bytes of the tensors added so far (each stored tensor once)."""
+        return self._total_size
 
     def alias(self, name: str, stored: str) -> None:
         """Record that ``name`` is the same tensor as the stored ``stored``."""
         self._aliases[name] = stored
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor; the shard being filled is written when ``tensor`` would overflow it."""
+        """Write one tensor's bytes; the shard being filled is closed first when ``tensor``
+        would overflow it."""
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise InvalidOptionError(f"{name}: safetensors cannot store dtype {tensor.dtype}")
         nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_size:
+        if self._entries and self._data_bytes + nbytes > self.max_shard_size:
             self._flush()
-        # A copy only when the tensor is on another device or not contiguous.
-        self._pending[name] = tensor.detach().to("cpu").contiguous()
-        self._pending_bytes += nbytes
+        if self._data is None:
+            self._data = open(self._partial(".data"), "wb")  # noqa: SIM115 (closed by _flush)
+        # Host bytes of the tensor as stored (little-endian, C order): a copy only when it is
+        # on another device or not contiguous.
+        host = tensor.detach().to("cpu").contiguous()
+        if nbytes:
+            self._data.write(host.reshape(-1).view(torch.uint8).numpy().data)
+        self._entries[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self._data_bytes, self._data_bytes + nbytes],
+        }
+        self._data_bytes += nbytes
         self._total_size += nbytes
 
     def close(self) -> list[Path]:
         """Write the last shard, give every shard its final name and write the index."""
-        if self._pending or not self._written:
+        if self._entries or not self._written:
             self._flush()
         count = len(self._written)
         if count == 1:
@@ -102,14 +138,30 @@ class ShardWriter:
         (self.folder / INDEX_FILE).write_text(json.dumps(index_data, indent=2) + "\n")
         return files
 
+    def _partial(self, suffix: str) -> Path:
+        return self.folder / f".model-{len(self._written) + 1:05d}{suffix}.partial"
+
     def _flush(self) -> None:
-        temporary = self.folder / f".model-{len(self._written) + 1:05d}.safetensors.partial"
+        """Assemble the shard: 8-byte header length, JSON header padded to 8 bytes, data."""
+        data_path = self._partial(".data")
+        if self._data is None:  # an empty model: an empty but valid file
+            self._data = open(data_path, "wb")  # noqa: SIM115
+        self._data.close()
         # Every shard carries the aliases known so far; readers take the union, so an alias
         # recorded after its tensor's shard was written still lands in a later one.
-        save_file(self._pending, str(temporary), metadata={"format": "pt", **self._aliases})
-        self._written.append((temporary, list(self._pending)))
-        self._pending = {}
-        self._pending_bytes = 0
+        header = {"__metadata__": {"format": "pt", **self._aliases}, **self._entries}
+        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        encoded += b" " * (-len(encoded) % 8)
+        temporary = self._partial(".safetensors")
+        with open(temporary, "wb") as out, open(data_path, "rb") as data:
+            out.write(len(encoded).to_bytes(8, "little"))
+            out.write(encoded)
+            shutil.copyfileobj(data, out, 16 * 2**20)
+        data_path.unlink()
+        self._written.append((temporary, list(self._entries)))
+        self._entries = {}
+        self._data = None
+        self._data_bytes = 0
 
 
 class WeightFiles:

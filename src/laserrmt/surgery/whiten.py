@@ -67,6 +67,7 @@ __all__ = [
     "WhitenMethod",
     "Whitening",
     "activation_aware_factors",
+    "compensated_svd",
     "free_rank",
     "weighted_spectrum",
     "weighted_svd",
@@ -445,6 +446,40 @@ def weighted_svd(
         right = weighting.right_inv
         vh = vh @ right if right.ndim == 2 else vh * right
     return WeightedSVD(U=u, s=s, Vh=vh, method=str(whiten), info=weighting.info)
+
+
+def compensated_svd(
+    weight: Any,
+    gram: Any,
+    cross: Any,
+    *,
+    n_samples: int,
+    floor: float = DEFAULT_FLOOR,
+    module: str | None = None,
+) -> WeightedSVD:
+    """A generalised SVD whose rank-k truncations best reproduce the dense layer's outputs from
+    the inputs the already-compressed model gives it (error compensation).
+
+    The layer should map its compressed-model input ``x̃_t`` to what the dense layer makes of
+    the dense input ``x_t``: minimise ``Σ_t ‖W x_t − W′ x̃_t‖²`` over rank-k ``W′``. With
+    ``G̃ = Σ x̃ x̃ᵀ = S Sᵀ`` (``gram``, floored as in :func:`whitening_factor`) and the cross
+    moment ``C = Σ x x̃ᵀ`` (``cross``, n × n), the unconstrained minimiser is
+    ``W* = W C G̃⁻¹`` and the objective equals ``‖(W′ − W*) S‖_F²`` plus a constant, so the
+    truncated SVD of ``W* S = W C S⁻ᵀ`` with ``Vh`` multiplied back by ``S⁻¹`` is optimal
+    (the SVD-LLM construction applied to ``W*``; with ``x̃ = x`` it is SVD-LLM itself). For a
+    fixed left factor ``U_k`` the right factor ``U_kᵀ W*`` it gives is also the closed-form
+    least-squares update of that factor on these inputs. ``Σ_{i>k} s_i²`` is the error above
+    the irreducible part, per sample (``gram`` and ``cross`` are divided by ``n_samples``).
+    """
+    w = _as64(weight, "weight", module)
+    n = w.shape[1]
+    g = _check_gram_shape(gram, n, module)
+    c = _check_gram_shape(cross, n, module) / n_samples
+    root = whitening_factor(g, floor=floor, n_samples=n_samples, module=module)
+    u, s, vh = _svd(w @ c.to(w.device) @ root.S_inv.T.to(w.device), module)
+    return WeightedSVD(
+        U=u, s=s, Vh=vh @ root.S_inv.to(w.device), method="compensated", info=root.to_dict()
+    )
 
 
 def whitened_svd(

@@ -5,15 +5,16 @@ the saved architecture) reaches :meth:`LaserRMTModel.from_pretrained`, which bui
 architecture with transformers' own class (``architectures`` in ``config.json``), replaces the
 modules listed under ``laserrmt_modules`` by the layers below, and lets transformers read the
 weights into them. The layers compute what laserrmt's own do, with the same parameter and
-buffer names: factorized ``y = A (B x) + b``, int8 weights with one float32 scale per output
-channel (dequantized in the input's dtype), layers of a new width, and BERT self-attention with
-narrower heads.
+buffer names: factorized ``y = A (B x) + b`` (plus ``S x`` with a CSR matrix ``S`` for low rank
+plus sparse), int8 weights with one float32 scale per output channel (dequantized in the
+input's dtype), layers of a new width, and BERT self-attention with narrower heads.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,42 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.B), self.A, self.bias)
+
+
+class LowRankSparseLinear(nn.Module):
+    """``y = A (B x) + S x + bias`` with ``S`` stored in CSR form: values, int32 column indices
+    and int32 row pointers (the product in at least float32, as CPU CSR kernels require)."""
+
+    S_crow_indices: torch.Tensor
+    S_col_indices: torch.Tensor
+
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, nnz: int, bias: bool = True
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.A = nn.Parameter(torch.empty(out_features, rank))
+        self.B = nn.Parameter(torch.empty(rank, in_features))
+        self.S_values = nn.Parameter(torch.empty(nnz))
+        self.register_buffer("S_crow_indices", torch.empty(out_features + 1, dtype=torch.int32))
+        self.register_buffer("S_col_indices", torch.empty(nnz, dtype=torch.int32))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(F.linear(x, self.B), self.A, self.bias)
+        dtype = torch.promote_types(self.S_values.dtype, torch.float32)
+        with warnings.catch_warnings():  # torch calls CSR "beta"; build and product are stable
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            sparse = torch.sparse_csr_tensor(
+                self.S_crow_indices,
+                self.S_col_indices,
+                self.S_values.to(dtype),
+                (self.out_features, self.in_features),
+                check_invariants=False,
+            )
+        product = (sparse @ x.reshape(-1, self.in_features).to(dtype).T).T
+        return y + product.reshape(*x.shape[:-1], self.out_features).to(y.dtype)
 
 
 def _conv_geometry(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -185,6 +222,10 @@ def _build(type_name: str, cfg: dict[str, Any]) -> nn.Module:
     floating-point tensors take the dtype transformers is loading in."""
     if type_name == "LowRankLinear":
         return LowRankLinear(cfg["in_features"], cfg["out_features"], cfg["rank"], cfg["bias"])
+    if type_name == "LowRankSparseLinear":
+        return LowRankSparseLinear(
+            cfg["in_features"], cfg["out_features"], cfg["rank"], cfg["nnz"], cfg["bias"]
+        )
     if type_name == "Int8LowRankLinear":
         return Int8LowRankLinear(cfg["in_features"], cfg["out_features"], cfg["rank"], cfg["bias"])
     if type_name == "Int8Linear":

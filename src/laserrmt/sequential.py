@@ -1,0 +1,700 @@
+"""The streaming pipeline: a model compressed one transformer block at a time.
+
+Only one block's weights are real at any moment (:class:`~laserrmt.models.streaming.
+BlockStream`); the calibration and evaluation windows are carried from block to block as hidden
+states (:class:`~laserrmt.models.blockrun.BlockRunner`). A global budget stays global:
+
+1. **Fisher** (``importance="fisher"`` or ``whiten="fisher"``): the first windows go forward
+   block by block, keeping each block's inputs; the model's own loss gives the gradient at the
+   last hidden states, and the blocks are walked backwards, each recomputed from its kept input
+   and differentiated once (a backward pass with one block of weights in memory).
+2. **Statistics**: each block's targets get their input Gram on the dense model's hidden
+   states; their weighted SVDs give the loss curves (singular values kept, factors spilled to
+   disk unless step 3 refits them).
+3. The **allocation** (:func:`laserrmt.methods.budget.decide_ranks`), as in memory.
+4. **Cut**: block by block, the planned modules are factorized and the block is written to
+   the output's shards, then freed. With ``compensate`` (issue 13's sequential fit) the
+   factors are refitted on the inputs the already-compressed blocks produce, to reproduce
+   the dense block's outputs (:func:`~laserrmt.surgery.whiten.compensated_svd`), group by group
+   of modules sharing an input, in the order the block runs them; ``refine_steps`` then
+   optimises the block's factors and norm scales to match the dense block's outputs.
+
+Evaluation windows ride along: the dense model's perplexity comes out of step 2 and the
+compressed model's out of step 4, without loading either model whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
+
+from laserrmt.allocation import largest_paying_rank
+from laserrmt.errors import InvalidOptionError, NumericalError
+from laserrmt.evaluate import PerplexityResult, _logits, _nll_sum
+from laserrmt.methods.budget import decide_ranks, factor_source
+from laserrmt.models.architectures import is_causal_lm
+from laserrmt.models.blockrun import BlockRunner
+from laserrmt.models.streaming import BlockStream
+from laserrmt.models.targets import find_targets, select_targets, weight_matrix
+from laserrmt.plan import CompressionPlan
+from laserrmt.stats.calibration import _as_out_by_in, _StatisticsHooks, _weight_of
+from laserrmt.surgery.lowrank import factorize
+from laserrmt.surgery.registry import CompressedModule
+from laserrmt.surgery.replace import set_submodule
+from laserrmt.surgery.shards import ShardWriter
+from laserrmt.surgery.sparse import factorize_sparse
+from laserrmt.surgery.spill import FactorSpill
+from laserrmt.surgery.whiten import DEFAULT_FLOOR, compensated_svd, weighted_svd
+
+__all__ = ["StreamedCompression", "compress_streaming", "streamed_perplexity"]
+
+
+def _rss_mib() -> float:
+    from laserrmt.evaluate import _current_rss
+
+    return _current_rss() / 2**20
+
+
+def _bar(total: int, desc: str, progress: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="block", disable=not progress)
+
+
+def _tick(bar: tqdm) -> None:
+    bar.set_postfix_str(f"{_rss_mib():.0f} MiB resident", refresh=False)
+    bar.update(1)
+
+
+@dataclass
+class StreamedCompression:
+    """What :func:`compress_streaming` decided, wrote and measured."""
+
+    plan: CompressionPlan
+    weight_bytes: int
+    params_before: int
+    params_after: int
+    perplexity_before: PerplexityResult | None = None
+    perplexity_after: PerplexityResult | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    refinement: list[dict[str, float]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# perplexity from carried hidden states
+
+
+def _nll(runner: BlockRunner, window: int, final: torch.Tensor) -> tuple[float, int]:
+    ids = runner.windows[window]
+    logits = _logits(runner.output(window, final))
+    vocab = logits.shape[-1]
+    nll = _nll_sum(logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1))
+    if not math.isfinite(nll):
+        raise NumericalError(
+            f"the likelihood of evaluation window {window} is {nll}: the logits hold NaN or Inf"
+        )
+    return nll, ids.shape[0] * (ids.shape[1] - 1)
+
+
+def _perplexity(runner: BlockRunner, finals: Sequence[torch.Tensor]) -> PerplexityResult:
+    total, tokens = 0.0, 0
+    with torch.no_grad(), runner.stream.outer():
+        for window, final in enumerate(finals):
+            nll, count = _nll(runner, window, final)
+            total += nll
+            tokens += count
+    return PerplexityResult(math.exp(total / tokens), total / tokens, tokens)
+
+
+def streamed_perplexity(
+    stream: BlockStream, windows: torch.Tensor, *, progress: bool = True
+) -> PerplexityResult:
+    """Perplexity of the streamed model on ``windows`` (the pinned protocol's definition, as
+    :func:`laserrmt.evaluate.perplexity`), one block in memory at a time."""
+    runner = BlockRunner(stream, windows)
+    hidden = list(runner.hidden)
+    bar = _bar(len(stream.blocks), "perplexity (streamed)", progress)
+    with torch.no_grad(), bar:
+        for index in range(len(stream.blocks)):
+            with stream.block(index) as block:
+                hidden = [runner.call(index, block, w, h) for w, h in enumerate(hidden)]
+            _tick(bar)
+    return _perplexity(runner, hidden)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fisher information, block by block backwards
+
+
+def streamed_fisher_rows(
+    stream: BlockStream, windows: torch.Tensor, names: Sequence[str], *, progress: bool = True
+) -> dict[str, torch.Tensor]:
+    """Row sums of the diagonal Fisher of each named weight, ``Σ_windows Σ_j (∂L/∂W_ij)²``
+    with ``L`` the model's own mean loss on one window (labels = inputs), as
+    :func:`~laserrmt.stats.calibration.collect_fisher_diagonal` with ``rows=True`` computes it
+    in memory; here each block is recomputed from its kept input and differentiated alone."""
+    runner = BlockRunner(stream, windows)
+    n_blocks = len(stream.blocks)
+    inputs: list[list[torch.Tensor]] = []
+    hidden = list(runner.hidden)
+    bar = _bar(2 * n_blocks, "Fisher information (streamed)", progress)
+    with torch.no_grad():
+        for index in range(n_blocks):
+            inputs.append(hidden)
+            with stream.block(index) as block:
+                hidden = [runner.call(index, block, w, h) for w, h in enumerate(hidden)]
+            _tick(bar)
+    grads: list[torch.Tensor] = []
+    with torch.enable_grad(), stream.outer():
+        for window, final in enumerate(hidden):
+            final = final.detach().requires_grad_(True)
+            loss = runner.output(window, final, labels=runner.windows[window]).loss
+            if loss is None or not bool(torch.isfinite(loss)):
+                raise NumericalError(
+                    f"the loss of calibration window {window} is not finite (or the model "
+                    "returns none for labels=input_ids); check the data and the dtype"
+                )
+            (grad,) = torch.autograd.grad(loss, final)
+            grads.append(grad)
+    del hidden
+    fishers: dict[str, torch.Tensor] = {}
+    for index in reversed(range(n_blocks)):
+        prefix = runner.block_prefix(index)
+        with stream.block(index) as block, torch.enable_grad():
+            modules = {
+                n: block.get_submodule(n[len(prefix) + 1 :]) for n in names if _in(n, prefix)
+            }
+            weights: list[torch.Tensor] = [_weight_of(n, m) for n, m in modules.items()]
+            for w in weights:
+                w.requires_grad_(True)
+            for window, x in enumerate(inputs[index]):
+                x = x.detach().requires_grad_(index > 0)
+                out = runner.call(index, block, window, x)
+                wanted = ([x] if index > 0 else []) + weights
+                parts = torch.autograd.grad(out, wanted, grad_outputs=grads[window])
+                if index > 0:
+                    grads[window] = parts[0]
+                for (name, module), g in zip(
+                    modules.items(), parts[len(parts) - len(weights) :], strict=True
+                ):
+                    rows = _as_out_by_in(module, g.detach().to(torch.float64)).square().sum(dim=1)
+                    fishers[name] = fishers[name] + rows if name in fishers else rows
+        inputs[index] = []
+        _tick(bar)
+    bar.close()
+    for name, value in fishers.items():
+        if not bool(torch.isfinite(value).all()):
+            raise NumericalError(f"{name}: its Fisher information contains NaN or Inf")
+    return fishers
+
+
+def _in(name: str, prefix: str) -> bool:
+    return name.startswith(prefix + ".")
+
+
+# ---------------------------------------------------------------------------------------------
+# the compression
+
+
+def _block_targets(names: Sequence[str], prefix: str) -> list[str]:
+    return [n for n in names if _in(n, prefix)]
+
+
+def _relative(name: str, prefix: str) -> str:
+    return name[len(prefix) + 1 :]
+
+
+def _carry(
+    runner: BlockRunner, index: int, block: nn.Module, hidden: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    return [runner.call(index, block, w, h) for w, h in enumerate(hidden)]
+
+
+def _input_groups(
+    runner: BlockRunner, index: int, block: nn.Module, hidden: torch.Tensor, names: Sequence[str]
+) -> list[list[str]]:
+    """The block's modules ``names`` (relative) grouped by the input tensor they share, in the
+    order the block runs them."""
+    order: list[tuple[int, str]] = []
+    handles = [
+        block.get_submodule(n).register_forward_pre_hook(
+            lambda _m, args, n=n: order.append((id(args[0]), n))
+        )
+        for n in names
+    ]
+    try:
+        runner.call(index, block, 0, hidden)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: dict[int, list[str]] = {}
+    for key, name in order:
+        if name not in {m for g in groups.values() for m in g}:
+            groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
+class _Captured(Exception):
+    """Raised once every watched module's input is kept: the rest of the block is not needed."""
+
+
+class _InputCapture:
+    """Pre-hooks that keep the input rows (float64, ``[tokens, in]``) of some modules for one
+    forward call, which they end (:meth:`run`) once all are kept; modules given the same tensor
+    share one copy."""
+
+    def __init__(self, block: nn.Module, names: Sequence[str]) -> None:
+        self.rows: dict[str, torch.Tensor] = {}
+        seen: dict[int, torch.Tensor] = {}
+
+        def keep(_m: nn.Module, args: tuple[Any, ...], name: str) -> None:
+            x = args[0]
+            if id(x) not in seen:
+                seen[id(x)] = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+            self.rows[name] = seen[id(x)]
+            if len(self.rows) == len(names):
+                raise _Captured
+
+        self._seen = seen
+        self._handles = [
+            block.get_submodule(n).register_forward_pre_hook(lambda m, args, n=n: keep(m, args, n))
+            for n in names
+        ]
+
+    def run(self, call: Callable[[], Any]) -> None:
+        self.rows.clear()
+        self._seen.clear()
+        with contextlib.suppress(_Captured):
+            call()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _compensated_group(
+    runner: BlockRunner,
+    index: int,
+    dense: nn.Module,
+    block: nn.Module,
+    dense_in: Sequence[torch.Tensor],
+    compressed_in: Sequence[torch.Tensor],
+    group: Sequence[str],
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
+    """``(G̃, C, n)`` per module of ``group``: the Gram of its inputs in the partly compressed
+    ``block`` and their cross moment with its inputs in the ``dense`` block, token by token."""
+    ours, theirs = _InputCapture(block, group), _InputCapture(dense, group)
+    sums: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+    try:
+        for window in range(len(compressed_in)):
+            theirs.run(functools.partial(runner.call, index, dense, window, dense_in[window]))
+            ours.run(functools.partial(runner.call, index, block, window, compressed_in[window]))
+            done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            for name in group:
+                x, xt = theirs.rows[name], ours.rows[name]
+                key = id(xt)
+                if key not in done:
+                    done[key] = (xt.T @ xt, x.T @ xt)
+                gram, cross = done[key]
+                if name in sums:
+                    g0, c0, n0 = sums[name]
+                    sums[name] = (g0 + gram, c0 + cross, n0 + xt.shape[0])
+                else:
+                    sums[name] = (gram, cross, xt.shape[0])
+    finally:
+        ours.remove()
+        theirs.remove()
+    return sums
+
+
+def _trainable(block: nn.Module) -> list[nn.Parameter]:
+    """The factors of the block's low-rank layers and its normalisation scales."""
+    params: list[nn.Parameter] = []
+    for module in block.modules():
+        if isinstance(module, CompressedModule):  # factors (and sparse values)
+            params += [p for p in module.parameters(recurse=False) if p.is_floating_point()]
+            continue
+        weight = getattr(module, "weight", None)
+        if "norm" in type(module).__name__.lower() and isinstance(weight, nn.Parameter):
+            params.append(weight)
+    return params
+
+
+def refine_block(
+    runner: BlockRunner,
+    index: int,
+    block: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    *,
+    steps: int,
+    lr: float = 1e-4,
+) -> dict[str, float]:
+    """``steps`` Adam steps (one window each, in turn) on the block's factors and norm scales,
+    minimising ``‖block(x̃) − y‖² / ‖y‖²`` with ``y`` the dense block's outputs; returns the
+    relative error over all windows before and after (the better parameters are kept)."""
+    params = _trainable(block)
+    if not params or steps <= 0:
+        return {}
+
+    def error() -> float:
+        with torch.no_grad():
+            num = sum(
+                float((runner.call(index, block, w, x).float() - targets[w].float()).square().sum())
+                for w, x in enumerate(inputs)
+            )
+            den = sum(float(t.float().square().sum()) for t in targets)
+        return num / den
+
+    before = error()
+    saved = [p.detach().clone() for p in params]
+    flags = [p.requires_grad for p in params]
+    optimiser = torch.optim.Adam(params, lr=lr)
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for step in range(steps):
+                w = step % len(inputs)
+                out = runner.call(index, block, w, inputs[w])
+                loss = (out.float() - targets[w].float()).square().mean() / (
+                    targets[w].float().square().mean()
+                )
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+            p.grad = None
+    after = error()
+    if not after < before:  # never leave a block worse than its closed-form fit
+        with torch.no_grad():
+            for p, value in zip(params, saved, strict=True):
+                p.copy_(value)
+        after = before
+    return {"block": index, "error_before": before, "error_after": after}
+
+
+def compress_streaming(
+    stream: BlockStream,
+    calibration: torch.Tensor,
+    out_dir: str | Path,
+    *,
+    target_params: float,
+    whiten: str = "svdllm",
+    allocation: str = "global",
+    importance: str = "auto",
+    fisher_windows: int = 4,
+    floor: float = DEFAULT_FLOOR,
+    targets: Sequence[str] | None = None,
+    compensate: bool = False,
+    refine_steps: int = 0,
+    refine_lr: float = 1e-4,
+    sparse_share: float = 0.0,
+    evaluation: torch.Tensor | None = None,
+    max_shard_size: int = 1_000_000_000,
+    calibration_source: Mapping[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
+    progress: bool = True,
+    on_block: Callable[[int], None] | None = None,
+    plan: CompressionPlan | None = None,
+) -> StreamedCompression:
+    """The budget method on a streamed model; the weights are written to ``out_dir`` (an
+    existing folder) shard by shard, block by block.
+
+    A ``plan`` (of an earlier run on the same model) replaces the decision: with
+    ``compensate`` only the cut pass runs (its factors are refitted anyway), and there is no
+    perplexity before.
+
+    ``sparse_share`` of each factorized matrix's parameters go to the largest entries of its
+    activation-weighted residual (:func:`~laserrmt.surgery.sparse.factorize_sparse`).
+    ``targets`` selects modules as ``--targets`` does (all linear layers of the blocks by
+    default); modules outside the blocks are not supported here. ``evaluation`` windows give
+    the perplexity before and after. ``max_shard_size`` bounds what the writer holds.
+    Returns the plan and the measurements; :func:`laserrmt.surgery.io.write_compressed` with
+    ``weights_written=True`` adds the configuration and metadata.
+    """
+    if whiten not in ("svdllm", "asvd", "none", "fisher"):
+        raise InvalidOptionError(f"unknown --whiten {whiten!r}")
+    if compensate and whiten not in ("svdllm", "none"):
+        raise InvalidOptionError(
+            "--sequential refits the factors on the compressed model's inputs (SVD-LLM's "
+            "whitening); use it with --whiten svdllm"
+        )
+    if importance == "auto":
+        importance = "fisher" if is_causal_lm(stream.model) else "none"
+    if importance not in ("fisher", "none", "entropy"):
+        raise InvalidOptionError(
+            f"--importance {importance} needs the whole model; the streaming pipeline takes "
+            "fisher, entropy or none"
+        )
+    model = stream.model
+    timings: dict[str, float] = {}
+    found = select_targets(find_targets(model), targets)
+    outside = [t.name for t in found if not any(_in(t.name, p) for p in stream.blocks)]
+    if outside:
+        raise InvalidOptionError(
+            f"{outside[0]} is outside the transformer blocks; the streaming pipeline compresses "
+            "block layers only: leave it out with --targets"
+        )
+    names = [t.name for t in found]
+    by_name = {t.name: t for t in found}
+
+    started = time.perf_counter()
+    fisher_rows: dict[str, torch.Tensor] = {}
+    replay_only = plan is not None and compensate
+    if plan is None and (importance == "fisher" or whiten == "fisher"):
+        fisher_rows = streamed_fisher_rows(
+            stream, calibration[:fisher_windows], names, progress=progress
+        )
+    timings["fisher"] = time.perf_counter() - started
+
+    # Pass 1: the dense model's statistics, weighted spectra, spilled factors.
+    started = time.perf_counter()
+    runner = BlockRunner(stream, calibration)
+    hidden = list(runner.hidden)
+    evaluator = BlockRunner(stream, evaluation) if evaluation is not None else None
+    eval_hidden = list(evaluator.hidden) if evaluator is not None else []
+    values: dict[str, np.ndarray] = {}
+    diagonals: dict[str, torch.Tensor] = {}  # input Gram diagonals, for the sparse entries
+    spill = FactorSpill()
+    try:
+        bar = _bar(len(stream.blocks), "statistics and spectra (streamed)", progress)
+        with torch.no_grad(), bar:
+            for index in range(0 if replay_only else len(stream.blocks)):
+                prefix = runner.block_prefix(index)
+                local = _block_targets(names, prefix)
+                with stream.block(index) as block:
+                    hooks = _StatisticsHooks(
+                        {n: block.get_submodule(_relative(n, prefix)) for n in local}, "input"
+                    )
+                    try:
+                        for w, h in enumerate(hidden):
+                            hidden[w] = runner.call(index, block, w, h)
+                            hooks.end_forward()
+                        stats = hooks.finalize()
+                    finally:
+                        hooks.remove()
+                    for name in local:
+                        grams = whiten in ("svdllm", "asvd")
+                        svd = weighted_svd(
+                            weight_matrix(block.get_submodule(_relative(name, prefix))),
+                            whiten=whiten,
+                            gram=stats[name].gram if grams else None,
+                            n_samples=stats[name].n_samples if grams else None,
+                            fisher=fisher_rows.get(name),
+                            floor=floor,
+                            module=name,
+                        )
+                        values[name] = svd.s.cpu().numpy()
+                        if sparse_share and not compensate:
+                            diagonals[name] = stats[name].gram.diagonal().clone()
+                        k = largest_paying_rank(by_name[name].shape)
+                        if k > 0 and not compensate:  # to disk at once: one matrix held
+                            spill.write({name: (svd.U[:, :k], svd.s[:k], svd.Vh[:k])})
+                        del svd
+                    del stats
+                    if evaluator is not None:
+                        eval_hidden = _carry(evaluator, index, block, eval_hidden)
+                _tick(bar)
+        before = None
+        if evaluator is not None and not replay_only:
+            before = _perplexity(evaluator, eval_hidden)
+        timings["statistics"] = time.perf_counter() - started
+
+        if plan is None:
+            plan, _chosen, _free = decide_ranks(
+                found,
+                values,
+                whiten=whiten,
+                allocation=allocation,
+                importance=importance,
+                fisher_rows=fisher_rows,
+                target_params=target_params,
+                settings=settings,
+            )
+            plan.factors = factor_source(
+                whiten, floor, calibration, calibration_source, fisher_windows
+            )
+        spill.ranks = {d.module: d.rank for d in plan if d.mode != "keep"}
+        started = time.perf_counter()
+        outcome = _cut(
+            stream,
+            runner,
+            evaluator,
+            plan,
+            spill,
+            out_dir,
+            compensate=compensate,
+            floor=floor,
+            refine_steps=refine_steps,
+            refine_lr=refine_lr,
+            sparse_share=sparse_share,
+            diagonals=diagonals,
+            max_shard_size=max_shard_size,
+            progress=progress,
+            on_block=on_block,
+        )
+        timings["cut_and_write"] = time.perf_counter() - started
+    finally:
+        spill.close()
+    outcome.perplexity_before = before
+    outcome.timings = timings
+    return outcome
+
+
+def _cut(
+    stream: BlockStream,
+    runner: BlockRunner,
+    evaluator: BlockRunner | None,
+    plan: CompressionPlan,
+    spill: FactorSpill,
+    out_dir: str | Path,
+    *,
+    compensate: bool,
+    floor: float,
+    refine_steps: int,
+    refine_lr: float,
+    sparse_share: float,
+    diagonals: Mapping[str, torch.Tensor],
+    max_shard_size: int,
+    progress: bool,
+    on_block: Callable[[int], None] | None,
+) -> StreamedCompression:
+    writer = ShardWriter(out_dir, max_shard_size)
+    params_before = params_after = 0
+    _write_outer(stream, writer)
+    dense_in = list(runner.hidden)
+    ours = list(runner.hidden)
+    eval_hidden = list(evaluator.hidden) if evaluator is not None else []
+    refinement: list[dict[str, float]] = []
+    bar = _bar(len(stream.blocks), "cut and write (streamed)", progress)
+    with torch.no_grad(), bar:
+        for index in range(len(stream.blocks)):
+            prefix = runner.block_prefix(index)
+            stream.load(stream.tensors_under([prefix]))
+            block = stream.model.get_submodule(prefix)
+            params_before += _stored_numbers(block)
+            decisions = {
+                _relative(d.module, prefix): d
+                for d in plan
+                if d.mode == "factorize" and _in(d.module, prefix)
+            }
+            if compensate or refine_steps:
+                dense = copy.deepcopy(block)
+            if compensate and decisions:
+                for group in _input_groups(runner, index, block, ours[0], list(decisions)):
+                    sums = _compensated_group(runner, index, dense, block, dense_in, ours, group)
+                    for name in group:
+                        gram, cross, n = sums.pop(name)
+                        module = block.get_submodule(name)
+                        full = f"{prefix}.{name}"
+                        svd = compensated_svd(
+                            weight_matrix(module),
+                            gram,
+                            cross,
+                            n_samples=n,
+                            floor=floor,
+                            module=full,
+                        )
+                        if sparse_share:  # the residual is taken against the compensated target
+                            module = _with_weight(module, svd)
+                        replacement = _factorized(
+                            module, decisions[name].rank, svd.as_tuple(), sparse_share, gram, full
+                        )
+                        set_submodule(block, name, replacement)
+            else:
+                for name, decision in decisions.items():
+                    replacement = _factorized(
+                        block.get_submodule(name),
+                        decision.rank,
+                        spill[decision.module],
+                        sparse_share,
+                        diagonals.get(decision.module),
+                        decision.module,
+                    )
+                    set_submodule(block, name, replacement)
+            if compensate or refine_steps:
+                dense_out = _carry(runner, index, dense, dense_in)
+                if refine_steps:
+                    refinement.append(
+                        refine_block(
+                            runner, index, block, ours, dense_out, steps=refine_steps, lr=refine_lr
+                        )
+                    )
+                ours = _carry(runner, index, block, ours)
+                dense_in = dense_out
+                del dense
+            if evaluator is not None:
+                eval_hidden = _carry(evaluator, index, block, eval_hidden)
+            for key, tensor in block.state_dict().items():
+                writer.add(f"{prefix}.{key}", tensor)
+            params_after += _stored_numbers(block)
+            block.to("meta")
+            if on_block is not None:
+                on_block(index)
+            _tick(bar)
+    after = _perplexity(evaluator, eval_hidden) if evaluator is not None else None
+    writer.close()
+    return StreamedCompression(
+        plan=plan,
+        weight_bytes=writer.total_size,
+        params_before=params_before,
+        params_after=params_after,
+        perplexity_after=after,
+        refinement=refinement,
+    )
+
+
+def _stored_numbers(block: nn.Module) -> int:
+    """Numbers the block stores: parameters and saved buffers (a sparse layer's indices)."""
+    return sum(t.numel() for t in block.state_dict().values())
+
+
+def _factorized(
+    module: nn.Module,
+    rank: int,
+    svd: Any,
+    sparse_share: float,
+    gram: torch.Tensor | None,
+    name: str,
+) -> nn.Module:
+    if sparse_share:
+        return factorize_sparse(module, rank, sparse_share, gram=gram, svd=svd, name=name)
+    return factorize(module, rank, svd=svd, name=name)
+
+
+def _with_weight(module: nn.Module, svd: Any) -> nn.Module:
+    """A copy of a linear ``module`` whose weight is ``svd``'s full-rank product."""
+    proxy = copy.deepcopy(module)
+    target = svd.U @ torch.diag(svd.s) @ svd.Vh
+    weight = proxy.get_parameter("weight")
+    with torch.no_grad():
+        weight.copy_(target.T if isinstance(proxy, Conv1D) else target)
+    return proxy
+
+
+def _write_outer(stream: BlockStream, writer: ShardWriter) -> None:
+    """The tensors outside the blocks, each checkpoint tensor once (a tied head is an alias)."""
+    written: dict[str, str] = {}
+    with stream.outer() as model:
+        state = model.state_dict()
+        for name in stream.outer_tensors():
+            source = stream.names[name]
+            if source in written:
+                writer.alias(name, written[source])
+                continue
+            writer.add(name, state[name])
+            written[source] = name
