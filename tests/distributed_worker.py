@@ -20,8 +20,9 @@ from laserrmt.pipeline import compress
 from small_text import small_calibration_split
 from tiny_models import tiny_llama, tiny_tokenizer
 
-# One global batch of 3 windows a step: split 1 + 2 over two processes, so a per-process mean
-# (instead of the global one) would weight the windows differently and show in the result.
+# Global batches of 3 windows, two accumulated a step: split 1 + 2 over two processes, so a
+# per-process or per-batch mean (instead of the step's global one) would weight the windows
+# differently and show in the result; the norms and adapters train too, as they would.
 HEALING: dict[str, Any] = {
     "method": "budget",
     "target_params": 0.4,
@@ -31,6 +32,8 @@ HEALING: dict[str, Any] = {
     "heal_steps": 3,
     "heal_lr": 1e-3,
     "heal_batch_size": 3,
+    "heal_accumulate": 2,
+    "heal_params": "factors+norms+lora",
     "heal_top_k": 16,
     "progress": False,
 }

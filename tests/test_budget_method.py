@@ -94,7 +94,8 @@ def test_uniform_ratio_gives_each_matrix_the_largest_rank_removing_its_share(rat
 
 def test_healing_brings_the_factors_closer_to_the_dense_model():
     dense = tiny_llama(initializer_range=0.15)  # peaked predictions: a compression shows in KL
-    windows = calibration_windows(tiny_tokenizer(), n_windows=2, window=64, seed=0)
+    # The 12 windows that 12 steps of one window read (healing draws as many as it reads).
+    windows = calibration_windows(tiny_tokenizer(), n_windows=12, window=64, seed=0)
     kl = make_objective("kl", windows, tolerance=0.0)
     kl.calibrate(dense)
     frozen = {k: v.clone() for k, v in dense.state_dict().items() if "embed" in k or "norm" in k}
@@ -107,11 +108,14 @@ def test_healing_brings_the_factors_closer_to_the_dense_model():
             target_params=0.4,
             heal_steps=steps,
             heal_lr=1e-3,
+            heal_params="factors",
             importance="none",
             **SMALL,
         )
         results[steps] = kl(model)
-    assert results[12] < 0.8 * results[0]
+    # One pass, each window read once: 0.47 → 0.40 (repeating 2 windows 6 times fitted them
+    # more closely, but that is memory, not healing).
+    assert results[12] < 0.9 * results[0]
     assert result.healing["steps"] == 12 and result.healing["trainable_parameters"] > 0
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in frozen.items())

@@ -421,27 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --stream: Adam steps per block on its factors and norm scales towards the "
         "dense block's outputs (default 0)",
     )
-    compress.add_argument(
-        "--heal-steps",
-        type=int,
-        default=0,
-        help="fine-tune the factors N steps towards the original model",
-    )
-    compress.add_argument("--heal-lr", type=float, default=1e-4, help="healing learning rate")
-    compress.add_argument(
-        "--heal-batch-size",
-        type=int,
-        default=1,
-        help="calibration windows per healing step: the global batch, split over the processes "
-        "of a torchrun launch (default 1)",
-    )
-    compress.add_argument(
-        "--heal-top-k",
-        type=int,
-        default=64,
-        help="healing's teacher: the original model's k most probable next tokens per position "
-        "plus a tail bucket, computed once before the cut (default 64)",
-    )
+    _add_healing_arguments(compress)
     compress.add_argument(
         "--quantize",
         default=None,
@@ -751,6 +731,75 @@ def _analyze_activations(args: argparse.Namespace, loaded: Any) -> int:
     return 0
 
 
+def _add_healing_arguments(parser: argparse.ArgumentParser) -> None:
+    heal = parser.add_argument_group("healing (distillation towards the original model)")
+    length = heal.add_mutually_exclusive_group()
+    length.add_argument(
+        "--heal-steps",
+        type=int,
+        default=0,
+        help="heal for N optimizer steps",
+    )
+    length.add_argument(
+        "--heal-tokens",
+        type=int,
+        default=0,
+        help="heal until N input tokens are read (steps = N / (window x batch x accumulate), "
+        "rounded up); instead of --heal-steps",
+    )
+    heal.add_argument(
+        "--heal-lr",
+        type=float,
+        default=3e-4,
+        help="peak learning rate (default 3e-4, chosen on held-out calibration windows)",
+    )
+    heal.add_argument(
+        "--heal-params",
+        default="factors+norms",
+        help="what trains: factors (of the compressed layers), factors+norms (and the "
+        "RMSNorm/LayerNorm scales) or factors+norms+lora (and rank-r adapters on the dense "
+        "layers, merged into their weights afterwards) (default factors+norms)",
+    )
+    heal.add_argument(
+        "--heal-lora-rank",
+        type=int,
+        default=None,
+        help="rank of the adapters of --heal-params factors+norms+lora (default 8)",
+    )
+    heal.add_argument(
+        "--heal-schedule",
+        default="cosine",
+        help="learning rate: cosine (linear warm-up, then cosine decay to 10%% of the peak) or "
+        "constant (default cosine)",
+    )
+    heal.add_argument(
+        "--heal-warmup",
+        type=float,
+        default=0.05,
+        help="fraction of the steps spent warming up linearly (default 0.05)",
+    )
+    heal.add_argument(
+        "--heal-accumulate",
+        type=int,
+        default=1,
+        help="batches whose gradients add up to one step (default 1)",
+    )
+    heal.add_argument(
+        "--heal-batch-size",
+        type=int,
+        default=1,
+        help="calibration windows per batch: split over the processes of a torchrun launch "
+        "(default 1)",
+    )
+    heal.add_argument(
+        "--heal-top-k",
+        type=int,
+        default=64,
+        help="healing's teacher: the original model's k most probable next tokens per position "
+        "plus a tail bucket, computed once before the cut (default 64)",
+    )
+
+
 def run_compress(args: argparse.Namespace) -> int:
     import json
 
@@ -796,6 +845,12 @@ def run_compress(args: argparse.Namespace) -> int:
         heal_lr=args.heal_lr,
         heal_batch_size=args.heal_batch_size,
         heal_top_k=args.heal_top_k,
+        heal_tokens=args.heal_tokens,
+        heal_accumulate=args.heal_accumulate,
+        heal_params=args.heal_params,
+        heal_lora_rank=args.heal_lora_rank,
+        heal_schedule=args.heal_schedule,
+        heal_warmup=args.heal_warmup,
         quantize=args.quantize,
         sparse_share=args.sparse_share,
         device=args.device,
@@ -825,7 +880,7 @@ def run_compress(args: argparse.Namespace) -> int:
         check_trainable_dtype(args.dtype, "--method rmt-kd")
         return run_rmt_kd_command(args)
     settings.validate()
-    if args.plan and args.calibration_data is not None and not args.heal_steps:
+    if args.plan and args.calibration_data is not None and not settings.heals:
         raise InvalidOptionError(
             "--calibration-data is not read when --plan replays a plan without --heal-steps "
             "(its factors come from the data the plan records); drop --calibration-data"

@@ -55,7 +55,9 @@ from __future__ import annotations
 import math
 import os
 import random
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -83,6 +85,7 @@ __all__ = [
     "is_main_process",
     "model_inputs",
     "teacher_top_k",
+    "warmup_cosine",
 ]
 
 
@@ -285,12 +288,22 @@ def teacher_top_k(
 
 @dataclass
 class TrainLog:
-    """What :func:`distill` did: the loss of every step, the learning rate and the step count."""
+    """What :func:`distill` did: the loss and learning rate of every step, the tokens seen.
+
+    ``running`` is the loss's exponential moving average after every step (weight 0.9 on the
+    past, bias-corrected: about the last ten steps), as the progress bar shows it. ``tokens`` counts the input tokens of every batch of every step (padding excluded; for a
+    classifier, its samples), summed over the data-parallel processes.
+    """
 
     losses: list[float] = field(default_factory=list)
     lr: float = 0.0
     steps: int = 0
     trainable_parameters: int = 0
+    lrs: list[float] = field(default_factory=list)
+    running: list[float] = field(default_factory=list)
+    tokens: int = 0
+    accumulate: int = 1
+    seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -298,7 +311,31 @@ class TrainLog:
             "lr": self.lr,
             "steps": self.steps,
             "trainable_parameters": self.trainable_parameters,
+            "lrs": list(self.lrs),
+            "running": list(self.running),
+            "tokens": self.tokens,
+            "accumulate": self.accumulate,
+            "seconds": self.seconds,
         }
+
+
+def warmup_cosine(step: int, steps: int, warmup_steps: int, floor: float) -> float:
+    """The learning-rate factor of 0-based ``step`` of ``steps``: a linear warm-up over the
+    first ``warmup_steps`` steps, ``(step + 1) / warmup_steps``, then a half cosine from 1 at
+    the first step after the warm-up down to ``floor`` at the last step::
+
+        floor + (1 − floor) · (1 + cos(π · (step − warmup_steps) / (steps − warmup_steps − 1))) / 2
+    """
+    if not 0 <= warmup_steps <= steps:
+        raise InvalidOptionError(f"warmup of {warmup_steps} steps out of {steps}; use 0..{steps}")
+    if not 0.0 <= floor <= 1.0:
+        raise InvalidOptionError(f"floor={floor}; the final learning-rate factor lies in [0, 1]")
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = steps - warmup_steps - 1
+    if span <= 0:
+        return 1.0
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / span))
 
 
 def _output_logits(output: Any) -> torch.Tensor:
@@ -392,6 +429,17 @@ def _batch_labels(batch: Any, task: Task) -> torch.Tensor:
     else:
         labels = inputs.clone()
     return labels[:, 1:]
+
+
+def _batch_tokens(batch: Any, task: Task) -> int:
+    """Input tokens of a causal-lm batch (padding excluded), samples of a classification one."""
+    inputs = model_inputs(batch, task)
+    if task == "classification":
+        return _batch_rows(batch, task)
+    if isinstance(inputs, Mapping):
+        mask = inputs.get("attention_mask")
+        return int(inputs["input_ids"].numel() if mask is None else mask.sum())
+    return int(inputs.numel())
 
 
 def _batch_rows(batch: Any, task: Task) -> int:
@@ -491,17 +539,25 @@ def distill(
     task: Task = "causal-lm",
     trainable: Trainable = None,
     weight_decay: float = 0.0,
+    accumulate: int = 1,
+    lr_schedule: Callable[[int], float] | None = None,
+    optimizer: Callable[[list[nn.Parameter], float], torch.optim.Optimizer] | None = None,
     progress: bool = True,
     seed: int = 0,
 ) -> TrainLog:
     """Fine-tune ``student`` towards ``teacher`` with :func:`distillation_loss` for ``steps`` steps.
 
-    AdamW, one batch per step, batches visited in an order shuffled with ``seed`` (a new
-    permutation per pass). The teacher is a model, run in eval mode without gradients, or its
-    :func:`teacher_top_k` cache of the same ``batches``. The student trains in train mode and
-    is left in eval mode. Only the ``trainable`` parameters change (all of the student's by
-    default; a list of parameters, or a predicate ``(name, parameter) → bool``): the others
-    are frozen for the duration and their ``requires_grad`` flags restored afterwards.
+    AdamW (or ``optimizer(parameters, lr)``), ``accumulate`` batches per step, batches visited
+    in an order shuffled with ``seed`` (a new permutation per pass). A step's loss is the mean
+    over the positions of all its batches, so that accumulating ``n`` batches gives the update
+    of one batch holding them all. ``lr_schedule(step)`` multiplies ``lr`` at each 0-based step
+    (e.g. :func:`warmup_cosine`; constant when ``None``). The teacher is a model, run in eval
+    mode without gradients, or its :func:`teacher_top_k` cache of the same ``batches``. The
+    student trains in train mode and is left in eval mode. Only the ``trainable`` parameters
+    change (all of the student's by default; a list of parameters, or a predicate
+    ``(name, parameter) → bool``): the others are frozen for the duration and their
+    ``requires_grad`` flags restored afterwards. The progress bar shows the loss's exponential
+    moving average (``kl`` when ``alpha`` is 0) and tokens per second.
 
     The run is deterministic given ``seed``: the batch order and any dropout draw from a
     forked RNG, so the caller's random state is neither used nor disturbed.
@@ -520,6 +576,8 @@ def distill(
     _check_task(task)
     if steps < 1:
         raise InvalidOptionError(f"steps={steps}; distill for at least one step")
+    if accumulate < 1:
+        raise InvalidOptionError(f"accumulate={accumulate}; use at least 1 batch a step")
     if not (lr > 0 and math.isfinite(lr)):
         raise InvalidOptionError(f"lr={lr}; use a positive learning rate")
     listed = list(batches)
@@ -538,9 +596,15 @@ def distill(
             f"a training batch has {min(rows)} rows, fewer than the {world} processes; use "
             f"batches of at least {world} rows so that every process gets a slice"
         )
+    # Counted once, without a forward: the global normaliser of every batch and its tokens.
+    positions = [int((_batch_labels(b, task) != -100).sum()) for b in listed]
+    tokens = [_batch_tokens(b, task) for b in listed]
     params = _trainable_parameters(student, trainable)
     log = TrainLog(
-        lr=float(lr), steps=int(steps), trainable_parameters=sum(p.numel() for p in params)
+        lr=float(lr),
+        steps=int(steps),
+        trainable_parameters=sum(p.numel() for p in params),
+        accumulate=int(accumulate),
     )
 
     flags = {id(p): p.requires_grad for p in student.parameters()}
@@ -551,6 +615,8 @@ def distill(
     order_rng = random.Random(seed)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     model: nn.Module = student
+    name = "kl" if alpha == 0 else "loss"
+    started = time.perf_counter()
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
@@ -560,57 +626,68 @@ def distill(
                 model = DistributedDataParallel(
                     student, device_ids=[device] if device.type == "cuda" else None
                 )
-            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+            if optimizer is None:
+                opt: torch.optim.Optimizer = torch.optim.AdamW(
+                    params, lr=lr, weight_decay=weight_decay
+                )
+            else:
+                opt = optimizer(params, lr)
             if cache is None:
                 teacher.eval()  # type: ignore[union-attr]
             model.train()
             order: list[int] = []
+            running = 0.0
             bar = tqdm(range(steps), desc="distill", disable=not progress or rank != 0, leave=False)
             for step in bar:
-                if not order:
-                    order = list(range(len(listed)))
-                    order_rng.shuffle(order)
-                index = order.pop()
-                batch = listed[index]
-                # The global mean: every slice's sum over positions divided by the count of
-                # the whole batch, which each process reads from its copy of the batch.
-                positions = int((_batch_labels(batch, task) != -100).sum())
-                if positions == 0:
+                chunk = []
+                for _ in range(accumulate):
+                    if not order:
+                        order = list(range(len(listed)))
+                        order_rng.shuffle(order)
+                    chunk.append(order.pop())
+                # The step's mean: every slice's sum over positions divided by the count of
+                # all the step's batches, which each process reads from its copy of them.
+                count = sum(positions[i] for i in chunk)
+                if count == 0:
                     raise InvalidOptionError(
                         "every label equals ignore_index; nothing to learn from"
                     )
-                start = rank * rows[index] // world
-                stop = (rank + 1) * rows[index] // world
-                local = _batch_slice(batch, rows[index], start, stop) if world > 1 else batch
-                soft: torch.Tensor | TopKLogits
-                if cache is not None:
-                    soft = cache[index].rows(start, stop)
-                else:
-                    with torch.no_grad():
-                        soft, _ = batch_logits_and_labels(teacher, local, task)  # type: ignore[arg-type]
-                student_logits, labels = batch_logits_and_labels(model, local, task)
-                loss = distillation_loss(
-                    student_logits,
-                    soft,
-                    labels,
-                    alpha=alpha,
-                    temperature=temperature,
-                    normalizer=positions,
-                )
-                total = loss.detach().clone()
-                if world > 1:
-                    dist.all_reduce(total)
-                value = float(total)
+                rate = lr * (1.0 if lr_schedule is None else lr_schedule(step))
+                for group in opt.param_groups:
+                    group["lr"] = rate
+                opt.zero_grad(set_to_none=True)
+                value = 0.0
+                for position, index in enumerate(chunk):
+                    # DDP all-reduces on the last batch of the step only.
+                    last = position == len(chunk) - 1
+                    sync = model.no_sync() if world > 1 and not last else nullcontext()  # type: ignore[operator]
+                    with sync:
+                        value += _accumulate_batch(
+                            model,
+                            cache[index] if cache is not None else teacher,  # type: ignore[arg-type]
+                            listed[index],
+                            rows[index],
+                            count,
+                            alpha=alpha,
+                            temperature=temperature,
+                            task=task,
+                        )
                 if not math.isfinite(value):
                     raise NumericalError(
-                        f"the distillation loss is {value} at step {step}; lower lr (now {lr})"
+                        f"the distillation loss is {value} at step {step}; lower lr (now {rate})"
                     )
-                optimizer.zero_grad(set_to_none=True)
-                # DDP averages the processes' gradients; the sum is the global batch's.
-                (loss * world).backward()
-                optimizer.step()
+                opt.step()
                 log.losses.append(value)
-                bar.set_postfix(loss=f"{value:.4f}")
+                log.lrs.append(rate)
+                log.tokens += sum(tokens[i] for i in chunk)
+                running = 0.9 * running + 0.1 * value
+                log.running.append(running / (1 - 0.9 ** (step + 1)))
+                bar.set_postfix(
+                    {
+                        name: f"{log.running[-1]:.4f}",
+                        "tok/s": f"{log.tokens / (time.perf_counter() - started):.0f}",
+                    }
+                )
     finally:
         del model
         for p in student.parameters():
@@ -618,4 +695,39 @@ def distill(
         student.eval()
         for module, training in teacher_flags:
             module.training = training
+    log.seconds = time.perf_counter() - started
     return log
+
+
+def _accumulate_batch(
+    model: nn.Module,
+    teacher: nn.Module | TopKLogits,
+    batch: Any,
+    rows: int,
+    count: int,
+    *,
+    alpha: float,
+    temperature: float,
+    task: Task,
+) -> float:
+    """Add this process's slice of ``batch`` to the gradients (its loss summed over positions
+    and divided by the step's global ``count``); returns the batch's global loss term."""
+    rank, world = _rank_and_world()
+    start, stop = rank * rows // world, (rank + 1) * rows // world
+    local = _batch_slice(batch, rows, start, stop) if world > 1 else batch
+    soft: torch.Tensor | TopKLogits
+    if isinstance(teacher, TopKLogits):
+        soft = teacher.rows(start, stop)
+    else:
+        with torch.no_grad():
+            soft, _ = batch_logits_and_labels(teacher, local, task)
+    student_logits, labels = batch_logits_and_labels(model, local, task)
+    loss = distillation_loss(
+        student_logits, soft, labels, alpha=alpha, temperature=temperature, normalizer=count
+    )
+    total = loss.detach().clone()
+    if world > 1:
+        dist.all_reduce(total)
+    # DDP averages the processes' gradients; the sum is the global batch's.
+    (loss * world).backward()
+    return float(total)

@@ -18,7 +18,13 @@ from laserrmt.data.sources import TextSource, open_text_source
 from laserrmt.data.text import PROTOCOL_NAME
 from laserrmt.errors import InvalidOptionError, NumericalError, PlanError
 from laserrmt.methods.budget import ALLOCATIONS, budget_plan, replay_factors
-from laserrmt.methods.heal import heal, healing_teacher
+from laserrmt.methods.heal import (
+    LORA_RANK,
+    check_healing_options,
+    heal,
+    healing_steps,
+    healing_teacher,
+)
 from laserrmt.methods.laser import (
     LASERRMT_CANDIDATES,
     SCORES,
@@ -84,9 +90,19 @@ class CompressSettings:
     importance: str = "auto"
     fisher_windows: int = 4
     heal_steps: int = 0
-    heal_lr: float = 1e-4
+    #: Healing's defaults (peak lr, trainable set) won a sweep judged on held-out calibration
+    #: windows (benchmarks/results/heal_sweep.md).
+    heal_lr: float = 3e-4
     heal_batch_size: int = 1
     heal_top_k: int = 64
+    #: The healing length in input tokens instead of ``heal_steps`` (one of the two decides).
+    heal_tokens: int = 0
+    heal_accumulate: int = 1
+    heal_params: str = "factors+norms"
+    #: The adapters' rank with ``heal_params="factors+norms+lora"`` (``None``: 8).
+    heal_lora_rank: int | None = None
+    heal_schedule: str = "cosine"
+    heal_warmup: float = 0.05
     quantize: str | None = None
     #: Budget method: the fraction of each factorized matrix's parameters spent on the largest
     #: entries of its residual (:mod:`laserrmt.surgery.sparse`); 0 keeps plain factors.
@@ -139,6 +155,43 @@ class CompressSettings:
             )
         return cls(**data)
 
+    @property
+    def heals(self) -> bool:
+        return self.heal_steps > 0 or self.heal_tokens > 0
+
+    @property
+    def n_heal_steps(self) -> int:
+        """The healing steps: ``heal_steps``, or as many as ``heal_tokens`` buys."""
+        if self.heal_tokens:
+            return healing_steps(
+                self.heal_tokens,
+                window=self.window,
+                batch_size=self.heal_batch_size,
+                accumulate=self.heal_accumulate,
+            )
+        return self.heal_steps
+
+    def _validate_healing(self) -> None:
+        if self.heal_steps < 0 or self.heal_tokens < 0:
+            raise InvalidOptionError("--heal-steps and --heal-tokens must be ≥ 0")
+        if self.heal_steps and self.heal_tokens:
+            raise InvalidOptionError(
+                "--heal-steps and --heal-tokens both set the healing length; give one of them"
+            )
+        if self.heal_batch_size < 1 or self.heal_top_k < 1 or self.heal_accumulate < 1:
+            raise InvalidOptionError(
+                "--heal-batch-size, --heal-accumulate and --heal-top-k must be ≥ 1"
+            )
+        check_healing_options(self.heal_params, self.heal_schedule, self.heal_warmup)
+        if self.heal_lora_rank is not None:
+            if not self.heal_params.endswith("lora"):
+                raise InvalidOptionError(
+                    "--heal-lora-rank sizes the adapters of --heal-params factors+norms+lora; "
+                    "add that or drop --heal-lora-rank"
+                )
+            if self.heal_lora_rank < 1:
+                raise InvalidOptionError("--heal-lora-rank must be ≥ 1")
+
     def validate(self) -> None:
         """Check every option before anything is loaded or measured (one line per mistake)."""
         for option, value, choices in (
@@ -163,17 +216,14 @@ class CompressSettings:
             raise InvalidOptionError(
                 f"unknown --quantize {self.quantize!r}; choose one of {', '.join(QUANTIZATIONS)}"
             )
-        if self.heal_steps < 0:
-            raise InvalidOptionError("--heal-steps must be ≥ 0")
-        if self.heal_batch_size < 1 or self.heal_top_k < 1:
-            raise InvalidOptionError("--heal-batch-size and --heal-top-k must be ≥ 1")
+        self._validate_healing()
         if self.device is not None:
             resolve_device(self.device)
         if self.dtype is not None:
             resolve_dtype(self.dtype)
-        if self.heal_steps:
+        if self.heals:
             check_trainable_dtype(self.dtype, "--heal-steps")
-        reads_text = self.method != "laser" or self.select == "loop" or self.heal_steps > 0
+        reads_text = self.method != "laser" or self.select == "loop" or self.heals
         if self.calibration_data is not None and not reads_text:
             raise InvalidOptionError(
                 "--calibration-data: the laser method's oneshot selection reads no calibration "
@@ -207,7 +257,7 @@ class CompressSettings:
             for option, used in (
                 ("--method laser/rmt-kd", self.method != "budget"),
                 ("--target-size", self.target_size is not None),
-                ("--heal-steps", self.heal_steps > 0),
+                ("--heal-steps/--heal-tokens", self.heals),
                 ("--quantize", self.quantize is not None),
                 ("--include-heads", self.include_heads),
                 ("--importance attention", self.importance == "attention"),
@@ -293,10 +343,10 @@ def compress(
         )
     place_model(model, settings.device, settings.dtype)
     result = CompressionResult(CompressionPlan({}), settings)
-    if settings.heal_steps:
+    if settings.heals:
         # Healing distils from the model as it was: its top-k predictions on the healing
         # batches, taken before any surgery (a few MB where a copy of the model would be GB).
-        heal_windows = _calibration_windows(tokenizer, settings)
+        heal_windows = _healing_windows(tokenizer, settings)
         teacher = healing_teacher(
             model,
             heal_windows,
@@ -312,15 +362,20 @@ def compress(
     else:
         _compress_laser(model, tokenizer, settings, result, progress)
     result.timings["decision_and_surgery"] = time.perf_counter() - start
-    if settings.heal_steps:
+    if settings.heals:
         start = time.perf_counter()
         result.healing = heal(
             model,
             teacher,
             heal_windows,
-            steps=settings.heal_steps,
+            steps=settings.n_heal_steps,
             lr=settings.heal_lr,
             batch_size=settings.heal_batch_size,
+            accumulate=settings.heal_accumulate,
+            params=settings.heal_params,
+            lora_rank=settings.heal_lora_rank or LORA_RANK,
+            schedule=settings.heal_schedule,
+            warmup=settings.heal_warmup,
             seed=settings.seed,
             progress=progress,
         )
@@ -494,7 +549,17 @@ def _calibration_record(settings: CompressSettings) -> dict[str, Any]:
     return record
 
 
-def _calibration_windows(tokenizer: Any, settings: CompressSettings) -> Any:
+def _healing_windows(tokenizer: Any, settings: CompressSettings) -> Any:
+    """The windows healing reads: as many as its steps visit, drawn with the seed from the
+    calibration source (never evaluation text), all of them when the source holds fewer (the
+    steps then pass over them again)."""
+    needed = settings.n_heal_steps * settings.heal_accumulate * settings.heal_batch_size
+    return _calibration_windows(
+        tokenizer, replace(settings, calibration_windows=needed), at_most=True
+    )
+
+
+def _calibration_windows(tokenizer: Any, settings: CompressSettings, at_most: bool = False) -> Any:
     from laserrmt.data.text import calibration_windows
 
     if tokenizer is None:
@@ -508,10 +573,12 @@ def _calibration_windows(tokenizer: Any, settings: CompressSettings) -> Any:
             n_windows=settings.n_calibration_windows,
             window=settings.window,
             seed=settings.seed,
+            at_most=at_most,
         )
     return calibration_windows(
         tokenizer,
         n_windows=settings.n_calibration_windows,
         window=settings.window,
         seed=settings.seed,
+        at_most=at_most,
     )

@@ -106,11 +106,13 @@ class TextSource:
         n_windows: int | None = None,
         window: int = WINDOW,
         seed: int | None = None,
+        at_most: bool = False,
     ) -> torch.Tensor:
         """Token windows of the documents, cut like the pinned protocol's splits.
 
         ``seed=None`` gives the first ``n_windows`` windows (evaluation); an integer draws them
-        as the protocol draws calibration windows. ``n_windows=None`` gives all of them.
+        as the protocol draws calibration windows. ``n_windows=None`` gives all of them;
+        ``at_most`` gives all of them when fewer than ``n_windows`` exist.
 
         Raises:
             DataError: the content changed, or it holds fewer windows than asked for (the
@@ -123,6 +125,7 @@ class TextSource:
             n_windows=n_windows,
             seed=seed,
             what=f"{self.path} ({self.format})",
+            at_most=at_most,
         )
 
 

@@ -183,21 +183,29 @@ def _check_window_request(window: int, n_windows: int | None) -> None:
 
 
 def _cut(
-    ids: np.ndarray, window: int, n_windows: int | None, seed: int | None, what: str
+    ids: np.ndarray,
+    window: int,
+    n_windows: int | None,
+    seed: int | None,
+    what: str,
+    at_most: bool = False,
 ) -> torch.Tensor:
     available = len(ids) // window
     wanted = available if n_windows is None else n_windows
+    if at_most and available:
+        wanted = min(wanted, available)
     if available == 0 or wanted > available:
         raise DataError(
             f"{what} holds {available} windows of {window} tokens ({len(ids)} tokens) and "
             f"{wanted if n_windows is not None else 'at least 1'} were asked for; ask for at "
             "most that many windows, or shorter ones"
         )
-    chunks = torch.tensor(ids[: available * window], dtype=torch.long).view(available, window)
     if seed is None:
-        return chunks[:wanted].clone()
+        return torch.tensor(ids[: wanted * window], dtype=torch.long).view(wanted, window)
+    # Only the drawn windows become a tensor: a long text need not be copied whole.
     order = np.random.default_rng(seed).choice(available, size=wanted, replace=False)
-    return chunks[torch.from_numpy(order)].clone()
+    starts = order[:, None] * window + np.arange(window)
+    return torch.from_numpy(np.ascontiguousarray(ids[starts], dtype=np.int64))
 
 
 def token_windows(
@@ -208,6 +216,7 @@ def token_windows(
     n_windows: int | None = None,
     seed: int | None = None,
     what: str = "the text",
+    at_most: bool = False,
 ) -> torch.Tensor:
     """Cut texts into non-overlapping windows of token ids, as the pinned protocol does.
 
@@ -225,16 +234,19 @@ def token_windows(
             ``numpy.random.default_rng(seed).choice(available, size=n_windows, replace=False)``
             and returns them in the order drawn.
         what: how error messages name the text.
+        at_most: return all the windows there are when fewer than ``n_windows`` exist
+            (healing reads as many as its length needs and repeats them), instead of raising.
 
     Returns:
-        A ``torch.long`` tensor of shape ``[n_windows, window]``.
+        A ``torch.long`` tensor of shape ``[n_windows, window]`` (fewer rows with ``at_most``).
 
     Raises:
         DataError: fewer windows exist than were asked for (the message says how many exist),
             or ``window`` / ``n_windows`` is not a valid count.
     """
     _check_window_request(window, n_windows)
-    return _cut(_token_ids(tokenizer, SEPARATOR.join(texts)), window, n_windows, seed, what)
+    ids = _token_ids(tokenizer, SEPARATOR.join(texts))
+    return _cut(ids, window, n_windows, seed, what, at_most)
 
 
 def evaluation_windows(
@@ -255,8 +267,10 @@ def calibration_windows(
     n_windows: int = CALIBRATION_WINDOWS,
     window: int = WINDOW,
     seed: int = CALIBRATION_SEED,
+    at_most: bool = False,
 ) -> torch.Tensor:
-    """``n_windows`` windows drawn with ``seed`` from the calibration split (pinned: 32, seed 0)."""
+    """``n_windows`` windows drawn with ``seed`` from the calibration split (pinned: 32, seed 0);
+    ``at_most``: all of them when the split holds fewer."""
     return token_windows(
         tokenizer,
         calibration_texts(),
@@ -264,6 +278,7 @@ def calibration_windows(
         n_windows=n_windows,
         seed=seed,
         what="the calibration split",
+        at_most=at_most,
     )
 
 

@@ -73,6 +73,46 @@ def plot_loop_trace(
     return path
 
 
+def plot_healing(healing: Mapping[str, Any], path: Path) -> Path:
+    """The loss of every healing step, its moving average, and the learning rate."""
+    losses = healing["losses"]
+    steps = range(1, len(losses) + 1)
+    fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=110)
+    ax.plot(steps, losses, color="#bbb", lw=0.8, label="step")
+    ax.plot(steps, healing["running"], color="#4c72b0", lw=1.4, label="moving average")
+    ax.set_xlabel("step")
+    ax.set_ylabel("KL to the original model (calibration)")
+    ax.legend(fontsize=8, loc="upper right")
+    lr_axis = ax.twinx()
+    lr_axis.plot(steps, healing["lrs"], color="#dd8452", lw=1, ls="--")
+    lr_axis.set_ylabel("learning rate", color="#dd8452")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def healing_summary(healing: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Report lines of a healing run: what trained, for how long, and the KL before and after."""
+    lora = f" (adapters of rank {healing['lora_rank']})" if healing.get("lora_rank") else ""
+    return [
+        (
+            "healing",
+            f"{healing['steps']} steps of {healing['accumulate']} × {healing['batch_size']} "
+            f"windows, {healing['tokens']:,} tokens, {healing['params']}{lora}: "
+            f"{healing['trainable_parameters']:,} trainable parameters",
+        ),
+        (
+            "healing learning rate",
+            f"{healing['schedule']}, peak {healing['lr']:g}, warm-up {healing['warmup_steps']} steps",
+        ),
+        (
+            "healing KL (first → last step)",
+            f"{healing['loss_first']:.4f} → {healing['loss_last']:.4f}",
+        ),
+    ]
+
+
 def _text_name(data: Mapping[str, Any] | None, split: str) -> str:
     """A user's text (a TextSource record) or the pinned protocol's split, as reports name it."""
     if data is None:
@@ -117,6 +157,12 @@ def compression_report(
         ("modules", ", ".join(f"{k} {v}" for k, v in summary["modes"].items())),
         ("calibration text", _text_name(settings.get("calibration_data"), "calibration")),
     ] + [(f"time: {k}", f"{v:.1f} s") for k, v in result["timings"].items()]
+    healing = result.get("healing")
+    if healing:
+        report.summary += healing_summary(healing)
+        report.figures.append(
+            ("Healing: loss and learning rate", plot_healing(healing, folder / "healing.png"))
+        )
     if settings.get("reproduce_laserrmt"):
         report.notes.append(
             "Reproduction of the original laserRMT recipe (IQR noise rule, 15 lowest-SNR "
