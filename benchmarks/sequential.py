@@ -20,8 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from benchmarks.common import write_result
 from laserrmt.data.text import (
     PROTOCOL,
@@ -99,7 +97,9 @@ def main() -> None:
                 dense["pinned"] = result.perplexity_before.perplexity
             if "shakespeare" not in dense:
                 dense_model, _ = load_dense(folder)
-                dense["shakespeare"] = perplexity(dense_model, shakespeare, progress=False).perplexity
+                dense["shakespeare"] = perplexity(
+                    dense_model, shakespeare, progress=False
+                ).perplexity
                 del dense_model
             assert result.perplexity_after is not None
             refined = [r for r in result.refinement if r]
