@@ -524,7 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--quantize",
         default=None,
-        help="int8: ONNX Runtime's dynamic int8 MatMuls (--format onnx only)",
+        help="int8: ONNX Runtime's weight-only int8 MatMuls (MatMulNBits, blocks of 32; "
+        "--format onnx only)",
     )
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     export.set_defaults(run=run_export)
