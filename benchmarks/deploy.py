@@ -51,6 +51,12 @@ decode tokens per second counts every sequence of the batch."""
 
 
 @dataclass
+class Runner:
+    time: Timer
+    logits: Callable[[np.ndarray], np.ndarray]  # ids [1, tokens] -> float logits, no cache
+
+
+@dataclass
 class Variant:
     model: str  # "dense", "20% removed", ...
     runtime: str  # "torch float32", "ONNX Runtime int8", ...
@@ -62,7 +68,7 @@ class Variant:
         return self.runtime.startswith("ONNX")
 
 
-def torch_timer(model: torch.nn.Module) -> Timer:
+def torch_runner(model: torch.nn.Module) -> Runner:
     def run(prompt: np.ndarray, new_tokens: int) -> tuple[float, float]:
         with torch.no_grad():
             start = time.perf_counter()
@@ -76,10 +82,14 @@ def torch_timer(model: torch.nn.Module) -> Timer:
             rate = prompt.shape[0] * new_tokens / (time.perf_counter() - start)
             return prefill, rate
 
-    return run
+    def logits(ids: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return np.asarray(model(input_ids=torch.from_numpy(ids)).logits.float().numpy())
+
+    return Runner(run, logits)
 
 
-def onnx_timer(folder: Path, threads: int) -> Timer:
+def onnx_runner(folder: Path, threads: int) -> Runner:
     onnxruntime = onnx_runtime()
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
@@ -113,20 +123,24 @@ def onnx_timer(folder: Path, threads: int) -> Timer:
             done += 1
         return prefill, batch * new_tokens / (time.perf_counter() - start)
 
-    return run
+    def logits(ids: np.ndarray) -> np.ndarray:
+        empty = [np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in past_inputs]
+        return np.asarray(step(ids, 0, empty)[0])
+
+    return Runner(run, logits)
 
 
 def onnx_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith(GRAPH_FILE))
 
 
-def _timer(variant: Variant, threads: int) -> Timer:
+def _runner(variant: Variant, threads: int) -> Runner:
     if variant.is_onnx:
-        return onnx_timer(variant.folder, threads)
+        return onnx_runner(variant.folder, threads)
     import laserrmt
 
     model, _ = laserrmt.load(variant.folder)
-    return torch_timer(model.eval())
+    return torch_runner(model.eval())
 
 
 def prepare(model_spec: str | None, removed: list[float]) -> tuple[list[Variant], list[str], int]:
@@ -198,7 +212,7 @@ def child(kind: str, folder: str, threads: int, new_tokens: int) -> None:
 
         getattr(transformers, config["architectures"][0])
     with track_peak_memory() as memory:
-        timer = _timer(variant, threads)
+        timer = _runner(variant, threads).time
         rng = np.random.default_rng(1)
         timer(rng.integers(0, config["vocab_size"], (1, 16)), 1)  # first-call allocations
         long_prefill, _ = timer(rng.integers(0, config["vocab_size"], (1, LONG_PROMPT)), 0)
@@ -214,6 +228,40 @@ def child(kind: str, folder: str, threads: int, new_tokens: int) -> None:
             }
         )
     )
+
+
+def _quality(
+    variants: list[Variant], runners: list[Runner], n_windows: int
+) -> list[tuple[float, float]]:
+    """Per variant: top-1 agreement with its model's torch float32, and perplexity.
+
+    Held-out text: the first ``n_windows`` windows of the pinned evaluation protocol, cut to
+    256 tokens (the graph's prompt length does not matter for the comparison).
+    """
+    from laserrmt.data.text import evaluation_windows
+    from laserrmt.surgery.io import load
+
+    _, tokenizer = load(variants[0].folder)
+    windows = evaluation_windows(tokenizer, n_windows=n_windows)[:, :256].numpy()
+    results: list[tuple[float, float]] = []
+    reference: list[np.ndarray] = []
+    for variant, runner in zip(variants, runners, strict=True):
+        all_logits = [runner.logits(w[None].astype(np.int64))[0] for w in windows]
+        if variant.runtime == "torch float32":
+            reference = [x.argmax(-1) for x in all_logits]
+        agree = np.mean(
+            [np.mean(x.argmax(-1) == r) for x, r in zip(all_logits, reference, strict=True)]
+        )
+        nll = 0.0
+        for x, w in zip(all_logits, windows, strict=True):
+            x = x[:-1].astype(np.float64)
+            top = x.max(-1)
+            log_z = np.log(np.exp(x - top[:, None]).sum(-1)) + top
+            nll += float(np.sum(log_z - x[np.arange(len(x)), w[1:]]))
+        results.append(
+            (float(agree), float(np.exp(nll / (windows.shape[0] * (windows.shape[1] - 1)))))
+        )
+    return results
 
 
 def _run_child(variant: Variant, threads: int, new_tokens: int) -> dict[str, Any]:
@@ -237,13 +285,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model folder (default: the default model)")
     parser.add_argument(
-        "--removed", type=float, nargs="+", default=[0.2, 0.4], help="fractions removed"
+        "--removed", type=float, nargs="*", default=[0.2, 0.4], help="fractions removed"
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--long-repeats", type=int, default=1)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch-new-tokens", type=int, default=16)
+    parser.add_argument("--quality-windows", type=int, default=6)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--prepare", action="store_true", help="build the cached folders only")
     parser.add_argument("--child", nargs=2, metavar=("RUNTIME", "FOLDER"), help=argparse.SUPPRESS)
@@ -259,7 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     loads: list[tuple[float, float, float]] = []
 
     # Batch 1, side by side in this process.
-    timers = [_timer(v, args.threads) for v in variants]
+    runners = [_runner(v, args.threads) for v in variants]
+    timers = [r.time for r in runners]
     vocab = json.loads((variants[0].folder / "config.json").read_text())["vocab_size"]
     prompt = np.random.default_rng(0).integers(0, vocab, (1, args.prompt_tokens))
     for timer in timers:  # warm-up: first-call allocations, ORT graph planning
@@ -270,7 +320,8 @@ def main(argv: list[str] | None = None) -> None:
         for i, timer in enumerate(timers):
             runs[i].append(timer(prompt, args.new_tokens))
     loads.append(os.getloadavg())
-    del timers
+    quality = _quality(variants, runners, args.quality_windows)
+    del timers, runners
 
     # Long text and memory, one child process per variant and round.
     long_runs: list[list[dict[str, Any]]] = [[] for _ in variants]
@@ -297,6 +348,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"{decode[i] / decode[0]:.2f}",
                 f"{own_speedup:.2f}",
                 f"{own_speedup / own_ratio:.2f}",
+                f"{quality[i][0]:.3f}",
+                f"{quality[i][1]:.2f}",
             ]
         )
         if variant.is_onnx and i != onnx_dense:
@@ -333,7 +386,10 @@ def main(argv: list[str] | None = None) -> None:
         "'same runtime' columns compare ONNX rows with dense ONNX Runtime float32 (the "
         "compression's own gain, not the runtime's) and torch rows with dense torch float32.\n\n"
         f"Batch 1: prompt {args.prompt_tokens} random tokens, {args.new_tokens} greedy decode "
-        f"steps, {args.repeats} repeats interleaved across variants in one process, medians.\n\n"
+        f"steps, {args.repeats} repeats interleaved across variants in one process, medians. "
+        f"Quality: the first {args.quality_windows} windows of the pinned evaluation text, "
+        "256 tokens each, full sequence; top-1 agreement with the same model in torch "
+        "float32 (dense rows with dense, compressed with compressed), and perplexity.\n\n"
         f"Long text: each variant in its own child process, {args.long_repeats} round(s), "
         f"variant after variant: prefill of a {LONG_PROMPT}-token prompt at batch 1, then "
         f"batch {BATCH} from a 128-token prompt, {args.batch_new_tokens} greedy steps "
@@ -360,6 +416,8 @@ def main(argv: list[str] | None = None) -> None:
                         "decode speed-up",
                         "decode speed-up, same runtime",
                         "same-runtime speed-up / bytes ratio",
+                        "top-1 vs torch float32",
+                        "perplexity",
                     ],
                     rows,
                 ),
