@@ -555,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--quantize",
         default=None,
-        help="int8: ONNX Runtime's dynamic int8 MatMuls (--format onnx only)",
+        help="int8: ONNX Runtime's weight-only int8 MatMuls (MatMulNBits, blocks of 32; "
+        "--format onnx only)",
     )
     export.add_argument(
         "--dtype",
