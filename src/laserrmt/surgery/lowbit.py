@@ -137,13 +137,20 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: the first ``n`` codes of each row, int64."""
+    """Inverse of :func:`pack_codes`: the first ``n`` codes of each row, uint8."""
     per, nbytes = _unit(_check_bits(bits))
     m = packed.shape[0]
-    byte_shifts = torch.arange(nbytes, device=packed.device) * 8
-    words = (packed.to(torch.int64).view(m, -1, nbytes) << byte_shifts).sum(-1)
-    shifts = torch.arange(per, device=packed.device) * bits
-    codes = (words[..., None] >> shifts) & ((1 << bits) - 1)
+    mask = (1 << bits) - 1
+    if nbytes == 1:  # whole codes per byte: stay in uint8, the cheapest route
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        codes = (packed[..., None] >> shifts) & mask
+    else:
+        byte_shifts = torch.arange(nbytes, dtype=torch.int32, device=packed.device) * 8
+        words = (packed.to(torch.int32).view(m, -1, nbytes) << byte_shifts).sum(
+            -1, dtype=torch.int32
+        )
+        shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * bits
+        codes = ((words[..., None] >> shifts) & mask).to(torch.uint8)
     return codes.reshape(m, -1)[:, :n]
 
 
@@ -156,11 +163,12 @@ def _dequantize(
     n: int,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    codes = unpack_codes(packed, bits, n).to(torch.float32)
+    codes = unpack_codes(packed, bits, n)
     m, groups = scale.shape
-    full = torch.zeros(m, groups * group_size, dtype=torch.float32, device=codes.device)
-    full[:, :n] = codes
-    values = low.float()[..., None] + full.view(m, groups, group_size) * scale.float()[..., None]
+    if groups * group_size != n:
+        codes = F.pad(codes, (0, groups * group_size - n))
+    grouped = codes.view(m, groups, group_size).to(torch.float32)
+    values = torch.addcmul(low.float()[..., None], grouped, scale.float()[..., None])
     return values.reshape(m, -1)[:, :n].to(dtype)
 
 
