@@ -193,7 +193,7 @@ def test_model_level_quantization_saves_and_loads_equal_outputs(tmp_path):
         model.model.layers[1].mlp.up_proj, 8
     )
     batches = [_ids()[i : i + 1] for i in range(4)]  # 256 tokens for 128 inputs
-    ranks = quantize_model_lowbit(model, 3, batches=batches, progress=False)
+    ranks = quantize_model_lowbit(model, 3, batches=batches, extra_bits=1.0, progress=False)
     layer = model.model.layers[0].mlp.down_proj
     # The planted directions, and those that the anisotropic Gram lifts above the MP edge.
     assert 3 <= ranks["model.layers.0.mlp.down_proj"] <= 128 * 64 // (8 * 192)

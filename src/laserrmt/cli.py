@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--correct-rank",
         default="rmt",
         help="int4/int3/int2: rmt (correct each weight's quantization error by the directions of "
-        "its activation-weighted residual above the noise edge, at most 1 bit per weight) or "
+        "its activation-weighted residual above the noise edge, at most half a bit per weight) or "
         "none (default rmt)",
     )
     compress.add_argument(

@@ -60,6 +60,7 @@ from laserrmt.surgery.whiten import weighted_svd
 __all__ = [
     "BITS",
     "CORRECTION_RULES",
+    "DEFAULT_EXTRA_BITS",
     "DEFAULT_GROUP_SIZE",
     "CorrectedWeight",
     "LowBitLinear",
@@ -67,6 +68,7 @@ __all__ = [
     "LowBitWeight",
     "correction_bytes",
     "lowbit_matrix_bytes",
+    "max_correction_rank",
     "pack_codes",
     "quantize_model_lowbit",
     "quantize_weight_lowbit",
@@ -76,6 +78,10 @@ __all__ = [
 
 BITS = (2, 3, 4, 8)
 DEFAULT_GROUP_SIZE = 128
+#: Default cap on a correction's int8 factors, in bits per weight of the layer: half the step to
+#: the next bit width, so that ``Q_b(W) + UV`` stays smaller than ``Q_{b+1}(W)`` alone (one more
+#: bit per weight would buy the next grid instead).
+DEFAULT_EXTRA_BITS = 0.5
 #: Rank rules that judge a spectrum against noise (``fixed`` keeps a share whatever it is).
 CORRECTION_RULES = ("mp", "tw", "gd")
 
@@ -555,7 +561,7 @@ class LowBitLowRankLinear(_LowBitBase):
         return f"{super().extra_repr()}, rank={self.rank}"
 
 
-def _max_rank(shape: tuple[int, int], extra_bits: float | None) -> int | None:
+def max_correction_rank(shape: tuple[int, int], extra_bits: float | None) -> int | None:
     """The largest rank whose int8 factors cost about ``extra_bits`` bits per weight."""
     if extra_bits is None:
         return None
@@ -572,7 +578,7 @@ def quantize_model_lowbit(
     batches: Iterable[Any] | None = None,
     statistics: Mapping[str, Any] | None = None,
     rule: str = "mp",
-    extra_bits: float | None = 1.0,
+    extra_bits: float | None = DEFAULT_EXTRA_BITS,
     module_names: Sequence[str] | None = None,
     progress: bool = True,
 ) -> dict[str, int]:
@@ -624,7 +630,7 @@ def quantize_model_lowbit(
                 gram=None if stats is None else stats.gram,
                 n_samples=None if stats is None else stats.n_samples,
                 rule=rule,
-                max_rank=_max_rank((matrix.shape[0], matrix.shape[1]), extra_bits),
+                max_rank=max_correction_rank((matrix.shape[0], matrix.shape[1]), extra_bits),
                 module=name,
             )
             ranks[name] = corrected.rank
