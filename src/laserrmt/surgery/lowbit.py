@@ -55,6 +55,7 @@ from laserrmt.surgery.quantize import (
     quantize_weight_int8,
 )
 from laserrmt.surgery.registry import CompressedModule, dtype_from_name, dtype_name, register_module
+from laserrmt.surgery.replace import set_submodule
 from laserrmt.surgery.whiten import weighted_svd
 
 __all__ = [
@@ -659,7 +660,5 @@ def quantize_model_lowbit(
             replacements[name] = Int8LowRankLinear.from_low_rank(modules[name])
             ranks[name] = 0
     for name in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, replacements[name])
+        set_submodule(model, name, replacements[name])
     return {name: ranks[name] for name in chosen}
