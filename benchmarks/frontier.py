@@ -245,6 +245,7 @@ def main() -> None:
     notes: dict[str, str] = {}
     dense_ppl: list[float] = []
     statistics: dict[str, Any] = {}
+    whitenings: dict[str, Any] = {}  # each Gram factored once for the three bit widths
     minilm: list[str] = []
 
     def time_left() -> bool:
@@ -290,7 +291,12 @@ def main() -> None:
                 notes["calibration s"] = f"{time.perf_counter() - start:.0f}"
             model = copy.deepcopy(dense)
             ranks = quantize_model_lowbit(
-                model, bits, statistics=statistics, extra_bits=args.extra_bits, progress=False
+                model,
+                bits,
+                statistics=statistics,
+                extra_bits=args.extra_bits,
+                whitenings=whitenings,
+                progress=False,
             )
             notes[f"int{bits} + UV"] = correction_summary(model, ranks, args.extra_bits)
             measure(
@@ -421,7 +427,8 @@ def main() -> None:
             continue
         run()
         if label == "int2 g128":
-            statistics.clear()  # the Grams (about 1 GB) are not needed further
+            statistics.clear()  # the Grams and their factors (2-3 GB) are not needed further
+            whitenings.clear()
     write()
     print(RESULTS / "frontier.md")
 

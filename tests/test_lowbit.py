@@ -11,6 +11,7 @@ from torch import nn
 
 from laserrmt.errors import InvalidOptionError, NumericalError
 from laserrmt.pipeline import CompressSettings
+from laserrmt.stats.calibration import collect_input_statistics
 from laserrmt.surgery.io import load, save_compressed, weight_bytes
 from laserrmt.surgery.lowbit import (
     BITS,
@@ -26,6 +27,7 @@ from laserrmt.surgery.lowbit import (
 )
 from laserrmt.surgery.lowrank import LowRankLinear
 from laserrmt.surgery.quantize import Int8LowRankLinear
+from laserrmt.surgery.whiten import whitening_factor
 from tiny_models import tiny_llama
 
 
@@ -222,3 +224,63 @@ def test_settings_accept_low_bit_and_refuse_a_byte_target_with_it():
         CompressSettings(quantize="int4", correct_rank="svd").validate()
     with pytest.raises(InvalidOptionError, match="target-size"):
         CompressSettings(method="budget", quantize="int4", target_size=10**6).validate()
+
+
+@pytest.mark.parametrize("shape", [(40, 64), (64, 40)])
+def test_correction_equals_the_truncated_svd_of_the_whitened_residual(shape):
+    """SVD-LLM's construction by brute force: full SVD of R S, top k, times S⁻¹."""
+    m, n = shape
+    g = torch.Generator().manual_seed(m)
+    w = torch.randn(m, n, generator=g, dtype=torch.float64)
+    x = torch.randn(500, n, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, n)
+    corrected = quantize_with_correction(w, 2, 16, gram=x.T @ x, n_samples=500, max_rank=3)
+    assert corrected.rank == 3  # the anisotropic inputs lift directions over the edge
+    residual = w - corrected.quantized.dequantize(torch.float64)
+    s = whitening_factor(x.T @ x, n_samples=500)
+    u, sigma, vh = torch.linalg.svd(residual @ s.S, full_matrices=False)
+    expected = u[:, :3] @ torch.diag(sigma[:3]) @ vh[:3] @ s.S_inv
+    assert torch.allclose(
+        corrected.A @ corrected.B, expected, atol=1e-9 * float(expected.abs().max())
+    )
+    assert torch.allclose(
+        torch.as_tensor(corrected.spectrum), sigma, rtol=1e-6, atol=1e-9 * float(sigma[0])
+    )
+
+
+def test_layers_with_the_same_input_share_one_whitening(monkeypatch):
+    import laserrmt.surgery.lowbit as lowbit
+
+    calls = []
+    original = lowbit.whitening_factor
+    monkeypatch.setattr(
+        lowbit, "whitening_factor", lambda *a, **k: calls.append(k["module"]) or original(*a, **k)
+    )
+    cache: dict = {}
+    batches = [_ids()[i : i + 1] for i in range(4)]
+    quantize_model_lowbit(tiny_llama(), 3, batches=batches, whitenings=cache, progress=False)
+    # Per block: q/k/v share an input, o has its own, gate/up share one, down has its own.
+    assert len(calls) == 2 * 4 and len(cache) == 2 * 7
+    stats = collect_input_statistics(tiny_llama(), batches, list(cache), progress=False)
+    quantize_model_lowbit(tiny_llama(), 2, statistics=stats, whitenings=cache, progress=False)
+    assert len(calls) == 8  # the second bit width factors no Gram again
+
+
+def test_compress_quantizes_to_low_bit_after_the_budget_method():
+    from laserrmt.pipeline import compress
+    from tiny_models import tiny_tokenizer
+
+    model, result = compress(
+        tiny_llama(),
+        tiny_tokenizer(),
+        method="budget",
+        target_params=0.2,
+        quantize="int3",
+        calibration_windows=4,
+        window=64,
+        progress=False,
+    )
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "Int8LowRankLinear" in kinds and {"LowBitLinear", "LowBitLowRankLinear"} & kinds
+    assert result.corrections is not None and any(result.corrections.values())
+    assert result.to_dict()["corrections"] == result.corrections
+    assert result.weight_bytes == weight_bytes(model)

@@ -56,7 +56,7 @@ from laserrmt.surgery.quantize import (
 )
 from laserrmt.surgery.registry import CompressedModule, dtype_from_name, dtype_name, register_module
 from laserrmt.surgery.replace import set_submodule
-from laserrmt.surgery.whiten import weighted_svd
+from laserrmt.surgery.whiten import Whitening, whitening_factor
 
 __all__ = [
     "BITS",
@@ -270,6 +270,7 @@ def quantize_with_correction(
     *,
     gram: Any = None,
     n_samples: int | None = None,
+    whitening: Whitening | None = None,
     rule: str = "mp",
     max_rank: int | None = None,
     module: str | None = None,
@@ -277,14 +278,22 @@ def quantize_with_correction(
     """``Q(W)`` and the low-rank correction of ``W − Q(W)`` that stands above the noise edge.
 
     With ``gram`` (the input Gram ``Σ xᵀx``; ``n_samples`` its row count) the residual is
-    weighted by the inputs (SVD-LLM); without it the plain SVD of the residual is used. A
-    spectrum the rule cannot judge (``status`` not ``"ok"``: too short, or no noise bulk) gets
-    no correction: nothing in it is known to stand out of noise.
+    weighted by the inputs, ``M = R S`` with ``S`` from
+    :func:`~laserrmt.surgery.whiten.whitening_factor` (or ``whitening``, that factor computed
+    once for several weights with the same inputs); without either, ``M = R``. A spectrum the
+    rule cannot judge (``status`` not ``"ok"``: too short, or no noise bulk) gets no correction:
+    nothing in it is known to stand out of noise.
+
+    Only the spectrum and the kept directions are needed, so they come from one symmetric
+    eigendecomposition of ``M Mᵀ`` or ``Mᵀ M`` (the smaller), not a full SVD: several times
+    cheaper, exact for the leading directions; squaring costs only the precision of values
+    below ``1e-8`` of the largest, far under any noise edge.
 
     Raises:
         InvalidOptionError: a rule outside :data:`CORRECTION_RULES`, a negative ``max_rank``,
             or as :func:`quantize_weight_lowbit` and
-            :func:`~laserrmt.surgery.whiten.weighted_svd`.
+            :func:`~laserrmt.surgery.whiten.whitening_factor`.
+        NumericalError: as :func:`~laserrmt.surgery.whiten.whitening_factor`.
     """
     if rule not in CORRECTION_RULES:
         raise InvalidOptionError(
@@ -297,24 +306,35 @@ def quantize_with_correction(
     quantized = quantize_weight_lowbit(weight, bits, group_size)
     w = weight.detach().to(torch.float64)
     residual = w - quantized.dequantize(torch.float64).to(w.device)
-    svd = weighted_svd(
-        residual,
-        whiten="none" if gram is None else "svdllm",
-        gram=gram,
-        n_samples=n_samples,
-        module=module,
-    )
-    spectrum = svd.s.cpu().numpy()
     m, n = residual.shape
+    if whitening is None and gram is not None:
+        whitening = whitening_factor(gram, n_samples=n_samples, module=module)
+    matrix = residual if whitening is None else residual @ whitening.S.to(residual.device)
+    wide = m <= n
+    square = matrix @ matrix.T if wide else matrix.T @ matrix
+    try:
+        eigenvalues, vectors = torch.linalg.eigh((square + square.T) / 2)
+    except RuntimeError as exc:
+        raise NumericalError(f"eigendecomposition of the residual failed: {exc}") from None
+    values = eigenvalues.flip(0).clamp(min=0).sqrt()
+    spectrum = values.cpu().numpy()
     choice = choose_rank(spectrum, (m, n), method=rule)
     rank = choice.rank if choice.status == "ok" else 0
     if max_rank is not None:
         rank = min(rank, int(max_rank))
+    rank = min(rank, int(torch.count_nonzero(values > 0)))
     if rank == 0:
         return CorrectedWeight(quantized, None, None, 0, choice, spectrum)
-    root = svd.s[:rank].sqrt()
-    a = svd.U[:, :rank] * root
-    b = root[:, None] * svd.Vh[:rank]
+    top = vectors.flip(1)[:, :rank]
+    root = values[:rank].sqrt()
+    if wide:  # M = U diag(s) Vh with U = top, Vh = Uᵀ M / s
+        a = top * root
+        b = (top.T @ matrix) / root[:, None]
+    else:  # V = top, U = M V / s
+        a = (matrix @ top) / root
+        b = root[:, None] * top.T
+    if whitening is not None:
+        b = b @ whitening.S_inv.to(b.device)
     return CorrectedWeight(quantized, a, b, rank, choice, spectrum)
 
 
@@ -581,6 +601,7 @@ def quantize_model_lowbit(
     rule: str = "mp",
     extra_bits: float | None = DEFAULT_EXTRA_BITS,
     module_names: Sequence[str] | None = None,
+    whitenings: dict[str, Whitening] | None = None,
     progress: bool = True,
 ) -> dict[str, int]:
     """Replace linear layers by low-bit ones, in place; returns ``{name: correction rank}``.
@@ -596,7 +617,10 @@ def quantize_model_lowbit(
     :class:`~laserrmt.stats.calibration.ActivationStatistics` ``}``) when given, else streamed
     block by block from ``batches`` (calibration windows) with
     :func:`~laserrmt.stats.calibration.iter_activation_statistics`, on the inputs of the model
-    as it was; without either it uses the plain SVD of the residual.
+    as it was; without either it uses the plain SVD of the residual. Layers that read the same
+    input (query, key and value; gate and up) share one whitening factor. ``whitenings``, when
+    given, is filled with each layer's factor and read back: pass the same dict to several calls
+    on the same model and statistics (other bit widths) to factor each Gram once.
 
     Raises:
         InvalidOptionError: as :func:`quantize_with_correction`, or ``extra_bits`` ≤ 0.
@@ -616,6 +640,23 @@ def quantize_model_lowbit(
     dense = [name for name in chosen if not isinstance(modules[name], LowRankLinear)]
     replacements: dict[str, nn.Module] = {}
     ranks: dict[str, int] = {}
+    factors = {} if whitenings is None else whitenings
+    recent: list[tuple[torch.Tensor, Whitening]] = []
+
+    def whitening_of(name: str, stats: Any) -> Whitening | None:
+        if stats is None:
+            return None
+        if name not in factors:
+            same = [
+                w for g, w in recent if g.shape == stats.gram.shape and torch.equal(g, stats.gram)
+            ]
+            if same:
+                factors[name] = same[0]
+            else:
+                factors[name] = whitening_factor(stats.gram, n_samples=stats.n_samples, module=name)
+                recent.append((stats.gram, factors[name]))
+                del recent[:-3]  # the inputs of one block: attention, its output, the MLP
+        return factors[name]
 
     def replace_one(name: str, stats: Any) -> None:
         linear = modules[name]
@@ -628,8 +669,7 @@ def quantize_model_lowbit(
                 matrix,
                 bits,
                 group_size,
-                gram=None if stats is None else stats.gram,
-                n_samples=None if stats is None else stats.n_samples,
+                whitening=whitening_of(name, stats),
                 rule=rule,
                 max_rank=max_correction_rank((matrix.shape[0], matrix.shape[1]), extra_bits),
                 module=name,
