@@ -26,7 +26,8 @@ back by ``S⁻¹``, stored in int8 with one float32 scale per row (as
 :class:`~laserrmt.surgery.quantize.Int8LowRankLinear`). Caveat as for
 :func:`~laserrmt.surgery.whiten.free_rank`: an anisotropic Gram makes the bulk of ``R S`` a
 generalised MP law, so on real activations the edge also admits the strongest input directions
-of plain rounding noise; ``max_rank`` (or ``extra_bits`` for a model) caps what that costs.
+of plain rounding noise. Those carry the largest output error, so correcting them still pays,
+but the rank is then a budget question: ``max_rank`` (or ``extra_bits`` for a model) caps it.
 """
 
 from __future__ import annotations
