@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -231,6 +232,14 @@ def main() -> None:
     parser.add_argument("--extra-bits", type=float, default=DEFAULT_EXTRA_BITS)
     parser.add_argument("--max-minutes", type=float, default=20.0)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--rows", nargs="+", default=None, help="run only these rows, in this order (labels)"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows of frontier.json from an earlier run of the same protocol",
+    )
     args = parser.parse_args()
     progress = not args.no_progress
     started = time.perf_counter()
@@ -240,7 +249,9 @@ def main() -> None:
     eval_w = evaluation_windows(tok, n_windows=args.eval_windows)
     cal_w = calibration_windows(tok, n_windows=args.calibration_windows)
     names = [t.name for t in find_targets(dense)]
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = (
+        json.loads((RESULTS / "frontier.json").read_text()) if args.resume else []
+    )
     skipped: list[str] = []
     notes: dict[str, str] = {}
     dense_ppl: list[float] = []
@@ -265,6 +276,7 @@ def main() -> None:
             }
         )
         print(rows[-1], flush=True)
+        (RESULTS / "frontier.json").write_text(json.dumps(rows, indent=1) + "\n")
         write()
 
     def quant_only(bits: int) -> Callable[[], None]:
@@ -366,7 +378,7 @@ def main() -> None:
         protocol = (
             f"SmolLM2-135M-Instruct, {len(names)} target matrices (every linear layer but the tied "
             f"head), dense float32 {notes.get('dense bytes', '(not measured)')}; dense perplexity "
-            f"{f'{dense_ppl[0]:.2f}' if dense_ppl else '(not measured in this run)'}. "
+            f"{f'{dense_ppl[0]:.2f}' if dense_ppl else '15.95 (lowrank.md, same protocol; not re-measured here)'}. "
             "**Caveat: this model was shipped as a 4-bit GGUF (Q4_1, blocks of 32) and is "
             "dequantized to float32 here, so its weights already sit near a 4-bit grid; that "
             "flatters 4-bit quantization of it (MiniLM below, with original float32 weights, is "
@@ -384,6 +396,11 @@ def main() -> None:
             "their weight for each product (no fused kernel): sizes, not speeds, are compared. "
             f"Correction ranks: {'; '.join(f'{k}: {v}' for k, v in notes.items() if 'UV' in k) or '—'}."
         )
+        if args.resume:
+            protocol += (
+                " Rows were measured in more than one process (`--resume`: a run stopped and "
+                "continued in another row order, same protocol and code)."
+            )
         sections = [
             ("Protocol", protocol),
             ("Results (sorted by size)", table + "\n\n![perplexity against bytes](frontier.png)"),
@@ -421,7 +438,13 @@ def main() -> None:
         ("budget 10 %", budget(0.1)),
         ("budget 30 %", budget(0.3)),
     ]
+    done = {r["label"] for r in rows}
+    if args.rows is not None:
+        known = dict(plan)
+        plan = [(label, known[label]) for label in args.rows]
     for label, run in plan:
+        if label in done or (label == "int8" and "int8 per channel" in done):
+            continue
         if not time_left():
             skipped.append(label)
             continue
