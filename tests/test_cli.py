@@ -235,6 +235,44 @@ def test_analyze_activations_reports_every_width_site(capsys, tiny_folder, tmp_p
     assert records and all(0 <= r["k"] <= r["d"] for r in records)
 
 
+def test_low_bit_with_correction_from_the_command_line(capsys, tiny_folder, tmp_path):
+    import laserrmt
+
+    out = tmp_path / "q3"
+    code, _, err = run(
+        capsys,
+        "compress",
+        tiny_folder,
+        "--target-params",
+        "0.1",
+        "--whiten",
+        "svdllm",
+        "--quantize",
+        "int3",
+        "--correct-rank",
+        "rmt",
+        "--calibration-windows",
+        "2",
+        "--eval-windows",
+        "1",
+        "--latency-repeats",
+        "1",
+        "--out",
+        out,
+    )
+    assert code == 0, err
+    meta = json.loads((out / "laserrmt.json").read_text())
+    assert meta["settings"]["compress"]["settings"]["correct_rank"] == "rmt"
+    types = {entry["type"] for entry in meta["modules"].values()}
+    assert {"LowBitLinear", "LowBitLowRankLinear"} & types
+    model, _ = laserrmt.load(out)
+    assert any(type(m).__name__.startswith("LowBit") for m in model.modules())
+    code, _, err = run(
+        capsys, "compress", tiny_folder, "--quantize", "int5", "--out", tmp_path / "x"
+    )
+    assert_one_line_error(code, err, "int5")
+
+
 def test_budget_heal_int8_from_the_command_line(capsys, tiny_folder, tmp_path):
     import laserrmt
 

@@ -20,6 +20,12 @@ import torch
 from torch import nn
 
 from laserrmt.surgery.io import load, save_compressed
+from laserrmt.surgery.lowbit import (
+    LowBitLinear,
+    LowBitLowRankLinear,
+    quantize_model_lowbit,
+    quantize_with_correction,
+)
 from laserrmt.surgery.lowrank import LowRankConv1d, LowRankConv2d, LowRankLinear
 from laserrmt.surgery.quantize import Int8Linear, Int8LowRankLinear, quantize_model_int8
 from laserrmt.surgery.sparse import LowRankSparseLinear, factorize_sparse
@@ -64,6 +70,13 @@ def _low_rank_sparse(model: nn.Module) -> nn.Module:
     return model
 
 
+def _lowbit(model: nn.Module, bits: int) -> nn.Module:
+    """Every linear layer at ``bits`` bits with its RMT-chosen int8 correction (plain SVD)."""
+    ranks = quantize_model_lowbit(model, bits, group_size=48, progress=False)
+    assert any(ranks.values()) and not all(ranks.values())  # both layer types are saved
+    return model
+
+
 def _mlp_cut(model: nn.Module) -> nn.Module:
     """Block 1's MLP cut from 128 to 96 units."""
     mlp = model.model.layers[1].mlp
@@ -102,6 +115,8 @@ CASES = {
     "int8-low-rank": (lambda: _int8_low_rank(tiny_llama()), "AutoModelForCausalLM", {}),
     "int8-head": (lambda: _int8(tiny_llama(), ["lm_head"]), "AutoModelForCausalLM", {}),
     "low-rank-sparse": (lambda: _low_rank_sparse(tiny_llama()), "AutoModelForCausalLM", {}),
+    "int3-corrected": (lambda: _lowbit(tiny_llama(), 3), "AutoModelForCausalLM", {}),
+    "int2-corrected": (lambda: _lowbit(tiny_llama(), 2), "AutoModelForCausalLM", {}),
     "mlp-cut": (lambda: _mlp_cut(tiny_llama()), "AutoModelForCausalLM", {}),
     "residual-cut": (lambda: _residual_cut(tiny_llama()), "AutoModelForCausalLM", {}),
     "residual-and-mlp-cut": (
@@ -326,6 +341,9 @@ def _remote_layers():
             ),
             (5, 12),
         ),
+        (lambda: LowBitLinear.from_linear(nn.Linear(37, 10), 3, 16), (2, 5, 37)),
+        (lambda: LowBitLinear.from_linear(nn.Linear(32, 10, bias=False), 2), (3, 32)),
+        (lambda: _corrected_layer(nn.Linear(40, 12)), (4, 40)),
         (lambda: LowRankConv1d.from_conv(nn.Conv1d(4, 6, 3, padding=1), 2), (2, 4, 9)),
         (
             lambda: LowRankConv2d.from_conv(nn.Conv2d(3, 6, 3, stride=2, padding="valid"), 2),
@@ -343,6 +361,9 @@ def _remote_layers():
         "int8",
         "int8-nobias",
         "int8-lowrank",
+        "lowbit3",
+        "lowbit2-nobias",
+        "lowbit4-corrected",
         "lowrank-conv1d",
         "lowrank-conv2d",
         "lowrank-sparse",
@@ -360,7 +381,7 @@ def test_remote_layer_computes_what_laserrmt_layer_does(build, shape):
             layer.running_mean.uniform_(-1, 1)
             layer.running_var.uniform_(0.5, 2)
             layer.weight.uniform_(0.5, 2)
-    elif not isinstance(layer, Int8Linear | Int8LowRankLinear):
+    elif not isinstance(layer, Int8Linear | Int8LowRankLinear | LowBitLinear | LowBitLowRankLinear):
         with torch.no_grad():
             for p in layer.parameters():
                 p.normal_()
@@ -369,6 +390,15 @@ def test_remote_layer_computes_what_laserrmt_layer_does(build, shape):
     x = torch.randn(shape)
     with torch.no_grad():
         assert (remote(x) - layer(x)).abs().max().item() <= 1e-6
+
+
+def _corrected_layer(linear: nn.Linear) -> LowBitLowRankLinear:
+    corrected = quantize_with_correction(linear.weight, 4, 16, max_rank=0)
+    rank_two = torch.randn(12, 2, dtype=torch.float64), torch.randn(2, 40, dtype=torch.float64)
+    return LowBitLowRankLinear.from_correction(
+        type(corrected)(corrected.quantized, *rank_two, 2, corrected.choice, corrected.spectrum),
+        linear,
+    )
 
 
 def test_remote_reduced_attention_computes_what_laserrmt_does():

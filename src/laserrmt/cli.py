@@ -425,7 +425,15 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument(
         "--quantize",
         default=None,
-        help="int8: per-channel symmetric int8 weights for every linear layer",
+        help="int8: per-channel symmetric int8 weights for every linear layer; int4, int3, "
+        "int2: group-wise (128 inputs) weights, with a low-rank correction (--correct-rank)",
+    )
+    compress.add_argument(
+        "--correct-rank",
+        default="rmt",
+        help="int4/int3/int2: rmt (correct each weight's quantization error by the directions of "
+        "its activation-weighted residual above the noise edge, at most half a bit per weight) or "
+        "none (default rmt)",
     )
     compress.add_argument(
         "--mode",
@@ -854,6 +862,7 @@ def run_compress(args: argparse.Namespace) -> int:
         heal_warmup=args.heal_warmup,
         quantize=args.quantize,
         sparse_share=args.sparse_share,
+        correct_rank=args.correct_rank,
         device=args.device,
         dtype=args.dtype,
         stream=args.stream,

@@ -46,6 +46,7 @@ from laserrmt.rmt import SIGMA_ESTIMATORS, THRESHOLD_METHODS
 from laserrmt.stats.importance import IMPORTANCE_KINDS
 from laserrmt.surgery.apply import apply_plan
 from laserrmt.surgery.io import weight_bytes
+from laserrmt.surgery.lowbit import quantize_model_lowbit
 from laserrmt.surgery.quantize import quantize_model_int8
 from laserrmt.surgery.sparse import check_sparse_share, input_gram_diagonals, sparse_factorizer
 from laserrmt.surgery.whiten import WHITEN_METHODS
@@ -57,7 +58,12 @@ CALIBRATION_SOURCE = f"{PROTOCOL_NAME} calibration split"
 #: How plans name calibration windows drawn from a user's text (``--calibration-data``); the
 #: record's ``data`` is the :class:`~laserrmt.data.sources.TextSource`, content digest included.
 USER_CALIBRATION_SOURCE = "user data"
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "int4", "int3", "int2")
+#: Low-bit quantizations (group-wise, :mod:`laserrmt.surgery.lowbit`) and their bits.
+LOWBIT = {"int4": 4, "int3": 3, "int2": 2}
+#: ``rmt``: a low-rank correction of each low-bit weight's error where its activation-weighted
+#: residual has directions above the noise edge; ``none``: quantization alone.
+CORRECT_RANKS = ("rmt", "none")
 
 
 @dataclass
@@ -107,6 +113,7 @@ class CompressSettings:
     #: Budget method: the fraction of each factorized matrix's parameters spent on the largest
     #: entries of its residual (:mod:`laserrmt.surgery.sparse`); 0 keeps plain factors.
     sparse_share: float = 0.0
+    correct_rank: str = "rmt"
     #: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``, and ``float32``, ``bfloat16`` or ``float16``:
     #: the model is moved and cast to them once, before anything is measured (``None``: as it is).
     device: str | None = None
@@ -205,6 +212,7 @@ class CompressSettings:
             ("whiten", self.whiten, WHITEN_METHODS),
             ("allocation", self.allocation, ALLOCATIONS),
             ("importance", self.importance, (*IMPORTANCE_KINDS, "auto")),
+            ("correct-rank", self.correct_rank, CORRECT_RANKS),
         ):
             if value not in choices:
                 raise InvalidOptionError(
@@ -217,6 +225,11 @@ class CompressSettings:
                 f"unknown --quantize {self.quantize!r}; choose one of {', '.join(QUANTIZATIONS)}"
             )
         self._validate_healing()
+        if self.quantize in LOWBIT and self.target_size is not None:
+            raise InvalidOptionError(
+                f"--target-size counts int8 weights only; drop it or use --quantize int8 (not "
+                f"{self.quantize})"
+            )
         if self.device is not None:
             resolve_device(self.device)
         if self.dtype is not None:
@@ -291,6 +304,8 @@ class CompressionResult:
     timings: dict[str, float] = field(default_factory=dict)
     healing: dict[str, Any] | None = None
     weight_bytes: int | None = None
+    #: Low-bit quantization: each quantized layer's correction rank (0: none).
+    corrections: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -305,6 +320,7 @@ class CompressionResult:
             "loop": [s.to_dict() for s in self.steps],
             "healing": self.healing,
             "weight_bytes": self.weight_bytes,
+            "corrections": self.corrections,
             "timings": self.timings,
         }
 
@@ -384,6 +400,19 @@ def compress(
     if settings.quantize == "int8":
         start = time.perf_counter()
         quantize_model_int8(model)
+        result.timings["quantization"] = time.perf_counter() - start
+    elif settings.quantize in LOWBIT:
+        start = time.perf_counter()
+        correct = settings.correct_rank == "rmt"
+        windows = _calibration_windows(tokenizer, settings) if correct else None
+        result.corrections = quantize_model_lowbit(
+            model,
+            LOWBIT[settings.quantize],
+            correct=correct,
+            batches=None if windows is None else list(windows.split(1)),
+            rule=settings.threshold if settings.threshold in ("mp", "tw", "gd") else "mp",
+            progress=progress,
+        )
         result.timings["quantization"] = time.perf_counter() - start
     result.weight_bytes = weight_bytes(model)
     return model, result

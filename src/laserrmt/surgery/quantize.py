@@ -48,6 +48,7 @@ __all__ = [
     "int8_matrix_bytes",
     "int8pack_mm_available",
     "is_quantizable",
+    "quantizable_modules",
     "quantize_model_int8",
     "quantize_weight_int8",
 ]
@@ -403,18 +404,13 @@ def _quantize_module(name: str, module: nn.Module) -> nn.Module:
     return Int8Linear.from_linear(module, name=name)
 
 
-def quantize_model_int8(model: nn.Module, module_names: Sequence[str] | None = None) -> list[str]:
-    """Replace linear layers by int8 ones, in place; returns the names replaced, in model order.
-
-    With ``module_names=None`` every ``nn.Linear``, HF ``Conv1D`` and ``LowRankLinear`` is
-    quantized except embeddings and output heads (``lm_head``, classifiers, layers tied to an
-    input embedding; see :func:`~laserrmt.models.architectures.is_embedding_or_head`), since
-    every logit reads through a head. Naming a head quantizes it; a head tied to the input
-    embedding is then untied (the embedding stays in floating point).
+def quantizable_modules(model: nn.Module, module_names: Sequence[str] | None = None) -> list[str]:
+    """The names :func:`quantize_model_int8` (and the low-bit quantization) replace, in model
+    order: every ``nn.Linear``, HF ``Conv1D`` and ``LowRankLinear`` but embeddings and output
+    heads when ``module_names`` is ``None``, else the named modules, checked.
 
     Raises:
-        TargetSelectionError: a name that is not a module, or a module that is not a linear
-            layer (embeddings, convolutions and already-quantized layers are refused).
+        TargetSelectionError: as :func:`quantize_model_int8`.
     """
     modules = dict(model.named_modules())
     if module_names is None:
@@ -437,7 +433,7 @@ def quantize_model_int8(model: nn.Module, module_names: Sequence[str] | None = N
                 )
             if not is_quantizable(modules[name]):
                 raise TargetSelectionError(
-                    f"module {name} is a {type(modules[name]).__name__}; int8 quantization "
+                    f"module {name} is a {type(modules[name]).__name__}; quantization "
                     "supports nn.Linear, Conv1D and LowRankLinear"
                 )
     if "" in chosen:
@@ -447,6 +443,24 @@ def quantize_model_int8(model: nn.Module, module_names: Sequence[str] | None = N
         )
     order = {name: i for i, name in enumerate(modules)}
     chosen.sort(key=order.__getitem__)
+    return chosen
+
+
+def quantize_model_int8(model: nn.Module, module_names: Sequence[str] | None = None) -> list[str]:
+    """Replace linear layers by int8 ones, in place; returns the names replaced, in model order.
+
+    With ``module_names=None`` every ``nn.Linear``, HF ``Conv1D`` and ``LowRankLinear`` is
+    quantized except embeddings and output heads (``lm_head``, classifiers, layers tied to an
+    input embedding; see :func:`~laserrmt.models.architectures.is_embedding_or_head`), since
+    every logit reads through a head. Naming a head quantizes it; a head tied to the input
+    embedding is then untied (the embedding stays in floating point).
+
+    Raises:
+        TargetSelectionError: a name that is not a module, or a module that is not a linear
+            layer (embeddings, convolutions and already-quantized layers are refused).
+    """
+    chosen = quantizable_modules(model, module_names)
+    modules = dict(model.named_modules())
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

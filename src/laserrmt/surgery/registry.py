@@ -41,6 +41,7 @@ _REGISTRY: dict[str, type[CompressedModule]] = {}
 
 #: The modules of laserrmt that register compressed module types.
 BUILTIN_MODULES = (
+    "laserrmt.surgery.lowbit",
     "laserrmt.surgery.lowrank",
     "laserrmt.surgery.quantize",
     "laserrmt.surgery.sparse",

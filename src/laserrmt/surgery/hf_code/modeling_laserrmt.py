@@ -7,12 +7,15 @@ modules listed under ``laserrmt_modules`` by the layers below, and lets transfor
 weights into them. The layers compute what laserrmt's own do, with the same parameter and
 buffer names: factorized ``y = A (B x) + b`` (plus ``S x`` with a CSR matrix ``S`` for low rank
 plus sparse), int8 weights with one float32 scale per output channel (dequantized in the
-input's dtype), layers of a new width, and BERT self-attention with narrower heads.
+input's dtype), group-wise 2- to 8-bit weights with float16 scales and offsets (with or without
+an int8 low-rank correction), layers of a new width, and BERT self-attention with narrower
+heads.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import warnings
 from functools import cache
@@ -158,6 +161,81 @@ class Int8LowRankLinear(nn.Module):
         return _int8_linear(latent, self.A_int8, self.A_scale, self.bias)
 
 
+def _unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The first ``n`` codes of each row: ``lcm(bits, 8) / bits`` codes per
+    ``lcm(bits, 8) / 8`` bytes, lowest bits first."""
+    unit = math.lcm(bits, 8)
+    per, nbytes = unit // bits, unit // 8
+    byte_shifts = torch.arange(nbytes, device=packed.device) * 8
+    words = (packed.to(torch.int64).view(packed.shape[0], -1, nbytes) << byte_shifts).sum(-1)
+    codes = (words[..., None] >> (torch.arange(per, device=packed.device) * bits)) & (
+        (1 << bits) - 1
+    )
+    return codes.reshape(packed.shape[0], -1)[:, :n]
+
+
+class LowBitLinear(nn.Module):
+    """Group-wise ``bits``-bit codes (packed) with float16 ``scale`` and ``low`` per group of
+    ``group_size`` inputs: ``W = low + code · scale``, dequantized for each product."""
+
+    weight_packed: torch.Tensor
+    weight_scale: torch.Tensor
+    weight_low: torch.Tensor
+
+    def __init__(
+        self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = True
+    ) -> None:
+        super().__init__()
+        self.in_features, self.bits, self.group_size = in_features, bits, group_size
+        unit = math.lcm(bits, 8)
+        row = -(-in_features // (unit // bits)) * (unit // 8)
+        groups = -(-in_features // group_size)
+        self.register_buffer("weight_packed", torch.empty(out_features, row, dtype=torch.uint8))
+        for name in ("weight_scale", "weight_low"):
+            self.register_buffer(name, torch.empty(out_features, groups, dtype=torch.float16))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        codes = _unpack(self.weight_packed, self.bits, self.in_features).float()
+        m, groups = self.weight_scale.shape
+        full = torch.zeros(m, groups * self.group_size, device=codes.device)
+        full[:, : self.in_features] = codes
+        scale, low = self.weight_scale.float()[..., None], self.weight_low.float()[..., None]
+        values = low + full.view(m, groups, self.group_size) * scale
+        return values.reshape(m, -1)[:, : self.in_features].to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized(x.dtype), bias)
+
+
+class LowBitLowRankLinear(LowBitLinear):
+    """:class:`LowBitLinear` plus a correction ``A B`` with int8 factors scaled per row."""
+
+    A_int8: torch.Tensor
+    A_scale: torch.Tensor
+    B_int8: torch.Tensor
+    B_scale: torch.Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        rank: int,
+        group_size: int,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(in_features, out_features, bits, group_size, bias)
+        for factor, (rows, cols) in (("A", (out_features, rank)), ("B", (rank, in_features))):
+            self.register_buffer(f"{factor}_int8", torch.empty(rows, cols, dtype=torch.int8))
+            self.register_buffer(f"{factor}_scale", torch.empty(rows, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        latent = _int8_linear(x, self.B_int8, self.B_scale, None)
+        return _int8_linear(latent, self.A_int8, self.A_scale, None) + super().forward(x)
+
+
 class ReducedSelfAttention(nn.Module):
     """BERT self-attention whose query/key and value heads are narrower than the original.
 
@@ -230,6 +308,19 @@ def _build(type_name: str, cfg: dict[str, Any]) -> nn.Module:
         return Int8LowRankLinear(cfg["in_features"], cfg["out_features"], cfg["rank"], cfg["bias"])
     if type_name == "Int8Linear":
         return Int8Linear(cfg["in_features"], cfg["out_features"], bias=cfg["bias"])
+    if type_name == "LowBitLinear":
+        return LowBitLinear(
+            cfg["in_features"], cfg["out_features"], cfg["bits"], cfg["group_size"], cfg["bias"]
+        )
+    if type_name == "LowBitLowRankLinear":
+        return LowBitLowRankLinear(
+            cfg["in_features"],
+            cfg["out_features"],
+            cfg["bits"],
+            cfg["rank"],
+            cfg["group_size"],
+            cfg["bias"],
+        )
     if type_name == "ResizedLinear":
         return nn.Linear(cfg["in_features"], cfg["out_features"], bias=cfg["bias"])
     if type_name in ("LowRankConv1d", "LowRankConv2d"):
