@@ -336,3 +336,18 @@ def test_a_plan_the_streaming_cut_cannot_apply_is_refused(tmp_path):
             plan=denoising,
             progress=False,
         )
+
+
+def test_damping_pulls_the_compensated_fit_toward_the_dense_weight():
+    w, x, xt = planted_shift(seed=3)
+    n = x.shape[0]
+    gram, cross = xt.T @ xt, x.T @ xt
+    full = min(w.shape)
+    lam = 0.5 * float(torch.diagonal(gram / n).mean())
+    damped = rank_k(compensated_svd(w, gram, cross, n_samples=n, damping=0.5, floor=1e-14), full)
+    # argmin Σ‖W x − W′ x̃‖²/n + λ‖W′ − W‖²: least squares with λ^{1/2} I rows appended.
+    rows = torch.cat([xt / math.sqrt(n), math.sqrt(lam) * torch.eye(w.shape[1], dtype=w.dtype)])
+    targets = torch.cat([x @ w.T / math.sqrt(n), math.sqrt(lam) * w.T])
+    assert torch.allclose(damped, torch.linalg.lstsq(rows, targets).solution.T, atol=1e-8)
+    strong = rank_k(compensated_svd(w, gram, cross, n_samples=n, damping=1e6), full)
+    assert torch.allclose(strong, w, atol=1e-3)

@@ -61,6 +61,10 @@ from laserrmt.surgery.whiten import DEFAULT_FLOOR, compensated_svd, weighted_svd
 
 __all__ = ["StreamedCompression", "compress_streaming", "streamed_perplexity"]
 
+#: The compensated fit's ridge toward the dense weight, as a fraction of the mean input energy
+#: (:func:`~laserrmt.surgery.whiten.compensated_svd`): GPTQ's damping of its Hessian.
+COMPENSATION_DAMPING = 0.01
+
 
 def _rss_mib() -> float:
     from laserrmt.evaluate import _current_rss
@@ -614,6 +618,7 @@ def _cut(
                             gram,
                             cross,
                             n_samples=n,
+                            damping=COMPENSATION_DAMPING,
                             floor=floor,
                             module=full,
                         )

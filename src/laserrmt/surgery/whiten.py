@@ -454,6 +454,7 @@ def compensated_svd(
     cross: Any,
     *,
     n_samples: int,
+    damping: float = 0.0,
     floor: float = DEFAULT_FLOOR,
     module: str | None = None,
 ) -> WeightedSVD:
@@ -470,12 +471,23 @@ def compensated_svd(
     fixed left factor ``U_k`` the right factor ``U_kᵀ W*`` it gives is also the closed-form
     least-squares update of that factor on these inputs. ``Σ_{i>k} s_i²`` is the error above
     the irreducible part, per sample (``gram`` and ``cross`` are divided by ``n_samples``).
+
+    ``damping`` adds ``λ ‖W′ − W‖_F²`` to the objective, with ``λ`` that fraction of the mean
+    diagonal of ``G̃ / n``: the regression toward ``W*`` fits ``n²`` numbers per layer from the
+    calibration tokens, and directions they hardly visit would otherwise be fitted to noise.
+    In closed form it adds ``λ I`` to both moments (``W* = W (C + λI)(G̃ + λI)⁻¹``), so the
+    fit falls back to the dense weight where the data say nothing (GPTQ damps its Hessian
+    the same way, by 1 % of its mean diagonal).
     """
     w = _as64(weight, "weight", module)
     n = w.shape[1]
-    g = _check_gram_shape(gram, n, module)
+    g = _check_gram_shape(gram, n, module) / n_samples
     c = _check_gram_shape(cross, n, module) / n_samples
-    root = whitening_factor(g, floor=floor, n_samples=n_samples, module=module)
+    if damping < 0:
+        raise InvalidOptionError(f"damping {damping} must be ≥ 0")
+    ridge = damping * float(torch.diagonal(g).mean()) * torch.eye(n, dtype=g.dtype, device=g.device)
+    g, c = g + ridge, c + ridge
+    root = whitening_factor(g, floor=floor, module=module)
     u, s, vh = _svd(w @ c.to(w.device) @ root.S_inv.T.to(w.device), module)
     return WeightedSVD(
         U=u, s=s, Vh=vh @ root.S_inv.to(w.device), method="compensated", info=root.to_dict()
