@@ -15,12 +15,13 @@ never used for calibration; the saved folder loaded and evaluated). Writes
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import write_result
+from benchmarks.common import RESULTS, write_result
 from laserrmt.data.text import (
     PROTOCOL,
     calibration_windows,
@@ -35,6 +36,8 @@ from laserrmt.report.html import markdown_table
 from laserrmt.sequential import compress_streaming
 from laserrmt.surgery.io import load, write_compressed
 
+RAW = RESULTS / "sequential.json"
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -43,6 +46,9 @@ def main() -> None:
     parser.add_argument("--refine-lr", type=float, default=1e-4)
     parser.add_argument("--sparse-share", type=float, default=0.2)
     parser.add_argument("--shakespeare-windows", type=int, default=16)
+    parser.add_argument(
+        "--append", action="store_true", help="keep the rows of the last run (sequential.json)"
+    )
     args = parser.parse_args()
 
     folder = default_model_folder()
@@ -69,6 +75,9 @@ def main() -> None:
     ]
     rows: list[list[Any]] = []
     dense: dict[str, float] = {}
+    if args.append and RAW.is_file():
+        previous = json.loads(RAW.read_text())
+        rows, dense = previous["rows"], previous["dense"]
     for ratio in args.ratios:
         plan = None
         for label, options in variants:
@@ -131,6 +140,7 @@ def load_dense(folder: Path) -> Any:
 
 
 def write(rows: list[list[Any]], dense: dict[str, float], args: argparse.Namespace) -> None:
+    RAW.write_text(json.dumps({"rows": rows, "dense": dense}, indent=1) + "\n")
     table = markdown_table(
         (
             "removed",

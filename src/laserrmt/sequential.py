@@ -230,10 +230,12 @@ def _input_groups(
 ) -> list[list[str]]:
     """The block's modules ``names`` (relative) grouped by the input tensor they share, in the
     order the block runs them."""
-    order: list[tuple[int, str]] = []
+    # The input tensors themselves are kept until the grouping is done: an id alone could be
+    # reused by a later tensor once the first is freed.
+    order: list[tuple[torch.Tensor, str]] = []
     handles = [
         block.get_submodule(n).register_forward_pre_hook(
-            lambda _m, args, n=n: order.append((id(args[0]), n))
+            lambda _m, args, n=n: order.append((args[0], n))
         )
         for n in names
     ]
@@ -243,9 +245,9 @@ def _input_groups(
         for handle in handles:
             handle.remove()
     groups: dict[int, list[str]] = {}
-    for key, name in order:
+    for tensor, name in order:
         if name not in {m for g in groups.values() for m in g}:
-            groups.setdefault(key, []).append(name)
+            groups.setdefault(id(tensor), []).append(name)
     return list(groups.values())
 
 
@@ -260,13 +262,14 @@ class _InputCapture:
 
     def __init__(self, block: nn.Module, names: Sequence[str]) -> None:
         self.rows: dict[str, torch.Tensor] = {}
-        seen: dict[int, torch.Tensor] = {}
+        # id → (the input, its rows): the input is kept so that its id is not reused.
+        seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def keep(_m: nn.Module, args: tuple[Any, ...], name: str) -> None:
             x = args[0]
             if id(x) not in seen:
-                seen[id(x)] = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-            self.rows[name] = seen[id(x)]
+                seen[id(x)] = (x, x.detach().reshape(-1, x.shape[-1]).to(torch.float64))
+            self.rows[name] = seen[id(x)][1]
             if len(self.rows) == len(names):
                 raise _Captured
 
