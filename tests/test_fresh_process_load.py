@@ -88,8 +88,8 @@ def _registered(name: str) -> Any:
 
 
 def _llama() -> nn.Module:
-    """Low-rank, int8, int8 low-rank, low rank plus sparse and one MLP cut from 128 to 96 units
-    (resized layers)."""
+    """Low-rank, int8, int8 low-rank, low rank plus sparse, 3-bit, 2-bit with a correction and one
+    MLP cut from 128 to 96 units (resized layers)."""
     from laserrmt.surgery.lowrank import LowRankLinear
     from laserrmt.surgery.quantize import Int8Linear, Int8LowRankLinear
 
@@ -101,6 +101,13 @@ def _llama() -> nn.Module:
         LowRankLinear.from_linear(attention.v_proj, 4)
     )
     attention.o_proj = _registered("LowRankSparseLinear").from_linear(attention.o_proj, 6, 50)
+    from laserrmt.surgery.lowbit import quantize_with_correction
+
+    block = model.model.layers[1].self_attn
+    block.q_proj = _registered("LowBitLinear").from_linear(block.q_proj, 3, 32)
+    corrected = quantize_with_correction(block.k_proj.weight.detach(), 2, 32, max_rank=3)
+    assert corrected.rank >= 1  # 2-bit rounding of this seeded weight leaves spikes to correct
+    block.k_proj = _registered("LowBitLowRankLinear").from_correction(corrected, block.k_proj)
     resized = _registered("ResizedLinear")
     mlp = model.model.layers[1].mlp
     with torch.no_grad():

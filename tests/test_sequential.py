@@ -351,3 +351,22 @@ def test_damping_pulls_the_compensated_fit_toward_the_dense_weight():
     assert torch.allclose(damped, torch.linalg.lstsq(rows, targets).solution.T, atol=1e-8)
     strong = rank_k(compensated_svd(w, gram, cross, n_samples=n, damping=1e6), full)
     assert torch.allclose(strong, w, atol=1e-3)
+
+
+def test_layers_are_grouped_by_the_input_they_share_in_the_order_they_run(tmp_path):
+    from laserrmt.sequential import _input_groups
+
+    stream = stream_of(tiny_llama(), tmp_path / "m")
+    runner = BlockRunner(stream, windows(1, 2))
+    names = [
+        "mlp.down_proj", "mlp.up_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "self_attn.v_proj", "self_attn.q_proj", "self_attn.k_proj",
+    ]  # fmt: skip
+    with stream.block(1) as block, torch.no_grad():
+        groups = _input_groups(runner, 1, block, runner.hidden[0], names)
+    assert [sorted(g) for g in groups] == [
+        ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
+    ]

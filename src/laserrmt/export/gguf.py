@@ -251,12 +251,13 @@ def _gguf_tensors(dense: Any, dtype: str) -> list[tuple[str, torch.Tensor]]:
 def _add_tensor(writer: Any, name: str, tensor: torch.Tensor) -> None:
     import gguf
 
-    if tensor.dtype == torch.bfloat16:
+    host = tensor.detach().cpu().contiguous()
+    if host.dtype == torch.bfloat16:
         # numpy has no bfloat16: the raw 16-bit patterns go in, typed BF16.
-        raw = tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
+        raw = host.view(torch.int16).numpy().view(np.uint16)
         writer.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType.BF16)
     else:
-        writer.add_tensor(name, tensor.contiguous().numpy())
+        writer.add_tensor(name, host.numpy())
 
 
 def _rounded_reference(dense: Any, dtype: str) -> nn.Module:
