@@ -370,3 +370,26 @@ def test_layers_are_grouped_by_the_input_they_share_in_the_order_they_run(tmp_pa
         ["mlp.gate_proj", "mlp.up_proj"],
         ["mlp.down_proj"],
     ]
+
+
+def test_a_refinement_that_does_not_help_is_reverted(tmp_path):
+    model = tiny_llama()
+    calibration = windows(4, 11)
+    outputs = {}
+    for name, options in (
+        ("fit", {}),
+        ("diverged", {"refine_steps": 5, "refine_lr": 1e3}),  # steps that can only hurt
+    ):
+        stream = stream_of(model, tmp_path / f"m-{name}")
+        out = tmp_path / name
+        out.mkdir()
+        result = compress_streaming(
+            stream, calibration, out, target_params=0.3, compensate=True, progress=False, **options
+        )
+        write_compressed(stream.model, out, plan=result.plan, weights_written=True)
+        with torch.no_grad():
+            outputs[name] = load(out)[0](calibration).logits
+        if options:
+            assert all(r["error_after"] == r["error_before"] for r in result.refinement)
+    # The reverted parameters are the closed-form fit's, not merely reported as such.
+    assert torch.equal(outputs["fit"], outputs["diverged"])

@@ -132,7 +132,7 @@ def streamed_perplexity(
     with torch.no_grad(), bar:
         for index in range(len(stream.blocks)):
             with stream.block(index) as block:
-                hidden = [runner.call(index, block, w, h) for w, h in enumerate(hidden)]
+                hidden = _carry(runner, index, block, hidden)
             _tick(bar)
     return _perplexity(runner, hidden)
 
@@ -157,7 +157,7 @@ def streamed_fisher_rows(
         for index in range(n_blocks):
             inputs.append(hidden)
             with stream.block(index) as block:
-                hidden = [runner.call(index, block, w, h) for w, h in enumerate(hidden)]
+                hidden = _carry(runner, index, block, hidden)
             _tick(bar)
     grads: list[torch.Tensor] = []
     with torch.enable_grad(), stream.outer():
