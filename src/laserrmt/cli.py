@@ -404,9 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument(
         "--stream",
         action="store_true",
-        help="budget method block by block: one transformer block of weights in memory, "
+        help="budget method, or the laser method's oneshot selection (weights streamed "
+        "matrix by matrix), block by block: one transformer block of weights in memory, "
         "calibration and evaluation windows carried between blocks, output written shard by "
-        "shard (--max-shard-size bounds what the writer holds)",
+        "shard (--max-shard-size bounds what the writer holds); --quantize int8 quantizes each "
+        "block before it is written",
     )
     stream.add_argument(
         "--sequential",
@@ -970,18 +972,26 @@ def run_compress(args: argparse.Namespace) -> int:
 def run_compress_streaming(
     args: argparse.Namespace, settings: Any, max_shard_size: int, evaluation: Any
 ) -> int:
-    """The budget method through the streaming pipeline (``--stream``)."""
+    """The budget method, or the laser method's one-shot selection, through the streaming
+    pipeline (``--stream``)."""
     import json
 
     from laserrmt.evaluate import _windows_and_protocol, track_peak_memory
     from laserrmt.outputs import atomic_output_dir
-    from laserrmt.pipeline import CompressionResult, _calibration_record, _calibration_windows
+    from laserrmt.pipeline import (
+        CompressionResult,
+        _calibration_record,
+        _calibration_windows,
+        streamed_laser_plan,
+    )
     from laserrmt.report.compression import comparison_markdown, compression_report
     from laserrmt.sequential import compress_streaming
     from laserrmt.surgery.io import write_compressed
 
     stream, tokenizer = _open_stream(args)
-    calibration = _calibration_windows(tokenizer, settings)
+    laser = settings.method == "laser"
+    # The laser method's factors are the weights' own SVDs: it reads no calibration text.
+    calibration = None if laser else _calibration_windows(tokenizer, settings)
     windows, protocol = (None, None)
     if not args.no_eval:
         windows, protocol = _windows_and_protocol(
@@ -990,6 +1000,10 @@ def run_compress_streaming(
     started = time.perf_counter()
     with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
         with track_peak_memory() as memory:
+            plan, analysis_records, analysis_s = None, [], 0.0
+            if laser:
+                plan, analysis = streamed_laser_plan(stream, settings, progress=not args.quiet)
+                analysis_records, analysis_s = analysis.records, time.perf_counter() - started
             outcome = compress_streaming(
                 stream,
                 calibration,
@@ -1008,10 +1022,17 @@ def run_compress_streaming(
                 calibration_source=_calibration_record(settings),
                 settings=settings.to_dict(),
                 progress=not args.quiet,
+                plan=plan,
+                quantize=settings.quantize,
             )
         result = CompressionResult(outcome.plan, settings)
         result.weight_bytes = outcome.weight_bytes
-        result.timings = {**outcome.timings, "total": time.perf_counter() - started}
+        result.analysis_records = analysis_records
+        result.timings = {
+            **({"analysis": analysis_s} if laser else {}),
+            **outcome.timings,
+            "total": time.perf_counter() - started,
+        }
         peak = int(memory["peak_bytes"])
         write_compressed(
             stream.model,
@@ -1052,7 +1073,7 @@ def run_compress_streaming(
             source=stream.source,
             result=result.to_dict(),
             plan_rows=outcome.plan.summary(),
-            analysis_records=[],
+            analysis_records=analysis_records,
             before=before,
             after=after,
             folder=tmp,

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from laserrmt.analyze import analyze_model
+from laserrmt.analyze import AnalysisResult, analyze_model
 from laserrmt.data.sources import TextSource, open_text_source
 from laserrmt.data.text import PROTOCOL_NAME
 from laserrmt.errors import InvalidOptionError, NumericalError, PlanError
@@ -34,6 +34,7 @@ from laserrmt.methods.laser import (
     oneshot_plan,
 )
 from laserrmt.methods.objectives import OBJECTIVES, make_objective
+from laserrmt.models.streaming import BlockStream
 from laserrmt.models.placement import (
     check_trainable_dtype,
     place_model,
@@ -118,8 +119,8 @@ class CompressSettings:
     #: the model is moved and cast to them once, before anything is measured (``None``: as it is).
     device: str | None = None
     dtype: str | None = None
-    #: The budget method through the streaming pipeline (:mod:`laserrmt.sequential`): one
-    #: block in memory; ``sequential`` refits each block's factors on the compressed model's
+    #: The budget method or the laser method's one-shot selection through the streaming
+    #: pipeline (:mod:`laserrmt.sequential`): one block in memory; ``sequential`` refits each block's factors on the compressed model's
     #: inputs, ``refine_steps`` optimises each block towards the dense block's outputs.
     stream: bool = False
     sequential: bool = False
@@ -265,13 +266,22 @@ class CompressSettings:
             )
 
     def _check_streamable(self) -> None:
+        if self.method == "laser" and self.select == "loop":
+            raise InvalidOptionError(
+                "--select loop re-evaluates the whole model after each change, which --stream "
+                "(one block in memory) cannot; use --select oneshot, or drop --stream"
+            )
         unsupported = [
             option
             for option, used in (
-                ("--method laser/rmt-kd", self.method != "budget"),
+                ("--method rmt-kd", self.method == "rmt-kd"),
                 ("--target-size", self.target_size is not None),
                 ("--heal-steps/--heal-tokens", self.heals),
-                ("--quantize", self.quantize is not None),
+                (f"--quantize {self.quantize}", self.quantize in LOWBIT),
+                (
+                    "--sequential/--refine-steps with --method laser",
+                    self.method == "laser" and (self.sequential or self.refine_steps > 0),
+                ),
                 ("--include-heads", self.include_heads),
                 ("--importance attention", self.importance == "attention"),
                 (
@@ -283,10 +293,10 @@ class CompressSettings:
         ]
         if unsupported:
             raise InvalidOptionError(
-                f"--stream runs the budget method block by block and does not take "
+                f"--stream runs the budget and laser methods block by block and does not take "
                 f"{unsupported[0]}; drop it, or drop --stream to compress in memory"
             )
-        if self.target_params is None:
+        if self.method == "budget" and self.target_params is None:
             raise InvalidOptionError(
                 "--stream needs --target-params F (the fraction of target parameters to remove)"
             )
@@ -418,21 +428,20 @@ def compress(
     return model, result
 
 
-def _compress_laser(
-    model: nn.Module,
-    tokenizer: Any,
-    settings: CompressSettings,
-    result: CompressionResult,
-    progress: bool,
-) -> None:
+def _laser_analysis(
+    model: nn.Module, settings: CompressSettings, progress: bool, stream: BlockStream | None = None
+) -> AnalysisResult:
+    """The laser method's weight spectra, every target usable; in memory the singular vectors
+    are kept for the surgery, streamed (``model`` is ``stream``'s skeleton) only the values."""
     analysis = analyze_model(
         model,
         targets=settings.targets,
         threshold=settings.threshold,
         threshold_options=settings.threshold_options,
         include_heads=settings.include_heads,
-        keep_vectors=True,
+        keep_vectors=stream is None,
         progress=progress,
+        stream=stream,
     )
     if analysis.failures:
         names = ", ".join(f.module for f in analysis.failures)
@@ -440,15 +449,44 @@ def _compress_laser(
             f"cannot compress: {len(analysis.failures)} matrices have unusable weights ({names}: "
             f"{analysis.failures[0].reason}); leave them out with --targets"
         )
+    return analysis
+
+
+def _laser_oneshot(analysis: AnalysisResult, settings: CompressSettings) -> CompressionPlan:
+    return oneshot_plan(
+        analysis,
+        mode=settings.mode,
+        score=settings.score,
+        target_params=settings.target_params,
+        settings=settings.to_dict(),
+    )
+
+
+def streamed_laser_plan(
+    stream: BlockStream, settings: CompressSettings, progress: bool = True
+) -> tuple[CompressionPlan, AnalysisResult]:
+    """The laser method's one-shot plan for a streamed model: each target matrix is read from
+    the checkpoint for its own SVD and freed (weights only, no calibration text); the plan is
+    :func:`~laserrmt.methods.laser.oneshot_plan`'s, as in memory. Its factors are plain SVDs,
+    which :func:`~laserrmt.sequential.compress_streaming` recomputes block by block in the cut."""
+    from laserrmt.sequential import streamable_targets
+
+    streamable_targets(stream, settings.targets, settings.quantize)  # before any SVD
+    analysis = _laser_analysis(stream.model, settings, progress, stream=stream)
+    return _laser_oneshot(analysis, settings), analysis
+
+
+def _compress_laser(
+    model: nn.Module,
+    tokenizer: Any,
+    settings: CompressSettings,
+    result: CompressionResult,
+    progress: bool,
+) -> None:
+    analysis = _laser_analysis(model, settings, progress)
     result.analysis_records = analysis.records
     if settings.select == "oneshot":
-        result.plan = oneshot_plan(
-            analysis,
-            mode=settings.mode,
-            score=settings.score,
-            target_params=settings.target_params,
-            settings=settings.to_dict(),
-        )
+        result.plan = _laser_oneshot(analysis, settings)
         apply_plan(model, result.plan, svd_cache=analysis.svd_cache(), progress=progress)
         return
     objective = make_objective(

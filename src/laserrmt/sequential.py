@@ -12,8 +12,9 @@ states (:class:`~laserrmt.models.blockrun.BlockRunner`). A global budget stays g
    states; their weighted SVDs give the loss curves (singular values kept, factors spilled to
    disk unless step 3 refits them).
 3. The **allocation** (:func:`laserrmt.methods.budget.decide_ranks`), as in memory.
-4. **Cut**: block by block, the planned modules are factorized and the block is written to
-   the output's shards, then freed. With ``compensate`` (issue 13's sequential fit) the
+4. **Cut**: block by block, the planned modules are factorized (and, with ``quantize="int8"``,
+   the block's linear layers quantized) and the block is written to the output's shards, then
+   freed. With ``compensate`` (issue 13's sequential fit) the
    factors are refitted on the inputs the already-compressed blocks produce, to reproduce
    the dense block's outputs (:func:`~laserrmt.surgery.whiten.compensated_svd`), group by group
    of modules sharing an input, in the order the block runs them; ``refine_steps`` then
@@ -21,6 +22,11 @@ states (:class:`~laserrmt.models.blockrun.BlockRunner`). A global budget stays g
 
 Evaluation windows ride along: the dense model's perplexity comes out of step 2 and the
 compressed model's out of step 4, without loading either model whole.
+
+A plan whose factors are the weights' own SVDs (the laser method's, ``plan.factors.whiten ==
+"none"``) needs no calibration: steps 1 to 3 are skipped and the cut recomputes each planned
+matrix's SVD from the block in hand, factorizing or denoising it as
+:func:`~laserrmt.surgery.apply.apply_plan` does in memory.
 """
 
 from __future__ import annotations
@@ -48,18 +54,25 @@ from laserrmt.methods.budget import decide_ranks, factor_source
 from laserrmt.models.architectures import is_causal_lm
 from laserrmt.models.blockrun import BlockRunner
 from laserrmt.models.streaming import BlockStream
-from laserrmt.models.targets import find_targets, select_targets, weight_matrix
+from laserrmt.models.targets import Target, find_targets, select_targets, weight_matrix
 from laserrmt.plan import CompressionPlan
+from laserrmt.surgery.apply import apply_plan
 from laserrmt.stats.calibration import _as_out_by_in, _StatisticsHooks, _weight_of
 from laserrmt.surgery.lowrank import factorize
+from laserrmt.surgery.quantize import quantizable_modules, quantize_model_int8
 from laserrmt.surgery.registry import CompressedModule
 from laserrmt.surgery.replace import set_submodule
 from laserrmt.surgery.shards import ShardWriter
-from laserrmt.surgery.sparse import factorize_sparse
+from laserrmt.surgery.sparse import factorize_sparse, sparse_factorizer
 from laserrmt.surgery.spill import FactorSpill
 from laserrmt.surgery.whiten import DEFAULT_FLOOR, compensated_svd, weighted_svd
 
-__all__ = ["StreamedCompression", "compress_streaming", "streamed_perplexity"]
+__all__ = [
+    "StreamedCompression",
+    "compress_streaming",
+    "streamable_targets",
+    "streamed_perplexity",
+]
 
 #: The compensated fit's ridge toward the dense weight, as a fraction of the mean input energy
 #: (:func:`~laserrmt.surgery.whiten.compensated_svd`): GPTQ's damping of its Hessian.
@@ -394,12 +407,40 @@ def refine_block(
     return {"block": index, "error_before": before, "error_after": after}
 
 
+def streamable_targets(
+    stream: BlockStream, targets: Sequence[str] | None, quantize: str | None = None
+) -> list[Target]:
+    """The targets ``targets`` selects (``--targets``; all linear layers of the blocks by
+    default), checked to lie inside the blocks, as the streaming pipeline compresses them; with
+    ``quantize="int8"``, every layer the in-memory quantization would replace must too."""
+    model = stream.model
+    found = select_targets(find_targets(model), targets)
+    outside = [t.name for t in found if not _in_blocks(stream, t.name)]
+    if outside:
+        raise InvalidOptionError(
+            f"{outside[0]} is outside the transformer blocks; the streaming pipeline compresses "
+            "block layers only: leave it out with --targets"
+        )
+    if quantize == "int8":
+        outside = [n for n in quantizable_modules(model) if not _in_blocks(stream, n)]
+        if outside:
+            raise InvalidOptionError(
+                f"--quantize int8 would quantize {outside[0]}, outside the transformer blocks, "
+                "which the streaming pipeline does not; drop --stream to quantize in memory"
+            )
+    return found
+
+
+def _in_blocks(stream: BlockStream, name: str) -> bool:
+    return any(_in(name, prefix) for prefix in stream.blocks)
+
+
 def compress_streaming(
     stream: BlockStream,
-    calibration: torch.Tensor,
+    calibration: torch.Tensor | None,
     out_dir: str | Path,
     *,
-    target_params: float,
+    target_params: float | None,
     whiten: str = "svdllm",
     allocation: str = "global",
     importance: str = "auto",
@@ -417,19 +458,24 @@ def compress_streaming(
     progress: bool = True,
     on_block: Callable[[int], None] | None = None,
     plan: CompressionPlan | None = None,
+    quantize: str | None = None,
 ) -> StreamedCompression:
     """The budget method on a streamed model; the weights are written to ``out_dir`` (an
     existing folder) shard by shard, block by block.
 
     A ``plan`` (of an earlier run on the same model) replaces the decision: with
     ``compensate`` only the cut pass runs (its factors are refitted anyway), and there is no
-    perplexity before.
+    perplexity before. A plan whose factors are plain SVDs (``plan.factors.whiten == "none"``,
+    as the laser method's) is cut from the weights alone, ``denoise`` decisions included, and
+    needs no ``calibration`` (``None``) unless ``compensate`` refits it.
 
     ``sparse_share`` of each factorized matrix's parameters go to the largest entries of its
     activation-weighted residual (:func:`~laserrmt.surgery.sparse.factorize_sparse`).
     ``targets`` selects modules as ``--targets`` does (all linear layers of the blocks by
-    default); modules outside the blocks are not supported here. ``evaluation`` windows give
-    the perplexity before and after. ``max_shard_size`` bounds what the writer holds.
+    default); modules outside the blocks are not supported here. ``quantize="int8"`` quantizes
+    each block's linear layers right after its cut, before it is written, as
+    :func:`~laserrmt.surgery.quantize.quantize_model_int8` does in memory. ``evaluation`` windows
+    give the perplexity before and after. ``max_shard_size`` bounds what the writer holds.
     Returns the plan and the measurements; :func:`laserrmt.surgery.io.write_compressed` with
     ``weights_written=True`` adds the configuration and metadata.
     """
@@ -447,25 +493,47 @@ def compress_streaming(
             f"--importance {importance} needs the whole model; the streaming pipeline takes "
             "fisher, entropy or none"
         )
-    model = stream.model
+    if quantize not in (None, "int8"):
+        raise InvalidOptionError(f"--quantize {quantize} is not streamed; use int8 or none")
     timings: dict[str, float] = {}
-    found = select_targets(find_targets(model), targets)
-    outside = [t.name for t in found if not any(_in(t.name, p) for p in stream.blocks)]
-    if outside:
-        raise InvalidOptionError(
-            f"{outside[0]} is outside the transformer blocks; the streaming pipeline compresses "
-            "block layers only: leave it out with --targets"
-        )
+    found = streamable_targets(stream, targets, quantize)
     names = [t.name for t in found]
     by_name = {t.name: t for t in found}
+    plain = plan is not None and not plan.factors.needs_calibration and not compensate
     if plan is not None:
-        modes = {d.mode for d in plan} - {"keep", "factorize"}
+        modes = {d.mode for d in plan} - {"keep", "factorize"} - ({"denoise"} if plain else set())
         unknown = [d.module for d in plan if d.module not in by_name]
-        if modes or unknown:
+        if unknown:
             raise InvalidOptionError(
-                f"the plan {'has ' + '/'.join(sorted(modes)) + ' decisions' if modes else 'names ' + unknown[0]}"
-                "; the streaming cut factorizes block targets only"
+                f"the plan names {unknown[0]}; the streaming cut changes block targets only"
             )
+        if modes:
+            raise InvalidOptionError(
+                f"the plan has {'/'.join(sorted(modes))} decisions; the streaming cut denoises "
+                "only with plain factors (the laser method's) and without --sequential"
+            )
+    if plain and refine_steps:
+        raise InvalidOptionError(
+            "--refine-steps refines factors fitted on calibration data; a plan of plain "
+            "factors (the laser method's) is cut without it: drop --refine-steps"
+        )
+    if plain:
+        assert plan is not None
+        return _replay_plain(
+            stream,
+            plan,
+            out_dir,
+            evaluation=evaluation,
+            sparse_share=sparse_share,
+            quantize=quantize,
+            max_shard_size=max_shard_size,
+            progress=progress,
+            on_block=on_block,
+        )
+    if calibration is None:
+        raise InvalidOptionError(
+            "the streaming budget method measures calibration windows; pass calibration"
+        )
 
     started = time.perf_counter()
     fisher_rows: dict[str, torch.Tensor] = {}
@@ -558,6 +626,7 @@ def compress_streaming(
             refine_lr=refine_lr,
             sparse_share=sparse_share,
             diagonals=diagonals,
+            quantize=quantize,
             max_shard_size=max_shard_size,
             progress=progress,
             on_block=on_block,
@@ -570,12 +639,56 @@ def compress_streaming(
     return outcome
 
 
+def _replay_plain(
+    stream: BlockStream,
+    plan: CompressionPlan,
+    out_dir: str | Path,
+    *,
+    evaluation: torch.Tensor | None,
+    sparse_share: float,
+    quantize: str | None,
+    max_shard_size: int,
+    progress: bool,
+    on_block: Callable[[int], None] | None,
+) -> StreamedCompression:
+    """The cut of a plan of plain factors: no calibration pass, each SVD taken in the cut."""
+    timings: dict[str, float] = {}
+    before = None
+    if evaluation is not None:
+        started = time.perf_counter()
+        before = streamed_perplexity(stream, evaluation, progress=progress)
+        timings["perplexity_before"] = time.perf_counter() - started
+    started = time.perf_counter()
+    outcome = _cut(
+        stream,
+        None,
+        BlockRunner(stream, evaluation) if evaluation is not None else None,
+        plan,
+        None,
+        out_dir,
+        compensate=False,
+        floor=DEFAULT_FLOOR,
+        refine_steps=0,
+        refine_lr=0.0,
+        sparse_share=sparse_share,
+        diagonals={},
+        quantize=quantize,
+        max_shard_size=max_shard_size,
+        progress=progress,
+        on_block=on_block,
+    )
+    timings["cut_and_write"] = time.perf_counter() - started
+    outcome.perplexity_before = before
+    outcome.timings = timings
+    return outcome
+
+
 def _cut(
     stream: BlockStream,
-    runner: BlockRunner,
+    runner: BlockRunner | None,
     evaluator: BlockRunner | None,
     plan: CompressionPlan,
-    spill: FactorSpill,
+    spill: FactorSpill | None,
     out_dir: str | Path,
     *,
     compensate: bool,
@@ -584,32 +697,44 @@ def _cut(
     refine_lr: float,
     sparse_share: float,
     diagonals: Mapping[str, torch.Tensor],
+    quantize: str | None,
     max_shard_size: int,
     progress: bool,
     on_block: Callable[[int], None] | None,
 ) -> StreamedCompression:
+    """Cut, quantize and write block by block. ``spill`` holds the fitted factors; without it
+    (a plan of plain factors, no ``runner`` of calibration windows) each planned matrix is
+    decomposed in the cut, by the in-memory surgery."""
     writer = ShardWriter(out_dir, max_shard_size)
     params_before = params_after = 0
     _write_outer(stream, writer)
-    dense_in = list(runner.hidden)
-    ours = list(runner.hidden)
+    dense_in = list(runner.hidden) if runner is not None else []
+    ours = list(dense_in)
     eval_hidden = list(evaluator.hidden) if evaluator is not None else []
     refinement: list[dict[str, float]] = []
     bar = _bar(len(stream.blocks), "cut and write (streamed)", progress)
     with torch.no_grad(), bar:
         for index in range(len(stream.blocks)):
-            prefix = runner.block_prefix(index)
+            prefix = stream.blocks[index]
             stream.load(stream.tensors_under([prefix]))
             block = stream.model.get_submodule(prefix)
             params_before += _stored_numbers(block)
             decisions = {
                 _relative(d.module, prefix): d
                 for d in plan
-                if d.mode == "factorize" and _in(d.module, prefix)
+                if d.mode != "keep" and _in(d.module, prefix)
             }
             if compensate or refine_steps:
                 dense = copy.deepcopy(block)
-            if compensate and decisions:
+            if spill is None:
+                apply_plan(
+                    stream.model,
+                    CompressionPlan.from_decisions(decisions.values()),
+                    progress=False,
+                    factorizer=sparse_factorizer(sparse_share) if sparse_share else factorize,
+                )
+            elif compensate and decisions:
+                assert runner is not None
                 for group in _input_groups(runner, index, block, ours[0], list(decisions)):
                     sums = _compensated_group(runner, index, dense, block, dense_in, ours, group)
                     for name in group:
@@ -643,6 +768,7 @@ def _cut(
                     )
                     set_submodule(block, name, replacement)
             if compensate or refine_steps:
+                assert runner is not None
                 dense_out = _carry(runner, index, dense, dense_in)
                 if refine_steps:
                     refinement.append(
@@ -653,6 +779,10 @@ def _cut(
                 ours = _carry(runner, index, block, ours)
                 dense_in = dense_out
                 del dense
+            if quantize == "int8":
+                quantize_model_int8(
+                    stream.model, [n for n in quantizable_modules(stream.model) if _in(n, prefix)]
+                )
             if evaluator is not None:
                 eval_hidden = _carry(evaluator, index, block, eval_hidden)
             for key, tensor in block.state_dict().items():
