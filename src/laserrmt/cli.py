@@ -889,6 +889,12 @@ def run_compress(args: argparse.Namespace) -> int:
     if args.method == "rmt-kd":
         from laserrmt.models.placement import check_trainable_dtype
 
+        if args.stream:  # its own entry point never reads settings.stream
+            raise InvalidOptionError(
+                "--stream does not take --method rmt-kd (it trains the whole model between "
+                "cuts); drop --stream to run it in memory"
+            )
+
         check_trainable_dtype(args.dtype, "--method rmt-kd")
         return run_rmt_kd_command(args)
     settings.validate()
