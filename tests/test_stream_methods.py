@@ -82,9 +82,13 @@ def test_streamed_laser_oneshot_equals_the_in_memory_method(
     streamed, loaded = streamed_laser(build(), tmp_path, settings, evaluation)
 
     in_memory, result = compress(
-        model, None, settings=CompressSettings(method="laser", mode=mode,
-        target_params=target_params, quantize=quantize), progress=False,
-    )  # fmt: skip
+        model,
+        None,
+        settings=CompressSettings(
+            method="laser", mode=mode, target_params=target_params, quantize=quantize
+        ),
+        progress=False,
+    )
     decisions = {d.module: (d.mode, d.rank) for d in result.plan}
     assert decisions == {d.module: (d.mode, d.rank) for d in streamed.plan}
     assert any(m == mode for m, _ in decisions.values())
@@ -134,8 +138,9 @@ def test_streamed_budget_with_int8_equals_the_in_memory_method(tmp_path):
         stream, calibration, out, target_params=0.3, quantize="int8", progress=False
     )
     write_compressed(stream.model, out, plan=streamed.plan, weights_written=True)
-    with budget_plan(model, find_targets(model), calibration, target_params=0.3,
-                     progress=False) as outcome:  # fmt: skip
+    with budget_plan(
+        model, find_targets(model), calibration, target_params=0.3, progress=False
+    ) as outcome:
         _cut(model, outcome.plan, outcome.svd_cache, calibration, 0.0, False)
     quantize_model_int8(model)
     loaded = load(out)[0]
@@ -155,9 +160,14 @@ def test_int8_is_refused_where_it_would_quantize_a_layer_outside_the_blocks(tmp_
     out.mkdir()
     with pytest.raises(InvalidOptionError, match="pooler") as error:
         compress_streaming(
-            stream, windows(2, 1), out, target_params=0.3, targets=["block:0-1"],
-            quantize="int8", progress=False,
-        )  # fmt: skip
+            stream,
+            windows(2, 1),
+            out,
+            target_params=0.3,
+            targets=["block:0-1"],
+            quantize="int8",
+            progress=False,
+        )
     assert len(str(error.value).splitlines()) == 1
     assert not any(out.iterdir())
 
@@ -185,8 +195,16 @@ def test_what_the_streamed_laser_method_cannot_do_is_refused_in_one_line(
 
 def test_laser_streams_from_the_command_line(tmp_path, capsys):
     folder = save_tiny(tiny_llama(tie_word_embeddings=False), tmp_path / "tiny", tiny_tokenizer())
-    common = ["--method", "laser", "--target-params", "0.3", "--eval-windows", "2",
-              "--quantize", "int8"]  # fmt: skip
+    common = [
+        "--method",
+        "laser",
+        "--target-params",
+        "0.3",
+        "--eval-windows",
+        "2",
+        "--quantize",
+        "int8",
+    ]
     for name, extra in (("memory", ["--no-latency"]), ("stream", ["--stream"])):
         code = main(["-q", "compress", str(folder), *common, *extra, "--out", str(tmp_path / name)])
         assert code == 0, capsys.readouterr().err

@@ -34,13 +34,13 @@ from laserrmt.methods.laser import (
     oneshot_plan,
 )
 from laserrmt.methods.objectives import OBJECTIVES, make_objective
-from laserrmt.models.streaming import BlockStream
 from laserrmt.models.placement import (
     check_trainable_dtype,
     place_model,
     resolve_device,
     resolve_dtype,
 )
+from laserrmt.models.streaming import BlockStream
 from laserrmt.models.targets import find_targets, select_targets
 from laserrmt.plan import MODES, CompressionPlan
 from laserrmt.rmt import SIGMA_ESTIMATORS, THRESHOLD_METHODS

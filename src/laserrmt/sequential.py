@@ -12,9 +12,8 @@ states (:class:`~laserrmt.models.blockrun.BlockRunner`). A global budget stays g
    states; their weighted SVDs give the loss curves (singular values kept, factors spilled to
    disk unless step 3 refits them).
 3. The **allocation** (:func:`laserrmt.methods.budget.decide_ranks`), as in memory.
-4. **Cut**: block by block, the planned modules are factorized (and, with ``quantize="int8"``,
-   the block's linear layers quantized) and the block is written to the output's shards, then
-   freed. With ``compensate`` (issue 13's sequential fit) the
+4. **Cut**: block by block, the planned modules are factorized and the block is written to
+   the output's shards, then freed. With ``compensate`` (issue 13's sequential fit) the
    factors are refitted on the inputs the already-compressed blocks produce, to reproduce
    the dense block's outputs (:func:`~laserrmt.surgery.whiten.compensated_svd`), group by group
    of modules sharing an input, in the order the block runs them; ``refine_steps`` then
@@ -26,7 +25,8 @@ compressed model's out of step 4, without loading either model whole.
 A plan whose factors are the weights' own SVDs (the laser method's, ``plan.factors.whiten ==
 "none"``) needs no calibration: steps 1 to 3 are skipped and the cut recomputes each planned
 matrix's SVD from the block in hand, factorizing or denoising it as
-:func:`~laserrmt.surgery.apply.apply_plan` does in memory.
+:func:`~laserrmt.surgery.apply.apply_plan` does in memory. With ``quantize="int8"`` each
+block's linear layers are quantized right after its cut, before it is written.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ from laserrmt.models.blockrun import BlockRunner
 from laserrmt.models.streaming import BlockStream
 from laserrmt.models.targets import Target, find_targets, select_targets, weight_matrix
 from laserrmt.plan import CompressionPlan
-from laserrmt.surgery.apply import apply_plan
 from laserrmt.stats.calibration import _as_out_by_in, _StatisticsHooks, _weight_of
+from laserrmt.surgery.apply import apply_plan
 from laserrmt.surgery.lowrank import factorize
 from laserrmt.surgery.quantize import quantizable_modules, quantize_model_int8
 from laserrmt.surgery.registry import CompressedModule
