@@ -975,13 +975,20 @@ def run_compress_streaming(
 
     from laserrmt.evaluate import _windows_and_protocol, track_peak_memory
     from laserrmt.outputs import atomic_output_dir
-    from laserrmt.pipeline import CompressionResult, _calibration_record, _calibration_windows
+    from laserrmt.pipeline import (
+        CompressionResult,
+        _calibration_record,
+        _calibration_windows,
+        _healing_windows,
+        heal_saved,
+    )
     from laserrmt.report.compression import comparison_markdown, compression_report
-    from laserrmt.sequential import compress_streaming
+    from laserrmt.sequential import compress_streaming, streamed_teacher
     from laserrmt.surgery.io import write_compressed
 
     stream, tokenizer = _open_stream(args)
     calibration = _calibration_windows(tokenizer, settings)
+    heal_windows = _healing_windows(tokenizer, settings) if settings.heals else None
     windows, protocol = (None, None)
     if not args.no_eval:
         windows, protocol = _windows_and_protocol(
@@ -990,6 +997,16 @@ def run_compress_streaming(
     started = time.perf_counter()
     with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
         with track_peak_memory() as memory:
+            teacher, timings = None, {}
+            if heal_windows is not None:
+                teacher = streamed_teacher(
+                    stream,
+                    heal_windows,
+                    batch_size=settings.heal_batch_size,
+                    top_k=settings.heal_top_k,
+                    progress=not args.quiet,
+                )
+                timings["healing_teacher"] = time.perf_counter() - started
             outcome = compress_streaming(
                 stream,
                 calibration,
@@ -1009,9 +1026,22 @@ def run_compress_streaming(
                 settings=settings.to_dict(),
                 progress=not args.quiet,
             )
-        result = CompressionResult(outcome.plan, settings)
-        result.weight_bytes = outcome.weight_bytes
-        result.timings = {**outcome.timings, "total": time.perf_counter() - started}
+            result = CompressionResult(outcome.plan, settings)
+            result.weight_bytes = outcome.weight_bytes
+            streamed: dict[str, Any] = {"refinement": outcome.refinement}
+            if teacher is not None:
+                # The cut is written; its configuration lets the compressed model alone be
+                # loaded back and healed (the provenance is written again below).
+                write_compressed(stream.model, tmp, plan=outcome.plan, weights_written=True)
+                healed = time.perf_counter()
+                result.healing, healed_ppl = heal_saved(
+                    tmp, teacher, heal_windows, settings, evaluation=windows, progress=not args.quiet
+                )
+                timings["healing"] = time.perf_counter() - healed
+                if outcome.perplexity_after is not None:
+                    streamed["perplexity_before_healing"] = outcome.perplexity_after.perplexity
+                outcome.perplexity_after = healed_ppl
+        result.timings = {**timings, **outcome.timings, "total": time.perf_counter() - started}
         peak = int(memory["peak_bytes"])
         write_compressed(
             stream.model,
@@ -1021,7 +1051,7 @@ def run_compress_streaming(
             settings={
                 "compress": result.to_dict(),
                 "source": stream.source,
-                "stream": {"peak_memory_bytes": peak, "refinement": outcome.refinement},
+                "stream": {"peak_memory_bytes": peak, **streamed},
             },
             weights_written=True,
         )
@@ -1060,7 +1090,8 @@ def run_compress_streaming(
         report.notes.append(
             f"Streamed block by block: peak resident memory of the whole process "
             f"{peak / 2**30:.2f} GiB (block parameters {outcome.params_before:,} → "
-            f"{outcome.params_after:,})."
+            f"{outcome.params_after:,})"
+            + ("; healed with the compressed model in memory." if result.healing else ".")
         )
         report.write(tmp / "report.html")
     summary = result.to_dict()["plan_summary"]

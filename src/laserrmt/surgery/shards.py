@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +210,30 @@ class WeightFiles:
             with _open(file) as handle:
                 for key in keys:
                     yield key, handle.get_tensor(key)
+
+
+def rewrite_weights(folder: str | os.PathLike[str], state: Mapping[str, torch.Tensor]) -> None:
+    """Write new values of the tensors stored in ``folder`` (``state``: name → tensor, of the
+    same shapes and dtypes) file by file, each file keeping the tensors and aliases it holds,
+    so that the shards and the index stay as they were. Each file is assembled beside the old
+    one and renamed over it: a reader sees the old file or the new, never a part, and tensors
+    mapped from the old file (a model loaded from ``folder``) stay valid on POSIX systems."""
+    files = WeightFiles(folder)
+    for file, names in files._files.items():
+        changed = [n for n in names if tuple(state[n].shape) != files.shapes[n]]
+        if changed:
+            raise InvalidOptionError(
+                f"{changed[0]}: shape {tuple(state[changed[0]].shape)} differs from the stored "
+                f"{files.shapes[changed[0]]}; write the folder anew instead"
+            )
+        with tempfile.TemporaryDirectory(dir=files.folder, prefix=".rewrite-") as scratch:
+            writer = ShardWriter(scratch, max_shard_size=sys.maxsize)  # one file
+            for alias, stored in files.aliases.items():
+                writer.alias(alias, stored)
+            for name in names:
+                writer.add(name, state[name])
+            (written,) = writer.close()
+            os.replace(written, file)
 
 
 def _open(file: Path) -> Any:
