@@ -83,7 +83,9 @@ def test_streamed_healing_brings_the_written_model_closer_to_the_dense_one(tmp_p
     # visibly damages (at the default scale they are near uniform and the damage is tiny).
     model = tiny_llama(initializer_range=0.1)
     calibration = windows(6, 5)
-    teacher, out, _ = _compressed(model, tmp_path, calibration, calibration, target_params=0.4)
+    teacher, out, _ = _compressed(
+        model, tmp_path, calibration, calibration, target_params=0.4, max_shard_size=40_000
+    )
     unhealed = shutil.copytree(out, tmp_path / "unhealed")
     settings = CompressSettings(heal_steps=16, heal_lr=1e-3)
     healing, after = heal_saved(
@@ -98,8 +100,12 @@ def test_streamed_healing_brings_the_written_model_closer_to_the_dense_one(tmp_p
         perplexity(healed, calibration, progress=False).perplexity, rel=1e-6
     )
     assert after.perplexity < perplexity(before, calibration, progress=False).perplexity
-    # Same files, same tensors where they were: only the values changed.
+    # The shards as the stream wrote them (the tied head still an alias): only values changed.
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in unhealed.iterdir())
+    index = "model.safetensors.index.json"
+    assert len(list(out.glob("model-*.safetensors"))) > 2
+    assert (out / index).read_text() == (unhealed / index).read_text()
+    assert healed.lm_head.weight is healed.model.embed_tokens.weight
 
 
 def test_streamed_healing_gives_the_weights_of_the_in_memory_path(tmp_path):
@@ -167,3 +173,24 @@ def test_compress_stream_heals_from_the_command_line(tmp_path, capsys):
     assert after == pytest.approx(perplexity(model, ids, progress=False).perplexity, rel=1e-6)
     assert after != meta["stream"]["perplexity_before_healing"]
     assert "healing KL" in (out / "report.html").read_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_streamed_healing_runs_on_cuda(tmp_path):
+    model = tiny_llama(initializer_range=0.1)
+    calibration = windows(4, 6)
+    stream = BlockStream(open_checkpoint(save_tiny(model, tmp_path / "m")), device="cuda")
+    teacher = streamed_teacher(stream, calibration, progress=False)
+    assert teacher[0].log_probs.device.type == "cuda"
+    out = tmp_path / "out"
+    out.mkdir()
+    outcome = compress_streaming(stream, calibration, out, target_params=0.4, progress=False)
+    write_compressed(stream.model, out, plan=outcome.plan, weights_written=True)
+    unhealed = load(out)[0]
+    settings = CompressSettings(heal_steps=8, heal_lr=1e-3, device="cuda")
+    _, after = heal_saved(out, teacher, calibration, settings, evaluation=calibration)
+    assert after.perplexity == pytest.approx(
+        perplexity(load(out)[0], calibration, progress=False).perplexity, rel=1e-4
+    )
+    assert _kl_to(model, load(out)[0], calibration) < _kl_to(model, unhealed, calibration)

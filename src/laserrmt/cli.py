@@ -997,7 +997,7 @@ def run_compress_streaming(
     started = time.perf_counter()
     with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
         with track_peak_memory() as memory:
-            teacher, timings = None, {}
+            teacher, timings = [], {}
             if heal_windows is not None:
                 teacher = streamed_teacher(
                     stream,
@@ -1029,13 +1029,18 @@ def run_compress_streaming(
             result = CompressionResult(outcome.plan, settings)
             result.weight_bytes = outcome.weight_bytes
             streamed: dict[str, Any] = {"refinement": outcome.refinement}
-            if teacher is not None:
+            if heal_windows is not None:
                 # The cut is written; its configuration lets the compressed model alone be
                 # loaded back and healed (the provenance is written again below).
                 write_compressed(stream.model, tmp, plan=outcome.plan, weights_written=True)
                 healed = time.perf_counter()
                 result.healing, healed_ppl = heal_saved(
-                    tmp, teacher, heal_windows, settings, evaluation=windows, progress=not args.quiet
+                    tmp,
+                    teacher,
+                    heal_windows,
+                    settings,
+                    evaluation=windows,
+                    progress=not args.quiet,
                 )
                 timings["healing"] = time.perf_counter() - healed
                 if outcome.perplexity_after is not None:

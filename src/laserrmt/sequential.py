@@ -20,7 +20,9 @@ states (:class:`~laserrmt.models.blockrun.BlockRunner`). A global budget stays g
    optimises the block's factors and norm scales to match the dense block's outputs.
 
 Evaluation windows ride along: the dense model's perplexity comes out of step 2 and the
-compressed model's out of step 4, without loading either model whole.
+compressed model's out of step 4, without loading either model whole. Healing's teacher, the
+dense model's top-k on the healing windows (:func:`streamed_teacher`), is a pass of its own
+before step 1; :func:`laserrmt.pipeline.heal_saved` then heals the written model.
 """
 
 from __future__ import annotations
@@ -155,7 +157,7 @@ def streamed_teacher(
     numbers in the stream's dtype) and, at the end, one batch's logits. What is kept costs
     ``n × (T − 1) × (8 k + 4)`` bytes for ``n`` windows of ``T`` tokens: a float32
     log-probability and an int32 index per kept class, and the tail's log-probability, per
-    predicted position (``n`` = 64, ``T`` = 512, ``k`` = 64: 67 MB).
+    predicted position (``n`` = 64, ``T`` = 512, ``k`` = 64: 17 MB).
     """
     batches = healing_batches(windows, batch_size)  # refuses a batch size it cannot fill
     runner = BlockRunner(stream, windows)
