@@ -8,6 +8,7 @@ path (same weights), and the command line end to end.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -173,6 +174,22 @@ def test_compress_stream_heals_from_the_command_line(tmp_path, capsys):
     assert after == pytest.approx(perplexity(model, ids, progress=False).perplexity, rel=1e-6)
     assert after != meta["stream"]["perplexity_before_healing"]
     assert "healing KL" in (out / "report.html").read_text()
+
+
+def test_rewriting_weights_of_another_shape_is_refused_before_any_file_changes(tmp_path):
+    from laserrmt.errors import InvalidOptionError
+    from laserrmt.surgery.shards import WeightFiles, rewrite_weights
+
+    model = tiny_llama()
+    folder = tmp_path / "m"
+    model.save_pretrained(folder, max_shard_size="40KB")
+    stored = {p: p.read_bytes() for p in folder.glob("*.safetensors")}
+    last = WeightFiles(folder).names()[-1]  # in the file rewritten last
+    state = dict(model.state_dict())
+    state[last] = torch.ones(3)
+    with pytest.raises(InvalidOptionError, match=re.escape(last)):
+        rewrite_weights(folder, state)
+    assert {p: p.read_bytes() for p in folder.glob("*.safetensors")} == stored
 
 
 @pytest.mark.gpu

@@ -213,19 +213,20 @@ class WeightFiles:
 
 
 def rewrite_weights(folder: str | os.PathLike[str], state: Mapping[str, torch.Tensor]) -> None:
-    """Write new values of the tensors stored in ``folder`` (``state``: name → tensor, of the
-    same shapes and dtypes) file by file, each file keeping the tensors and aliases it holds,
-    so that the shards and the index stay as they were. Each file is assembled beside the old
-    one and renamed over it: a reader sees the old file or the new, never a part, and tensors
-    mapped from the old file (a model loaded from ``folder``) stay valid on POSIX systems."""
+    """Write new values of the tensors stored in ``folder`` (``state``: name → tensor of the
+    stored shape), each file with the tensors and aliases it holds, so that the shards and the
+    index stay as they were. Each file is assembled beside the old one and renamed over it (no
+    file is ever partly written), and tensors mapped from an old file (a model loaded from
+    ``folder``) stay valid on POSIX systems. Not atomic across files: rewrite a temporary
+    folder (``laserrmt.outputs.atomic_output_dir``)."""
     files = WeightFiles(folder)
+    wrong = [n for n in files.names() if n not in state or tuple(state[n].shape) != files.shapes[n]]
+    if wrong:
+        raise InvalidOptionError(
+            f"{wrong[0]}: the new values lack it or change its shape {files.shapes[wrong[0]]}; "
+            "write the folder anew (laserrmt.save) instead"
+        )
     for file, names in files._files.items():
-        changed = [n for n in names if tuple(state[n].shape) != files.shapes[n]]
-        if changed:
-            raise InvalidOptionError(
-                f"{changed[0]}: shape {tuple(state[changed[0]].shape)} differs from the stored "
-                f"{files.shapes[changed[0]]}; write the folder anew instead"
-            )
         with tempfile.TemporaryDirectory(dir=files.folder, prefix=".rewrite-") as scratch:
             writer = ShardWriter(scratch, max_shard_size=sys.maxsize)  # one file
             for alias, stored in files.aliases.items():
