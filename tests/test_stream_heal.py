@@ -185,7 +185,7 @@ def test_rewriting_weights_of_another_shape_is_refused_before_any_file_changes(t
     model.save_pretrained(folder, max_shard_size="40KB")
     stored = {p: p.read_bytes() for p in folder.glob("*.safetensors")}
     last = WeightFiles(folder).names()[-1]  # in the file rewritten last
-    state = dict(model.state_dict())
+    state = {name: tensor + 1 for name, tensor in model.state_dict().items()}  # new values
     state[last] = torch.ones(3)
     with pytest.raises(InvalidOptionError, match=re.escape(last)):
         rewrite_weights(folder, state)
