@@ -213,7 +213,6 @@ def test_sequential_fit_and_refinement_bring_the_compressed_model_closer(tmp_pat
     ("extra", "message"),
     [
         (["--sequential"], "add --stream"),
-        (["--stream", "--heal-steps", "2"], "does not take --heal-steps"),
         (["--stream", "--quantize", "int4"], "does not take --quantize int4"),
         (["--stream"], "needs --target-params"),
     ],

@@ -988,16 +988,19 @@ def run_compress_streaming(
         CompressionResult,
         _calibration_record,
         _calibration_windows,
+        _healing_windows,
+        heal_saved,
         streamed_laser_plan,
     )
     from laserrmt.report.compression import comparison_markdown, compression_report
-    from laserrmt.sequential import compress_streaming
+    from laserrmt.sequential import compress_streaming, streamed_teacher
     from laserrmt.surgery.io import write_compressed
 
     stream, tokenizer = _open_stream(args)
     laser = settings.method == "laser"
     # The laser method's factors are the weights' own SVDs: it reads no calibration text.
     calibration = None if laser else _calibration_windows(tokenizer, settings)
+    heal_windows = _healing_windows(tokenizer, settings) if settings.heals else None
     windows, protocol = (None, None)
     if not args.no_eval:
         windows, protocol = _windows_and_protocol(
@@ -1006,10 +1009,22 @@ def run_compress_streaming(
     started = time.perf_counter()
     with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
         with track_peak_memory() as memory:
-            plan, analysis_records, analysis_s = None, [], 0.0
+            plan, analysis_records, timings = None, [], {}
             if laser:
                 plan, analysis = streamed_laser_plan(stream, settings, progress=not args.quiet)
-                analysis_records, analysis_s = analysis.records, time.perf_counter() - started
+                analysis_records = analysis.records
+                timings["analysis"] = time.perf_counter() - started
+            teacher = []
+            if heal_windows is not None:
+                teacher_started = time.perf_counter()
+                teacher = streamed_teacher(
+                    stream,
+                    heal_windows,
+                    batch_size=settings.heal_batch_size,
+                    top_k=settings.heal_top_k,
+                    progress=not args.quiet,
+                )
+                timings["healing_teacher"] = time.perf_counter() - teacher_started
             outcome = compress_streaming(
                 stream,
                 calibration,
@@ -1031,14 +1046,28 @@ def run_compress_streaming(
                 plan=plan,
                 quantize=settings.quantize,
             )
-        result = CompressionResult(outcome.plan, settings)
-        result.weight_bytes = outcome.weight_bytes
-        result.analysis_records = analysis_records
-        result.timings = {
-            **({"analysis": analysis_s} if laser else {}),
-            **outcome.timings,
-            "total": time.perf_counter() - started,
-        }
+            result = CompressionResult(outcome.plan, settings)
+            result.weight_bytes = outcome.weight_bytes
+            result.analysis_records = analysis_records
+            streamed: dict[str, Any] = {"refinement": outcome.refinement}
+            if heal_windows is not None:
+                # The cut is written; its configuration lets the compressed model alone be
+                # loaded back and healed (the provenance is written again below).
+                write_compressed(stream.model, tmp, plan=outcome.plan, weights_written=True)
+                healed = time.perf_counter()
+                result.healing, healed_ppl = heal_saved(
+                    tmp,
+                    teacher,
+                    heal_windows,
+                    settings,
+                    evaluation=windows,
+                    progress=not args.quiet,
+                )
+                timings["healing"] = time.perf_counter() - healed
+                if outcome.perplexity_after is not None:
+                    streamed["perplexity_before_healing"] = outcome.perplexity_after.perplexity
+                outcome.perplexity_after = healed_ppl
+        result.timings = {**timings, **outcome.timings, "total": time.perf_counter() - started}
         peak = int(memory["peak_bytes"])
         write_compressed(
             stream.model,
@@ -1048,7 +1077,7 @@ def run_compress_streaming(
             settings={
                 "compress": result.to_dict(),
                 "source": stream.source,
-                "stream": {"peak_memory_bytes": peak, "refinement": outcome.refinement},
+                "stream": {"peak_memory_bytes": peak, **streamed},
             },
             weights_written=True,
         )
@@ -1087,7 +1116,8 @@ def run_compress_streaming(
         report.notes.append(
             f"Streamed block by block: peak resident memory of the whole process "
             f"{peak / 2**30:.2f} GiB (block parameters {outcome.params_before:,} → "
-            f"{outcome.params_after:,})."
+            f"{outcome.params_after:,})"
+            + ("; healed with the compressed model in memory." if result.healing else ".")
         )
         report.write(tmp / "report.html")
     summary = result.to_dict()["plan_summary"]

@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+import torch
 from torch import nn
 
 from laserrmt.analyze import AnalysisResult, analyze_model
 from laserrmt.data.sources import TextSource, open_text_source
 from laserrmt.data.text import PROTOCOL_NAME
+from laserrmt.distill import TopKLogits
 from laserrmt.errors import InvalidOptionError, NumericalError, PlanError
+from laserrmt.evaluate import PerplexityResult, perplexity
 from laserrmt.methods.budget import ALLOCATIONS, budget_plan, replay_factors
 from laserrmt.methods.heal import (
+    HEAL_TOP_K,
     LORA_RANK,
     check_healing_options,
     heal,
@@ -49,6 +54,7 @@ from laserrmt.surgery.apply import apply_plan
 from laserrmt.surgery.io import weight_bytes
 from laserrmt.surgery.lowbit import quantize_model_lowbit
 from laserrmt.surgery.quantize import quantize_model_int8
+from laserrmt.surgery.shards import rewrite_weights
 from laserrmt.surgery.sparse import check_sparse_share, input_gram_diagonals, sparse_factorizer
 from laserrmt.surgery.whiten import WHITEN_METHODS
 
@@ -101,7 +107,7 @@ class CompressSettings:
     #: windows (benchmarks/results/heal_sweep.md).
     heal_lr: float = 3e-4
     heal_batch_size: int = 1
-    heal_top_k: int = 64
+    heal_top_k: int = HEAL_TOP_K
     #: The healing length in input tokens instead of ``heal_steps`` (one of the two decides).
     heal_tokens: int = 0
     heal_accumulate: int = 1
@@ -276,8 +282,8 @@ class CompressSettings:
             for option, used in (
                 ("--method rmt-kd", self.method == "rmt-kd"),
                 ("--target-size", self.target_size is not None),
-                ("--heal-steps/--heal-tokens", self.heals),
                 (f"--quantize {self.quantize}", self.quantize in LOWBIT),
+                ("--heal-steps/--heal-tokens with --quantize", self.heals and bool(self.quantize)),
                 (
                     "--sequential/--refine-steps with --method laser",
                     self.method == "laser" and (self.sequential or self.refine_steps > 0),
@@ -390,21 +396,7 @@ def compress(
     result.timings["decision_and_surgery"] = time.perf_counter() - start
     if settings.heals:
         start = time.perf_counter()
-        result.healing = heal(
-            model,
-            teacher,
-            heal_windows,
-            steps=settings.n_heal_steps,
-            lr=settings.heal_lr,
-            batch_size=settings.heal_batch_size,
-            accumulate=settings.heal_accumulate,
-            params=settings.heal_params,
-            lora_rank=settings.heal_lora_rank or LORA_RANK,
-            schedule=settings.heal_schedule,
-            warmup=settings.heal_warmup,
-            seed=settings.seed,
-            progress=progress,
-        )
+        result.healing = _heal(model, teacher, heal_windows, settings, progress)
         del teacher
         result.timings["healing"] = time.perf_counter() - start
     if settings.quantize == "int8":
@@ -426,6 +418,61 @@ def compress(
         result.timings["quantization"] = time.perf_counter() - start
     result.weight_bytes = weight_bytes(model)
     return model, result
+
+
+def _heal(
+    model: nn.Module,
+    teacher: Sequence[TopKLogits],
+    windows: torch.Tensor,
+    settings: CompressSettings,
+    progress: bool,
+) -> dict[str, Any]:
+    """:func:`~laserrmt.methods.heal.heal` with the options of ``settings``."""
+    return heal(
+        model,
+        teacher,
+        windows,
+        steps=settings.n_heal_steps,
+        lr=settings.heal_lr,
+        batch_size=settings.heal_batch_size,
+        accumulate=settings.heal_accumulate,
+        params=settings.heal_params,
+        lora_rank=settings.heal_lora_rank or LORA_RANK,
+        schedule=settings.heal_schedule,
+        warmup=settings.heal_warmup,
+        seed=settings.seed,
+        progress=progress,
+    )
+
+
+def heal_saved(
+    folder: str | os.PathLike[str],
+    teacher: Sequence[TopKLogits],
+    windows: torch.Tensor,
+    settings: CompressSettings,
+    *,
+    evaluation: torch.Tensor | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, Any], PerplexityResult | None]:
+    """Heal the compressed model saved in ``folder`` as :func:`compress` heals in memory, and
+    write its weights back over the folder's files (same shards); returns the healing log and
+    the healed model's perplexity on ``evaluation``.
+
+    For the streaming pipeline, whose dense model is never whole in memory: ``teacher`` comes
+    from :func:`laserrmt.sequential.streamed_teacher` on the healing ``windows``
+    (:func:`_healing_windows`), and only the compressed model is loaded, on
+    ``settings.device``. Not atomic: ``folder`` is the temporary folder of the output.
+    """
+    from laserrmt.surgery.io import load
+
+    model, _ = load(folder)
+    place_model(model, settings.device, None)  # in the dtype the blocks were written in
+    healing = _heal(model, teacher, windows, settings, progress)
+    rewrite_weights(folder, model.state_dict())
+    after = None
+    if evaluation is not None:
+        after = perplexity(model, evaluation, progress=progress, desc="perplexity (healed)")
+    return healing, after
 
 
 def _laser_analysis(

@@ -27,6 +27,9 @@ A plan whose factors are the weights' own SVDs (the laser method's, ``plan.facto
 matrix's SVD from the block in hand, factorizing or denoising it as
 :func:`~laserrmt.surgery.apply.apply_plan` does in memory. With ``quantize="int8"`` each
 block's linear layers are quantized right after its cut, before it is written.
+Healing's teacher, the dense model's top-k on the healing windows (:func:`streamed_teacher`), is
+a pass of its own before step 1; :func:`laserrmt.pipeline.heal_saved` then heals the written
+model.
 """
 
 from __future__ import annotations
@@ -48,9 +51,11 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from laserrmt.allocation import largest_paying_rank
+from laserrmt.distill import TopKLogits
 from laserrmt.errors import InvalidOptionError, NumericalError
 from laserrmt.evaluate import PerplexityResult, _logits, _nll_sum
 from laserrmt.methods.budget import decide_ranks, factor_source
+from laserrmt.methods.heal import HEAL_TOP_K, healing_batches
 from laserrmt.models.architectures import is_causal_lm
 from laserrmt.models.blockrun import BlockRunner
 from laserrmt.models.streaming import BlockStream
@@ -72,6 +77,7 @@ __all__ = [
     "compress_streaming",
     "streamable_targets",
     "streamed_perplexity",
+    "streamed_teacher",
 ]
 
 #: The compensated fit's ridge toward the dense weight, as a fraction of the mean input energy
@@ -148,6 +154,43 @@ def streamed_perplexity(
                 hidden = _carry(runner, index, block, hidden)
             _tick(bar)
     return _perplexity(runner, hidden)
+
+
+def streamed_teacher(
+    stream: BlockStream,
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 1,
+    top_k: int = HEAL_TOP_K,
+    progress: bool = True,
+) -> list[TopKLogits]:
+    """Healing's teacher from the streamed dense model: its top-``top_k`` next-token
+    distribution on the batches of :func:`~laserrmt.methods.heal.healing_batches`, as
+    :func:`~laserrmt.methods.heal.healing_teacher` makes it from the model in memory.
+
+    One dense block is real at a time, beside the windows' hidden states (``n × T × hidden``
+    numbers in the stream's dtype) and, at the end, one batch's logits. What is kept costs
+    ``n × (T − 1) × (8 k + 4)`` bytes for ``n`` windows of ``T`` tokens: a float32
+    log-probability and an int32 index per kept class, and the tail's log-probability, per
+    predicted position (``n`` = 64, ``T`` = 512, ``k`` = 64: 17 MB).
+    """
+    batches = healing_batches(windows, batch_size)  # refuses a batch size it cannot fill
+    runner = BlockRunner(stream, windows)
+    hidden = list(runner.hidden)
+    bar = _bar(len(stream.blocks), "healing teacher (streamed)", progress)
+    with torch.no_grad(), bar:
+        for index in range(len(stream.blocks)):
+            with stream.block(index) as block:
+                hidden = _carry(runner, index, block, hidden)
+            _tick(bar)
+    teacher, start = [], 0
+    with torch.no_grad(), stream.outer():
+        for batch in batches:
+            rows = range(start, start + batch.shape[0])
+            logits = torch.cat([_logits(runner.output(w, hidden[w]))[:, :-1] for w in rows])
+            teacher.append(TopKLogits.from_logits(logits, top_k))
+            start = rows.stop
+    return teacher
 
 
 # ---------------------------------------------------------------------------------------------

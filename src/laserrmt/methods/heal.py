@@ -42,6 +42,8 @@ HEAL_PARAMS = ("factors", "factors+norms", "factors+norms+lora")
 SCHEDULES = ("cosine", "constant")
 COSINE_FLOOR = 0.1
 LORA_RANK = 8
+#: The classes per position the teacher's cache keeps (``--heal-top-k``'s default).
+HEAL_TOP_K = 64
 
 
 def factor_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -186,7 +188,7 @@ def healing_teacher(
     windows: torch.Tensor,
     *,
     batch_size: int = 1,
-    top_k: int = 64,
+    top_k: int = HEAL_TOP_K,
     temperature: float = 1.0,
 ) -> list[TopKLogits]:
     """The dense ``model``'s top-``top_k`` next-token distribution on the healing batches; call

@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +210,31 @@ class WeightFiles:
             with _open(file) as handle:
                 for key in keys:
                     yield key, handle.get_tensor(key)
+
+
+def rewrite_weights(folder: str | os.PathLike[str], state: Mapping[str, torch.Tensor]) -> None:
+    """Write new values of the tensors stored in ``folder`` (``state``: name → tensor of the
+    stored shape), each file with the tensors and aliases it holds, so that the shards and the
+    index stay as they were. Each file is assembled beside the old one and renamed over it (no
+    file is ever partly written), and tensors mapped from an old file (a model loaded from
+    ``folder``) stay valid on POSIX systems. Not atomic across files: rewrite a temporary
+    folder (``laserrmt.outputs.atomic_output_dir``)."""
+    files = WeightFiles(folder)
+    wrong = [n for n in files.names() if n not in state or tuple(state[n].shape) != files.shapes[n]]
+    if wrong:
+        raise InvalidOptionError(
+            f"{wrong[0]}: the new values lack it or change its shape {files.shapes[wrong[0]]}; "
+            "write the folder anew (laserrmt.save) instead"
+        )
+    for file, names in files._files.items():
+        with tempfile.TemporaryDirectory(dir=files.folder, prefix=".rewrite-") as scratch:
+            writer = ShardWriter(scratch, max_shard_size=sys.maxsize)  # one file
+            for alias, stored in files.aliases.items():
+                writer.alias(alias, stored)
+            for name in names:
+                writer.add(name, state[name])
+            (written,) = writer.close()
+            os.replace(written, file)
 
 
 def _open(file: Path) -> Any:
