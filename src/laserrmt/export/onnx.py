@@ -32,6 +32,7 @@ The int8 graph's error against the float graph is measured on the same inputs an
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
@@ -39,6 +40,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +86,25 @@ _OPSET = 18
 #: The output each non-causal kind's graph returns.
 ENCODER_OUTPUTS = {"encoder": "last_hidden_state", "sequence-classifier": "logits"}
 _INSTALL = "pip install 'laserrmt[export]' (onnx, onnxruntime, onnxscript)"
+
+
+#: Loggers of the ONNX exporter's passes; they log every rewrite at INFO, which shows once
+#: anything (ORT's quantization module does) has configured the root logger.
+_EXPORTER_LOGGERS = ("onnxscript", "onnx_ir")
+
+
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Raise these loggers to WARNING for the block."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
 
 
 def onnx_runtime() -> Any:
@@ -171,18 +192,19 @@ def _export_graph(model: nn.Module, file: Path) -> list[tuple[int, ...]]:
         tuple({0: b, 2: p} for _ in example_past),
     )
     external = weight_bytes(model) > SINGLE_FILE_LIMIT
-    torch.onnx.export(
-        _DecoderStep(model).eval(),
-        example,
-        str(file),
-        input_names=inputs,
-        output_names=outputs,
-        dynamic_shapes=dynamic,
-        opset_version=_OPSET,
-        dynamo=True,
-        external_data=external,
-        verbose=False,
-    )
+    with _quiet(*_EXPORTER_LOGGERS):
+        torch.onnx.export(
+            _DecoderStep(model).eval(),
+            example,
+            str(file),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_shapes=dynamic,
+            opset_version=_OPSET,
+            dynamo=True,
+            external_data=external,
+            verbose=False,
+        )
     return shapes
 
 
@@ -498,18 +520,19 @@ def _export_encoder_graph(model: nn.Module, output: str, inputs: list[str], file
     # Example sizes ≥ 2 so that torch.export keeps both dimensions symbolic.
     example = tuple(torch.ones(2, 3, dtype=torch.long) for _ in inputs)
     axes = {0: Dim("batch"), 1: Dim("sequence")}
-    torch.onnx.export(
-        _EncoderStep(model, output).eval(),
-        example,
-        str(file),
-        input_names=inputs,
-        output_names=[output],
-        dynamic_shapes=tuple(axes for _ in inputs),
-        opset_version=_OPSET,
-        dynamo=True,
-        external_data=weight_bytes(model) > SINGLE_FILE_LIMIT,
-        verbose=False,
-    )
+    with _quiet(*_EXPORTER_LOGGERS):
+        torch.onnx.export(
+            _EncoderStep(model, output).eval(),
+            example,
+            str(file),
+            input_names=inputs,
+            output_names=[output],
+            dynamic_shapes=tuple(axes for _ in inputs),
+            opset_version=_OPSET,
+            dynamo=True,
+            external_data=weight_bytes(model) > SINGLE_FILE_LIMIT,
+            verbose=False,
+        )
 
 
 def padded_batch(config: Any, inputs: list[str], rows: int, tokens: int) -> dict[str, np.ndarray]:
@@ -630,13 +653,8 @@ def _quantize_int8(source: Path, target: Path) -> dict[str, Any]:
         bits=8,
     )
     quantizer = MatMulNBitsQuantizer(model, algo_config=config)
-    log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
-    level = log.level
-    log.setLevel(logging.WARNING)  # it logs every node it visits at INFO
-    try:
+    with _quiet("onnxruntime.quantization.matmul_nbits_quantizer"):  # INFO on every node
         quantizer.process()
-    finally:
-        log.setLevel(level)
     quantized = quantizer.model.model
     external = quantized.ByteSize() > SINGLE_FILE_LIMIT
     onnx.save(
