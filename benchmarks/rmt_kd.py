@@ -16,17 +16,15 @@ the result measured in the same run, and the wall time of the compression.
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.common import RESULTS, write_result
+from benchmarks.common import merge_result
 from laserrmt.data.classification import mnist_subset
 from laserrmt.evaluate import count_parameters
 from laserrmt.methods.rmt_kd import RMTKDResult, rmt_kd
@@ -516,21 +514,6 @@ def run_lm(quick: bool, tau: float, steps: int) -> tuple[str, str]:
     return "SmolLM2-135M language modelling: MLP widths", body
 
 
-def _merge_write(name: str, title: str, sections: list[tuple[str, str]]) -> Path:
-    """Write the new sections, keeping every other section of an existing result file."""
-    path = RESULTS / f"{name}.md"
-    kept: list[tuple[str, str]] = []
-    if path.is_file():
-        chunks = re.split(r"^## (.+)$", path.read_text(encoding="utf-8"), flags=re.M)
-        new = {heading for heading, _ in sections}
-        for heading, body in zip(chunks[1::2], chunks[2::2], strict=True):
-            if heading != "Machine" and heading not in new:
-                kept.append((heading, body.strip()))
-    order = {h: i for i, h in enumerate(SECTION_ORDER)}
-    merged = sorted(kept + sections, key=lambda hb: order.get(hb[0], len(order)))
-    return write_result(name, title, merged)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mnist", action="store_true")
@@ -556,7 +539,7 @@ def main() -> None:
             section = run(args.quick, args.tau or tau, args.steps or steps)
             print(section[1], flush=True)
             # Written after every demonstration, so a later failure keeps the earlier tables.
-            path = _merge_write(name, title, [section])
+            path = merge_result(name, title, [section], SECTION_ORDER)
             print(f"wrote {path}", flush=True)
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from laserrmt.errors import InvalidOptionError
+from laserrmt.errors import InvalidOptionError, TargetSelectionError
 from laserrmt.evaluate import count_parameters
 from laserrmt.methods.rmt_kd import STATE_FILE, rmt_kd
 from tiny_models import tiny_bert, tiny_cnn, tiny_llama
@@ -443,3 +443,72 @@ def test_compress_plan_replays_an_rmt_kd_run_from_the_command_line(tmp_path, cap
     code = main([*common, "--plan", str(tmp_path / "trained.json"), "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "distilled" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Skip connections: a channel site that feeds a residual add cannot be cut alone
+
+STEM = "resnet.embedder.embedder.convolution"
+INNER = [f"resnet.encoder.stages.{i}.layers.0.layer.0.convolution" for i in (0, 1)]
+BEFORE_ADD = [f"resnet.encoder.stages.{i}.layers.0.layer.1.convolution" for i in (0, 1)]
+
+
+def _tiny_resnet() -> torch.nn.Module:
+    """transformers' ResNet, two basic blocks (16 and 32 channels); the first convolution of
+    each block has half its channels dead (zero weights, so zero after BatchNorm and ReLU), a
+    planted width the rank rule must find."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    config = ResNetConfig(
+        num_channels=1,
+        embedding_size=16,
+        hidden_sizes=[16, 32],
+        depths=[1, 1],
+        layer_type="basic",
+        num_labels=3,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = ResNetForImageClassification(config).eval()
+    with torch.no_grad():
+        for name in INNER:
+            weight = model.get_submodule(name).weight
+            weight[weight.shape[0] // 2 :] = 0
+    return model
+
+
+def _images() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        (torch.randn(32, 1, 16, 16, generator=g), torch.randint(0, 3, (32,), generator=g))
+        for _ in range(2)
+    ]
+
+
+def test_resnet_sites_that_feed_a_residual_add_are_skipped_and_the_rest_cut() -> None:
+    """Regression: the stem and each block's last convolution were cut, and the residual add
+    then failed with a shape error."""
+    batches = _images()
+    options = {**OPTIONS, "steps_per_cut": 1, "tolerance": 100.0, "floor": 0.0}
+    with pytest.warns(UserWarning, match="skips 3 of 5 width sites that feed a skip connection"):
+        result = rmt_kd(_tiny_resnet(), batches, batches, lambda m: 0.0, **options)
+    status = {r.site: r for r in result.records}
+    assert set(status) == {STEM, *INNER, *BEFORE_ADD}
+    for name in (STEM, *BEFORE_ADD):
+        assert status[name].status == "skipped-shared" and status[name].reason
+    # The stem's output is the first block's identity shortcut; the last convolutions' outputs
+    # are added to a shortcut before the next reader.
+    assert "reaches the model's output around" in status[STEM].reason
+    assert all("adds into its input" in status[n].reason for n in BEFORE_ADD)
+    for name in INNER:  # half the channels are dead: the rule keeps at most the live half
+        record = status[name]
+        assert record.status == "kept" and record.k <= record.d // 2, record
+        assert result.model.get_submodule(name).out_channels == record.k
+    logits = result.model(batches[0][0]).logits
+    assert logits.shape == (32, 3)
+
+
+def test_naming_a_site_that_feeds_a_residual_add_is_refused_in_one_line() -> None:
+    batches = _images()
+    with pytest.raises(TargetSelectionError, match=f"width site {BEFORE_ADD[0]} cannot be cut"):
+        rmt_kd(_tiny_resnet(), batches, batches, lambda m: 0.0, sites=[BEFORE_ADD[0]], **OPTIONS)

@@ -1500,17 +1500,9 @@ def run_export(args: argparse.Namespace) -> int:
             source=loaded.source,
         )
         if not args.quiet:
-            print(
-                f"ONNX Runtime vs torch, float32 logits: max |diff| "
-                f"{report['check']['max_abs_logit_diff_vs_torch']:.3g}"
-            )
-            if "int8" in report:
-                print(
-                    f"int8 vs float32 ONNX: max |diff| "
-                    f"{report['int8']['max_abs_logit_diff_vs_float32_onnx']:.3g}, top-1 "
-                    f"agreement {report['int8']['top1_agreement_vs_float32_onnx']:.3f}"
-                )
-            print(f"model.onnx: {report['onnx_bytes'] / 1e6:.1f} MB")
+            from laserrmt.export.onnx import summary_lines
+
+            print("\n".join(summary_lines(report)))
     elif args.format == "gguf":
         from laserrmt.export import export_gguf
 

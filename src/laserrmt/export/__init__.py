@@ -1,8 +1,8 @@
 """Deployable copies of a model: an ONNX graph with a key/value cache, a standard HF folder, or
 a GGUF file.
 
-``onnx.py`` exports a causal LM (compressed or not) to ONNX and checks it against torch with
-ONNX Runtime; ``hf.py`` writes the base architecture's own folder, with the compressed layers
+``onnx.py`` exports a causal LM, a BERT-style encoder or a sequence classifier (compressed or
+not) to ONNX and checks it against torch with ONNX Runtime; ``hf.py`` writes the base architecture's own folder, with the compressed layers
 multiplied back where the architecture has no other way to express them; ``gguf.py`` writes
 that same dense model of a Llama-style causal LM as llama.cpp's GGUF file.
 """

@@ -1,6 +1,7 @@
-"""A causal LM as an ONNX graph that decodes with a key/value cache, checked with ONNX Runtime.
+"""A model as an ONNX graph, checked with ONNX Runtime: a causal LM that decodes with a
+key/value cache, or a BERT-style encoder or sequence classifier.
 
-The graph takes ``input_ids``, ``attention_mask``, ``position_ids`` and, per layer,
+A causal LM's graph takes ``input_ids``, ``attention_mask``, ``position_ids`` and, per layer,
 ``past_key_values.<i>.key`` / ``.value`` (batch × kv heads × past × head dim; past may be 0 for
 the prompt) and returns ``logits`` and ``present.<i>.key`` / ``.value``, the cache to feed back
 on the next step. Factorized layers stay two MatMuls, width-cut layers keep their widths, int8
@@ -14,20 +15,32 @@ embedding stays float32 (a table lookup reads one row per token, so its size cos
 ORT's older dynamic quantization (one activation scale per tensor) lost too much: top-1
 agreement 0.69–0.88 with float32 on the default model (``benchmarks/results/deploy.md``).
 
-The export is checked before it is written: the prompt and a few decode steps are run in torch
-and in ONNX Runtime and the float32 logits must agree to ``ONNX_TOLERANCE`` (relative to the
-largest logit when that exceeds 1); a mismatch is an error. The int8 graph's error against the
-float graph is measured on the same steps and reported, not bounded (it depends on the model).
+An encoder's graph (:func:`export_kind`) is one forward pass: ``input_ids``,
+``attention_mask`` and, when the model's ``forward`` takes them, ``token_type_ids``, all with
+dynamic batch and sequence axes, to ``last_hidden_state`` (an encoder) or ``logits`` (a sequence
+classifier). Compressed layers stay as they are here too, the per-head widths of RMT-KD's
+attention cuts included; ``quantize="int8"`` is the same ORT weight-only quantizer, which leaves
+the linear layers on 2-D inputs (pooler, classifier: ``Gemm`` nodes) in float32.
+
+The export is checked before it is written: the prompt and a few decode steps (a causal LM), or
+a right-padded batch with its attention mask (an encoder: hidden states compared where the mask
+is 1), are run in torch and in ONNX Runtime and the float32 outputs must agree to
+``ONNX_TOLERANCE`` (relative to the largest output when that exceeds 1); a mismatch is an error.
+The int8 graph's error against the float graph is measured on the same inputs and reported
+(with the top-1 or label agreement), not bounded (it depends on the model).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 import logging
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,17 +56,23 @@ from laserrmt.export.common import (
     write_report,
 )
 from laserrmt.models.architectures import is_causal_lm
+from laserrmt.models.placement import model_device
 from laserrmt.outputs import atomic_output_dir, check_output_dir
 from laserrmt.surgery.io import weight_bytes
 from laserrmt.surgery.sparse import LowRankSparseLinear
 
 __all__ = [
+    "ENCODER_OUTPUTS",
     "INT8_BLOCK",
     "ONNX_TOLERANCE",
     "QUANTIZE_CHOICES",
+    "encoder_inputs",
+    "export_kind",
     "export_onnx",
     "onnx_runtime",
+    "padded_batch",
     "run_decode",
+    "summary_lines",
 ]
 
 ONNX_TOLERANCE = 1e-4
@@ -64,7 +83,28 @@ INT8_BLOCK = 32
 _ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations, the fast integer kernels
 GRAPH_FILE = "model.onnx"
 _OPSET = 18
+#: The output each non-causal kind's graph returns.
+ENCODER_OUTPUTS = {"encoder": "last_hidden_state", "sequence-classifier": "logits"}
 _INSTALL = "pip install 'laserrmt[export]' (onnx, onnxruntime, onnxscript)"
+
+
+#: Loggers of the ONNX exporter's passes; they log every rewrite at INFO, which shows once
+#: anything (ORT's quantization module does) has configured the root logger.
+_EXPORTER_LOGGERS = ("onnxscript", "onnx_ir")
+
+
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Raise these loggers to WARNING for the block."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
 
 
 def onnx_runtime() -> Any:
@@ -152,18 +192,19 @@ def _export_graph(model: nn.Module, file: Path) -> list[tuple[int, ...]]:
         tuple({0: b, 2: p} for _ in example_past),
     )
     external = weight_bytes(model) > SINGLE_FILE_LIMIT
-    torch.onnx.export(
-        _DecoderStep(model).eval(),
-        example,
-        str(file),
-        input_names=inputs,
-        output_names=outputs,
-        dynamic_shapes=dynamic,
-        opset_version=_OPSET,
-        dynamo=True,
-        external_data=external,
-        verbose=False,
-    )
+    with _quiet(*_EXPORTER_LOGGERS):
+        torch.onnx.export(
+            _DecoderStep(model).eval(),
+            example,
+            str(file),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_shapes=dynamic,
+            opset_version=_OPSET,
+            dynamo=True,
+            external_data=external,
+            verbose=False,
+        )
     return shapes
 
 
@@ -220,6 +261,41 @@ def _session(onnxruntime: Any, file: Path) -> Any:
     return onnxruntime.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
 
 
+def export_kind(model: nn.Module) -> str:
+    """``"causal-lm"``, ``"encoder"`` or ``"sequence-classifier"``: what ONNX export writes.
+
+    An encoder takes ``input_ids`` and ``attention_mask`` (BERT-style) and returns
+    ``last_hidden_state``; a sequence classifier returns ``logits`` of one row per sequence.
+    Decided by one forward pass on two tokens, so the model's own outputs say what it is.
+
+    Raises:
+        TargetSelectionError: the model is none of these (one line).
+    """
+    if is_causal_lm(model):
+        return "causal-lm"
+    config = getattr(model, "config", None)
+    parameters = inspect.signature(model.forward).parameters
+    if (
+        config is not None
+        and not getattr(config, "is_encoder_decoder", False)
+        and {"input_ids", "attention_mask"} <= set(parameters)
+    ):
+        device = model_device(model)
+        ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        logits = getattr(out, "logits", None)
+        if logits is not None and logits.dim() == 2:
+            return "sequence-classifier"
+        if logits is None and getattr(out, "last_hidden_state", None) is not None:
+            return "encoder"
+    raise TargetSelectionError(
+        f"{type(model).__name__} is not a causal LM, a text encoder (input_ids, attention_mask "
+        "-> last_hidden_state) or a sequence classifier (-> logits per sequence); ONNX export "
+        "covers those three"
+    )
+
+
 def export_onnx(
     model: nn.Module,
     out: str | os.PathLike[str],
@@ -230,18 +306,28 @@ def export_onnx(
     source: str | None = None,
     prompt_tokens: int = 8,
     decode_steps: int = 3,
+    check_rows: int = 16,
+    check_tokens: int = 32,
 ) -> dict[str, Any]:
-    """Write ``model`` (a causal LM, compressed or not) to ``out/model.onnx``; returns the report.
+    """Write ``model`` (compressed or not) to ``out/model.onnx``; returns the report.
 
-    The folder also holds the config, the tokenizer and ``export.json`` (the report: inputs,
-    outputs, the torch-vs-ONNX Runtime check, sizes). The model is not changed (int8 layers
-    are dequantized in a float32 copy on the CPU, where the graph is traced).
+    A causal LM becomes a decoder step with a key/value cache, checked on a prompt of
+    ``prompt_tokens`` and ``decode_steps`` cached steps. An encoder (``last_hidden_state``) or
+    a sequence classifier (``logits``) becomes one forward pass with dynamic batch and sequence
+    axes taking ``input_ids``, ``attention_mask`` and, when the model's ``forward`` takes them,
+    ``token_type_ids``; it is checked on ``check_rows`` right-padded rows of up to
+    ``check_tokens`` tokens (hidden states compared where the mask is 1).
+
+    The folder also holds the config, the tokenizer and ``export.json`` (the report: kind,
+    inputs, outputs, the torch-vs-ONNX Runtime check, the int8 agreement, sizes). The model is
+    not changed (int8 layers are dequantized in a float32 copy on the CPU, where the graph is
+    traced).
 
     Raises:
         InvalidOptionError: onnx/onnxruntime missing, or an unknown ``quantize``.
-        TargetSelectionError: the model is not a causal LM, or holds low rank plus sparse
-            layers.
-        NumericalError: ONNX Runtime's float32 logits differ from torch's beyond the tolerance.
+        TargetSelectionError: the model is none of the three kinds, or holds low rank plus
+            sparse layers.
+        NumericalError: ONNX Runtime's float32 outputs differ from torch's beyond the tolerance.
         OutputExistsError: ``out`` exists and ``overwrite`` is false.
     """
     sparse = [n for n, m in model.named_modules() if isinstance(m, LowRankSparseLinear)]
@@ -256,70 +342,47 @@ def export_onnx(
         raise InvalidOptionError(
             f"unknown --quantize {quantize!r} for ONNX; choose {', '.join(QUANTIZE_CHOICES)}"
         )
-    if not is_causal_lm(model):
-        raise TargetSelectionError(
-            f"{type(model).__name__} is not a causal language model; ONNX export covers "
-            "decoders with a key/value cache"
-        )
+    kind = export_kind(model)
     check_output_dir(out, overwrite)
     float_model: Any = copy.deepcopy(model).to("cpu", torch.float32).eval()
     dequantized = dequantize_int8_layers(float_model)
-    vocab = int(float_model.config.vocab_size)
-    prompt, steps = _check_ids(vocab, prompt_tokens, decode_steps)
 
     with (
         atomic_output_dir(out, overwrite=overwrite) as folder,
         tempfile.TemporaryDirectory(prefix="laserrmt-onnx-") as scratch,
     ):
         graph = Path(scratch) / GRAPH_FILE
-        started = time.perf_counter()
-        shapes = _export_graph(float_model, graph)
-        export_seconds = time.perf_counter() - started
-        reference = _torch_decode(float_model, prompt, steps)
-        float_logits = run_decode(_session(onnxruntime, graph), shapes, prompt, steps)
-        diff = _max_diff(reference, float_logits)
-        scale = max(1.0, max(float(np.abs(x).max()) for x in reference))
-        if not diff <= ONNX_TOLERANCE * scale:
-            raise NumericalError(
-                f"ONNX Runtime's logits differ from torch's by {diff:.3g} (allowed "
-                f"{ONNX_TOLERANCE * scale:.3g}); the graph is wrong, please report it"
-            )
+        target = folder / GRAPH_FILE
         report: dict[str, Any] = {
             "format": "onnx",
             "source": source,
             "architecture": type(model).__name__,
+            "kind": kind,
             "opset": _OPSET,
-            "inputs": _names(len(shapes) // 2)[0],
-            "outputs": _names(len(shapes) // 2)[1],
-            "cache_shapes_per_token": [list(s) for s in shapes],
             "int8_layers_dequantized": len(dequantized),
-            "check": {
-                "prompt_tokens": prompt_tokens,
-                "decode_steps": decode_steps,
-                "max_abs_logit_diff_vs_torch": diff,
-                "tolerance": ONNX_TOLERANCE * scale,
-            },
             "quantize": quantize,
-            "export_seconds": round(export_seconds, 2),
             "torch_weight_bytes": weight_bytes(model),
         }
-        if quantize == "int8":
-            report["int8"] = _quantize_int8(graph, folder / GRAPH_FILE)
-            int8_logits = run_decode(
-                _session(onnxruntime, folder / GRAPH_FILE), shapes, prompt, steps
-            )
-            report["int8"].update(
-                max_abs_logit_diff_vs_float32_onnx=_max_diff(float_logits, int8_logits),
-                top1_agreement_vs_float32_onnx=float(
-                    np.mean(
-                        [
-                            float(np.mean(x.argmax(-1) == y.argmax(-1)))
-                            for x, y in zip(float_logits, int8_logits, strict=True)
-                        ]
-                    )
-                ),
+        if kind == "causal-lm":
+            report.update(
+                _export_decoder(
+                    float_model, graph, target, quantize, onnxruntime, prompt_tokens, decode_steps
+                )
             )
         else:
+            report.update(
+                _export_encoder(
+                    float_model,
+                    kind,
+                    graph,
+                    target,
+                    quantize,
+                    onnxruntime,
+                    check_rows,
+                    check_tokens,
+                )
+            )
+        if quantize is None:
             for file in Path(scratch).iterdir():
                 shutil.move(str(file), folder / file.name)
         config = getattr(model, "config", None)
@@ -332,6 +395,216 @@ def export_onnx(
         )
         report["folder_bytes"] = folder_bytes(folder)
         write_report(folder, report)
+    return report
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """What ``laserrmt export --format onnx`` prints of an export's report."""
+    check = report["check"]
+    if report.get("kind", "causal-lm") == "causal-lm":
+        lines = [
+            f"ONNX Runtime vs torch, float32 logits: max |diff| "
+            f"{check['max_abs_logit_diff_vs_torch']:.3g}"
+        ]
+        if "int8" in report:
+            q = report["int8"]
+            lines.append(
+                f"int8 vs float32 ONNX: max |diff| {q['max_abs_logit_diff_vs_float32_onnx']:.3g}, "
+                f"top-1 agreement {q['top1_agreement_vs_float32_onnx']:.3f}"
+            )
+    else:
+        lines = [
+            f"ONNX Runtime vs torch, float32 {check['output']} on {check['rows']} padded "
+            f"rows: max |diff| {check['max_abs_diff_vs_torch']:.3g}"
+        ]
+        if "int8" in report:
+            q = report["int8"]
+            line = f"int8 vs float32 ONNX: max |diff| {q['max_abs_diff_vs_float32_onnx']:.3g}"
+            if "label_agreement_vs_float32_onnx" in q:
+                line += f", label agreement {q['label_agreement_vs_float32_onnx']:.3f}"
+            lines.append(line)
+    lines.append(f"model.onnx: {report['onnx_bytes'] / 1e6:.1f} MB")
+    return lines
+
+
+def _checked(reference: list[np.ndarray], got: list[np.ndarray], what: str) -> dict[str, float]:
+    """The largest difference, or one line saying the graph is wrong."""
+    diff = _max_diff(reference, got)
+    tolerance = ONNX_TOLERANCE * max(1.0, max(float(np.abs(x).max()) for x in reference))
+    if not diff <= tolerance:
+        raise NumericalError(
+            f"ONNX Runtime's {what} differ from torch's by {diff:.3g} (allowed "
+            f"{tolerance:.3g}); the graph is wrong, please report it"
+        )
+    return {"diff": diff, "tolerance": tolerance}
+
+
+def _export_decoder(
+    model: Any,
+    graph: Path,
+    target: Path,
+    quantize: str | None,
+    onnxruntime: Any,
+    prompt_tokens: int,
+    decode_steps: int,
+) -> dict[str, Any]:
+    prompt, steps = _check_ids(int(model.config.vocab_size), prompt_tokens, decode_steps)
+    started = time.perf_counter()
+    shapes = _export_graph(model, graph)
+    export_seconds = time.perf_counter() - started
+    reference = _torch_decode(model, prompt, steps)
+    float_logits = run_decode(_session(onnxruntime, graph), shapes, prompt, steps)
+    checked = _checked(reference, float_logits, "logits")
+    inputs, outputs = _names(len(shapes) // 2)
+    report: dict[str, Any] = {
+        "inputs": inputs,
+        "outputs": outputs,
+        "cache_shapes_per_token": [list(s) for s in shapes],
+        "check": {
+            "output": "logits",
+            "prompt_tokens": prompt_tokens,
+            "decode_steps": decode_steps,
+            "max_abs_logit_diff_vs_torch": checked["diff"],
+            "tolerance": checked["tolerance"],
+        },
+        "export_seconds": round(export_seconds, 2),
+    }
+    if quantize == "int8":
+        report["int8"] = _quantize_int8(graph, target)
+        int8_logits = run_decode(_session(onnxruntime, target), shapes, prompt, steps)
+        report["int8"].update(
+            max_abs_logit_diff_vs_float32_onnx=_max_diff(float_logits, int8_logits),
+            top1_agreement_vs_float32_onnx=float(
+                np.mean(
+                    [
+                        float(np.mean(x.argmax(-1) == y.argmax(-1)))
+                        for x, y in zip(float_logits, int8_logits, strict=True)
+                    ]
+                )
+            ),
+        )
+    return report
+
+
+class _EncoderStep(nn.Module):
+    """One forward pass of an encoder or classifier, returning the one output tensor."""
+
+    def __init__(self, model: nn.Module, output: str) -> None:
+        super().__init__()
+        self.model = model
+        self.output = output
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **types)
+        result: torch.Tensor = getattr(out, self.output)
+        return result
+
+
+def encoder_inputs(model: nn.Module) -> list[str]:
+    """The graph inputs of an encoder: ids and mask, and token types when ``forward`` takes them."""
+    names = ["input_ids", "attention_mask"]
+    if "token_type_ids" in inspect.signature(model.forward).parameters:
+        names.append("token_type_ids")
+    return names
+
+
+def _export_encoder_graph(model: nn.Module, output: str, inputs: list[str], file: Path) -> None:
+    from torch.export import Dim
+
+    # Example sizes ≥ 2 so that torch.export keeps both dimensions symbolic.
+    example = tuple(torch.ones(2, 3, dtype=torch.long) for _ in inputs)
+    axes = {0: Dim("batch"), 1: Dim("sequence")}
+    with _quiet(*_EXPORTER_LOGGERS):
+        torch.onnx.export(
+            _EncoderStep(model, output).eval(),
+            example,
+            str(file),
+            input_names=inputs,
+            output_names=[output],
+            dynamic_shapes=tuple(axes for _ in inputs),
+            opset_version=_OPSET,
+            dynamo=True,
+            external_data=weight_bytes(model) > SINGLE_FILE_LIMIT,
+            verbose=False,
+        )
+
+
+def padded_batch(config: Any, inputs: list[str], rows: int, tokens: int) -> dict[str, np.ndarray]:
+    """``rows`` random sequences right-padded to ``tokens``: the first full, the last 2 tokens.
+
+    Padding is the config's ``pad_token_id`` (0 when unset) with mask 0; token types, when the
+    graph takes them, are random among the config's ``type_vocab_size``.
+    """
+    rng = np.random.default_rng(0)
+    tokens = min(tokens, int(getattr(config, "max_position_embeddings", tokens)))
+    lengths = np.linspace(tokens, 2, rows).round().astype(np.int64)
+    mask = (np.arange(tokens)[None] < lengths[:, None]).astype(np.int64)
+    pad = int(getattr(config, "pad_token_id", None) or 0)
+    ids = rng.integers(0, int(config.vocab_size), (rows, tokens))
+    feed = {"input_ids": np.where(mask == 1, ids, pad), "attention_mask": mask}
+    if "token_type_ids" in inputs:
+        types = int(getattr(config, "type_vocab_size", 1))
+        feed["token_type_ids"] = rng.integers(0, types, (rows, tokens)) * mask
+    return feed
+
+
+def _valid(output: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Hidden states at the unpadded positions (padded ones have no meaning); logits as they are."""
+    return output[mask == 1] if output.ndim == 3 else output
+
+
+def _export_encoder(
+    model: nn.Module,
+    kind: str,
+    graph: Path,
+    target: Path,
+    quantize: str | None,
+    onnxruntime: Any,
+    rows: int,
+    tokens: int,
+) -> dict[str, Any]:
+    output = ENCODER_OUTPUTS[kind]
+    inputs = encoder_inputs(model)
+    started = time.perf_counter()
+    _export_encoder_graph(model, output, inputs, graph)
+    export_seconds = time.perf_counter() - started
+    feed = padded_batch(model.config, inputs, rows, tokens)
+    with torch.no_grad():
+        out = model(**{name: torch.from_numpy(x) for name, x in feed.items()})
+    mask = feed["attention_mask"]
+    reference = _valid(getattr(out, output).numpy(), mask)
+    float_out = np.asarray(_session(onnxruntime, graph).run([output], feed)[0])
+    checked = _checked([reference], [_valid(float_out, mask)], output)
+    report: dict[str, Any] = {
+        "inputs": inputs,
+        "outputs": [output],
+        "dynamic_axes": {name: ["batch", "sequence"] for name in inputs},
+        "check": {
+            "output": output,
+            "rows": int(mask.shape[0]),
+            "tokens": int(mask.shape[1]),
+            "padded_rows": int((mask == 0).any(axis=1).sum()),
+            "max_abs_diff_vs_torch": checked["diff"],
+            "tolerance": checked["tolerance"],
+        },
+        "export_seconds": round(export_seconds, 2),
+    }
+    if quantize == "int8":
+        report["int8"] = _quantize_int8(graph, target)
+        int8_out = np.asarray(_session(onnxruntime, target).run([output], feed)[0])
+        report["int8"]["max_abs_diff_vs_float32_onnx"] = _max_diff(
+            [_valid(float_out, mask)], [_valid(int8_out, mask)]
+        )
+        if kind == "sequence-classifier":
+            report["int8"]["label_agreement_vs_float32_onnx"] = float(
+                np.mean(float_out.argmax(-1) == int8_out.argmax(-1))
+            )
     return report
 
 
@@ -380,13 +653,8 @@ def _quantize_int8(source: Path, target: Path) -> dict[str, Any]:
         bits=8,
     )
     quantizer = MatMulNBitsQuantizer(model, algo_config=config)
-    log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
-    level = log.level
-    log.setLevel(logging.WARNING)  # it logs every node it visits at INFO
-    try:
+    with _quiet("onnxruntime.quantization.matmul_nbits_quantizer"):  # INFO on every node
         quantizer.process()
-    finally:
-        log.setLevel(level)
     quantized = quantizer.model.model
     external = quantized.ByteSize() > SINGLE_FILE_LIMIT
     onnx.save(
@@ -401,5 +669,8 @@ def _quantize_int8(source: Path, target: Path) -> dict[str, Any]:
         f"accuracy_level {_ACCURACY_LEVEL}",
         "quantized_matmuls": nodes.count("MatMulNBits"),
         "float_matmuls_left": nodes.count("MatMul"),
+        # The exporter writes a linear layer on 2-D inputs (a pooler, a classifier) as a Gemm,
+        # which the quantizer leaves in float32.
+        "float_gemms_left": nodes.count("Gemm"),
         "tied_weights_untied": untied,
     }

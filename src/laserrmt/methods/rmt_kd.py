@@ -38,6 +38,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,9 +56,9 @@ from laserrmt.distill import (
     is_main_process,
     model_inputs,
 )
-from laserrmt.errors import DataError, InvalidOptionError, PlanError
+from laserrmt.errors import DataError, InvalidOptionError, PlanError, TargetSelectionError
 from laserrmt.evaluate import count_parameters
-from laserrmt.models.widths import WidthSite, find_width_sites
+from laserrmt.models.widths import WidthSite, find_width_sites, shared_channel_sites
 from laserrmt.outputs import write_text_atomic
 from laserrmt.plan import WidthDecision, WidthPlan
 from laserrmt.stats.activations import collect_site_statistics, site_rank
@@ -90,7 +91,9 @@ class SiteRecord:
     ``status`` is ``"kept"`` (cut and kept), ``"reverted"`` (cut, metric fell too far, undone),
     ``"skipped-floor"`` (k/d under the floor), ``"full"`` (all directions are signal: nothing to
     cut), ``"unjudged"`` (the rank rule could not judge the spectrum, ``rank_status`` says why:
-    nothing cut) or ``"skipped-target"`` (the parameter target was met before this site).
+    nothing cut), ``"skipped-target"`` (the parameter target was met before this site) or
+    ``"skipped-shared"`` (a channel site that feeds a skip connection, which cannot be cut
+    alone; ``reason`` says how, see :func:`laserrmt.models.widths.shared_channel_sites`).
     """
 
     index: int
@@ -111,6 +114,7 @@ class SiteRecord:
     loss_first: float | None = None
     loss_last: float | None = None
     rank_status: str = "ok"
+    reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -219,6 +223,31 @@ def _resolve_sites(model: nn.Module, sites: Sequence[WidthSite | str] | None) ->
     return resolved
 
 
+def _shared_sites(
+    model: nn.Module,
+    site_list: list[WidthSite],
+    asked: Sequence[WidthSite | str] | None,
+    batch: Any,
+) -> dict[str, str]:
+    """Channel sites that feed a skip connection: a site named by the caller is refused, one
+    found by kind is skipped with a warning (and a record saying why)."""
+    shared = shared_channel_sites(model, site_list, batch)
+    named = {s.name if isinstance(s, WidthSite) else s for s in asked or ()}
+    for name, reason in shared.items():
+        if name in named:
+            raise TargetSelectionError(
+                f"width site {name} cannot be cut on its own: {reason}; leave it out of the sites"
+            )
+    if shared:
+        warnings.warn(
+            f"RMT-KD skips {len(shared)} of {len(site_list)} width sites that feed a skip "
+            "connection (a residual add): "
+            + "; ".join(f"{name}: {reason}" for name, reason in shared.items()),
+            stacklevel=3,
+        )
+    return shared
+
+
 def _save_checkpoint(
     folder: Path, model: nn.Module, state: dict[str, Any], settings: dict[str, Any]
 ) -> None:
@@ -302,6 +331,8 @@ def rmt_kd(
     Raises:
         InvalidOptionError: bad options, an unknown site, ``resume`` without a checkpoint
             folder, or a checkpoint made with other settings.
+        TargetSelectionError: ``sites`` names a channel site that feeds a skip connection
+            (found by kind or by default, such a site is skipped with a warning instead).
     """
     check_options(
         task=task,
@@ -319,6 +350,7 @@ def rmt_kd(
         raise InvalidOptionError("pass at least one calibration batch and one training batch")
     original = model
     site_list = _resolve_sites(model, sites)
+    shared = _shared_sites(model, site_list, sites, calibration[0])
     settings = {
         "task": task,
         "sites": [s.name for s in site_list],
@@ -378,6 +410,28 @@ def rmt_kd(
         site_seed = seed + index
         t0 = time.perf_counter()
         params_now = _parameters(work)
+        if site.name in shared:
+            records.append(
+                SiteRecord(
+                    index,
+                    site.name,
+                    site.kind,
+                    site.width,
+                    site.width,
+                    float("nan"),
+                    float("nan"),
+                    params_now,
+                    params_now,
+                    current_metric,
+                    current_metric,
+                    "skipped-shared",
+                    0.0,
+                    site_seed,
+                    reason=shared[site.name],
+                )
+            )
+            handled += 1
+            continue
         if target_params is not None and params_now <= target_params:
             records.append(
                 SiteRecord(

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
+import torch
 from torch import nn
 
 from laserrmt.errors import InvalidOptionError, TargetSelectionError
@@ -36,6 +37,7 @@ __all__ = [
     "attention_layout",
     "find_width_sites",
     "residual_site",
+    "shared_channel_sites",
 ]
 
 
@@ -118,9 +120,10 @@ def find_width_sites(model: nn.Module, kinds: Sequence[SiteKind] | None = None) 
     :mod:`laserrmt.models.architectures`). ``"channels"``: the output channels of each
     ``Conv2d`` (groups = 1) whose next layer in registration order (after optional BatchNorm2d
     layers) is a ``Conv2d`` reading exactly those channels or a ``Linear`` reading them
-    flattened. That rule holds for plain chains (``nn.Sequential`` CNNs such as LeNet/VGG),
-    **not** for networks with skip connections (ResNet), where a convolution's output has
-    several readers; name the sites yourself there. ``"residual"``: the residual stream of a
+    flattened. That rule holds for plain chains (``nn.Sequential`` CNNs such as LeNet/VGG);
+    in networks with skip connections (ResNet) it also lists convolutions whose output is added
+    to a skip connection, which cannot be cut alone: :func:`shared_channel_sites` finds them on
+    a batch (RMT-KD skips them and says so). ``"residual"``: the residual stream of a
     Llama-style model (see :func:`laserrmt.surgery.width.slice_residual_stream`); only listed
     when asked for. ``"attn_vo"`` / ``"attn_qk"`` (both: ``"attention"``): the per-head
     value/output and query/key widths of BERT-style encoder self-attention (see
@@ -167,3 +170,121 @@ def attention_layout(model: nn.Module, site: WidthSite) -> SelfAttentionLayout:
     raise TargetSelectionError(
         f"site {site.name}: {site.producers[0]} is not a BERT-style self-attention any more"
     )
+
+
+def shared_channel_sites(
+    model: nn.Module, sites: Sequence[WidthSite], batch: Any
+) -> dict[str, str]:
+    """The ``"channels"`` sites whose channels are not theirs alone to cut, each with the reason.
+
+    A channel site can be cut when its consumer reads the producer's channels and nothing else,
+    and nothing else reads them. A skip connection breaks either: the consumer reads the
+    channels *plus* a shortcut (the convolution before a residual add), or the channels also
+    travel around the consumer (the stem of a ResNet, whose output is a block's identity
+    shortcut). Both are tested on ``batch`` (a calibration batch; model in eval mode, no grad),
+    exactly rather than by reading the code:
+
+    1. the producer's output held fixed while the input changes must leave the consumer's
+       input unchanged;
+    2. the producer's output changed while the consumer's input is held fixed must leave the
+       model's output unchanged.
+
+    Other kinds of site are not tested (their layouts are known per architecture).
+    """
+    found = {}
+    for site in sites:
+        if site.kind == "channels":
+            reason = _shared_reason(model, site, batch)
+            if reason:
+                found[site.name] = reason
+    return found
+
+
+def _shared_reason(model: nn.Module, site: WidthSite, batch: Any) -> str:
+    from laserrmt.stats.forward import run_forward
+
+    producer = model.get_submodule(site.producers[0])
+    consumer = model.get_submodule(site.consumer)
+    produced: list[torch.Tensor] = []
+    read: list[tuple[Any, ...]] = []
+    outputs: list[torch.Tensor] = []
+
+    def keep_output(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        produced.append(output.clone())
+
+    def keep_input(module: nn.Module, args: tuple[Any, ...], kwargs: Any) -> None:
+        read.append(tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+
+    def after(batch: Any, output: Any) -> None:
+        outputs.append(_output_tensor(output))
+
+    run_forward(
+        model,
+        [batch],
+        [(producer, "output", keep_output), (consumer, "input", keep_input)],
+        after_each=after,
+    )
+    reference_read, reference_out = list(read), outputs[0]
+
+    calls = iter(produced)
+    read.clear()
+    run_forward(
+        model,
+        [_perturbed(batch)],
+        [(producer, "output", lambda m, a, o: next(calls)), (consumer, "input", keep_input)],
+    )
+    if not all(_same(a, b) for a, b in zip(read, reference_read, strict=True)):
+        return (
+            f"{site.consumer} also reads what {site.name} does not produce (a skip connection "
+            "adds into its input)"
+        )
+
+    given = iter(reference_read)
+    outputs.clear()
+    run_forward(
+        model,
+        [batch],
+        [
+            (producer, "output", lambda m, a, o: _perturbed(o)),
+            (consumer, "input", lambda m, a, k: (next(given), k)),
+        ],
+        after_each=after,
+    )
+    if not _same(outputs[0], reference_out):
+        return (
+            f"{site.name}'s output also reaches the model's output around {site.consumer} (a "
+            "skip connection reads it)"
+        )
+    return ""
+
+
+def _output_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    return _output_tensor(output[0])
+
+
+def _perturbed(value: Any) -> Any:
+    """Floating-point tensors plus noise of their own scale (seeded); anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        generator = torch.Generator().manual_seed(0)
+        noise = torch.randn(value.shape, generator=generator, dtype=value.dtype)
+        return value + noise.to(value.device) * (value.std() + 1)
+    if isinstance(value, Mapping):
+        return {k: _perturbed(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return type(value)(_perturbed(v) for v in value)
+    return value
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal up to float rounding (the same operations on the same numbers, maybe reordered)."""
+    if isinstance(a, tuple):
+        return all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if not isinstance(a, torch.Tensor):
+        return bool(a == b)
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    return a.shape == b.shape and bool(torch.allclose(a, b, rtol=0, atol=1e-5 * (1 + scale)))
