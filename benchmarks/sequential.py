@@ -9,7 +9,11 @@ Perplexity under the pinned protocol (carried through the blocks) and on Shakesp
 never used for calibration; the saved folder loaded and evaluated). Writes
 ``benchmarks/results/sequential.md``.
 
-    python -m benchmarks.sequential [--ratios 0.2 0.4] [--refine-steps 32]
+With ``--heal-steps N`` each row's saved folder is also healed (distillation towards the dense
+model's top-64 next-token distribution on calibration windows, the healing defaults of
+``compress``) and measured again as its own row.
+
+    python -m benchmarks.sequential [--ratios 0.2 0.4] [--refine-steps 32] [--heal-steps 200]
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from benchmarks.common import RESULTS, write_result
 from laserrmt.data.text import (
     PROTOCOL,
@@ -29,6 +35,7 @@ from laserrmt.data.text import (
     shakespeare_windows,
 )
 from laserrmt.evaluate import perplexity, track_peak_memory
+from laserrmt.methods.heal import heal, healing_teacher
 from laserrmt.models.checkpoint import open_checkpoint
 from laserrmt.models.loading import checkpoint_tokenizer, default_model_folder
 from laserrmt.models.streaming import BlockStream
@@ -46,6 +53,10 @@ def main() -> None:
     parser.add_argument("--refine-lr", type=float, default=1e-4)
     parser.add_argument("--sparse-share", type=float, default=0.2)
     parser.add_argument("--shakespeare-windows", type=int, default=16)
+    parser.add_argument("--heal-steps", type=int, default=0)
+    parser.add_argument(
+        "--variants", type=int, nargs="+", help="the variants' positions to run (default: all)"
+    )
     parser.add_argument(
         "--append", action="store_true", help="keep the rows of the last run (sequential.json)"
     )
@@ -73,6 +84,9 @@ def main() -> None:
             },
         ),
     ]
+    if args.variants:
+        variants = [variants[i] for i in args.variants]
+    healing = healing_inputs(folder, tokenizer, args.heal_steps) if args.heal_steps else None
     rows: list[list[Any]] = []
     dense: dict[str, float] = {}
     if args.append and RAW.is_file():
@@ -99,6 +113,8 @@ def main() -> None:
                 write_compressed(stream.model, out, plan=result.plan, weights_written=True)
                 model, _ = load(out)
                 shk = perplexity(model, shakespeare, progress=False).perplexity
+                if healing is not None:
+                    healed = healed_row(model, healing, evaluation, shakespeare, args.heal_steps)
                 del model
             if plan is None:
                 plan = result.plan
@@ -129,7 +145,54 @@ def main() -> None:
                 ]
             )
             print(rows[-1], flush=True)
+            if healing is not None:
+                pinned, shk, *rest = healed
+                rows.append(
+                    [
+                        f"{ratio:.0%}",
+                        f"{label} + healing ({args.heal_steps} steps)",
+                        pinned,
+                        shk,
+                        rows[-1][4],
+                        *rest,
+                    ]
+                )
+                print(rows[-1], flush=True)
             write(rows, dense, args)
+
+
+def healing_inputs(folder: Path, tokenizer: Any, steps: int) -> tuple[torch.Tensor, Any]:
+    """The healing windows (one per step, from the calibration split) and the dense model's
+    top-k cache on them, computed once for every row."""
+    windows = calibration_windows(tokenizer, n_windows=steps, at_most=True)
+    dense_model, _ = load_dense(folder)
+    teacher = healing_teacher(dense_model, windows)
+    del dense_model
+    return windows, teacher
+
+
+def healed_row(
+    model: Any,
+    healing: tuple[torch.Tensor, Any],
+    evaluation: torch.Tensor,
+    shakespeare: torch.Tensor,
+    steps: int,
+) -> list[str]:
+    """Heal ``model`` in place; the row's perplexities, seconds and peak (the healing's own)."""
+    windows, teacher = healing
+    start = time.perf_counter()
+    with track_peak_memory() as peak:
+        heal(model, teacher, windows, steps=steps, progress=False)
+    seconds = time.perf_counter() - start
+    pinned = perplexity(model, evaluation, progress=False).perplexity
+    shk = perplexity(model, shakespeare, progress=False).perplexity
+    return [
+        f"{pinned:.2f}",
+        f"{shk:.2f}",
+        f"{seconds:.0f} (healing)",
+        f"{peak['peak_bytes'] / 2**20:.0f}",
+        "",
+    ]
 
 
 def load_dense(folder: Path) -> Any:

@@ -38,6 +38,7 @@ import contextlib
 import copy
 import functools
 import math
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
@@ -54,6 +56,7 @@ from laserrmt.allocation import largest_paying_rank
 from laserrmt.distill import TopKLogits
 from laserrmt.errors import InvalidOptionError, NumericalError
 from laserrmt.evaluate import PerplexityResult, _logits, _nll_sum
+from laserrmt.memory import return_freed_memory
 from laserrmt.methods.budget import decide_ranks, factor_source
 from laserrmt.methods.heal import HEAL_TOP_K, healing_batches
 from laserrmt.models.architectures import is_causal_lm
@@ -201,17 +204,35 @@ def streamed_fisher_rows(
     stream: BlockStream, windows: torch.Tensor, names: Sequence[str], *, progress: bool = True
 ) -> dict[str, torch.Tensor]:
     """Row sums of the diagonal Fisher of each named weight, ``Σ_windows Σ_j (∂L/∂W_ij)²``
-    with ``L`` the model's own mean loss on one window (labels = inputs), as
+    with ``L`` the mean next-token loss on one window (the model's loss for labels = inputs), as
     :func:`~laserrmt.stats.calibration.collect_fisher_diagonal` with ``rows=True`` computes it
-    in memory; here each block is recomputed from its kept input and differentiated alone."""
+    in memory; here each block is recomputed from its input and differentiated alone.
+
+    The blocks' inputs (windows × tokens × hidden each) wait on disk for the backward pass, in
+    their own dtype, so that only the head's working memory comes on top of one block.
+    """
+    with tempfile.TemporaryDirectory(prefix="laserrmt-fisher-") as spill:
+        return _fisher_rows(stream, windows, names, Path(spill), progress)
+
+
+def _fisher_rows(
+    stream: BlockStream,
+    windows: torch.Tensor,
+    names: Sequence[str],
+    spill: Path,
+    progress: bool,
+) -> dict[str, torch.Tensor]:
     runner = BlockRunner(stream, windows)
     n_blocks = len(stream.blocks)
-    inputs: list[list[torch.Tensor]] = []
     hidden = list(runner.hidden)
     bar = _bar(2 * n_blocks, "Fisher information (streamed)", progress)
     with torch.no_grad():
         for index in range(n_blocks):
-            inputs.append(hidden)
+            # safetensors writes from host memory: the spill's one device round trip.
+            save_file(
+                {str(w): h.detach().cpu().contiguous() for w, h in enumerate(hidden)},
+                str(spill / f"{index}.safetensors"),
+            )
             with stream.block(index) as block:
                 hidden = _carry(runner, index, block, hidden)
             _tick(bar)
@@ -219,15 +240,18 @@ def streamed_fisher_rows(
     with torch.enable_grad(), stream.outer():
         for window, final in enumerate(hidden):
             final = final.detach().requires_grad_(True)
-            loss = runner.output(window, final, labels=runner.windows[window]).loss
-            if loss is None or not bool(torch.isfinite(loss)):
+            logits = _logits(runner.output(window, final))
+            loss, logit_grad = _nll_and_gradient(logits, runner.windows[window])
+            if not math.isfinite(loss):
                 raise NumericalError(
-                    f"the loss of calibration window {window} is not finite (or the model "
-                    "returns none for labels=input_ids); check the data and the dtype"
+                    f"the loss of calibration window {window} is {loss}; check the data and "
+                    "the dtype"
                 )
-            (grad,) = torch.autograd.grad(loss, final)
+            (grad,) = torch.autograd.grad(logits, final, grad_outputs=logit_grad)
+            del logits, logit_grad
             grads.append(grad)
     del hidden
+    return_freed_memory()  # the head's logits and their gradients
     fishers: dict[str, torch.Tensor] = {}
     for index in reversed(range(n_blocks)):
         prefix = runner.block_prefix(index)
@@ -238,8 +262,9 @@ def streamed_fisher_rows(
             weights: list[torch.Tensor] = [_weight_of(n, m) for n, m in modules.items()]
             for w in weights:
                 w.requires_grad_(True)
-            for window, x in enumerate(inputs[index]):
-                x = x.detach().requires_grad_(index > 0)
+            kept = load_file(str(spill / f"{index}.safetensors"))
+            for window in range(len(grads)):
+                x = kept.pop(str(window)).to(stream.device).requires_grad_(index > 0)
                 out = runner.call(index, block, window, x)
                 wanted = ([x] if index > 0 else []) + weights
                 parts = torch.autograd.grad(out, wanted, grad_outputs=grads[window])
@@ -250,13 +275,41 @@ def streamed_fisher_rows(
                 ):
                     rows = _as_out_by_in(module, g.detach().to(torch.float64)).square().sum(dim=1)
                     fishers[name] = fishers[name] + rows if name in fishers else rows
-        inputs[index] = []
         _tick(bar)
     bar.close()
     for name, value in fishers.items():
         if not bool(torch.isfinite(value).all()):
             raise NumericalError(f"{name}: its Fisher information contains NaN or Inf")
     return fishers
+
+
+def _nll_and_gradient(
+    logits: torch.Tensor, ids: torch.Tensor, chunk: int = 64
+) -> tuple[float, torch.Tensor]:
+    """The mean next-token NLL of one window ([1, T, V] logits, [1, T] ids: the causal-LM loss
+    of ``labels=input_ids``) and its gradient with respect to the logits, ``(softmax − one-hot)
+    / (T − 1)`` (zero at the last position, which predicts nothing), by chunks of positions.
+
+    The gradient overwrites the logits, which their backward pass does not read unless the
+    operation that made them saved its result (then it gets a buffer of its own): autograd
+    through a cross-entropy would hold three logits-sized tensors."""
+    flat = logits.detach().view(-1, logits.shape[-1])
+    grad = torch.empty_like(flat) if hasattr(logits.grad_fn, "_saved_result") else flat
+    targets = ids[0, 1:]
+    count = targets.shape[0]
+    total = 0.0
+    precision = torch.promote_types(flat.dtype, torch.float32)  # at least float32
+    for start in range(0, count, chunk):
+        wanted = targets[start : start + chunk]
+        part = flat[start : start + wanted.shape[0]].to(precision)
+        norm = torch.logsumexp(part, dim=1, keepdim=True)
+        rows = torch.arange(wanted.shape[0], device=part.device)
+        total += float((norm[:, 0] - part[rows, wanted]).sum())
+        probabilities = (part - norm).exp_()
+        probabilities[rows, wanted] -= 1.0
+        grad[start : start + wanted.shape[0]] = probabilities.div_(count)
+    grad[count:] = 0.0
+    return total / count, grad.view_as(logits)
 
 
 def _in(name: str, prefix: str) -> bool:

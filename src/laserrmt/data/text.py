@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from laserrmt.errors import DataError
+from laserrmt.memory import return_freed_memory
 
 PROTOCOL_NAME = "wikipedia-gensim-enwiki-v1"
 WINDOW = 512
@@ -166,6 +167,8 @@ def _token_ids(tokenizer: Any, text: str) -> np.ndarray:
         encoded = tokenizer(text, add_special_tokens=False)
     ids = np.asarray(encoded["input_ids"], dtype=np.int64)
     ids.setflags(write=False)
+    del encoded
+    return_freed_memory()  # the tokenizer's working memory for a long text: hundreds of MB
     if fingerprint is not None:
         if len(_TOKEN_CACHE) >= _TOKEN_CACHE_SIZE:
             del _TOKEN_CACHE[next(iter(_TOKEN_CACHE))]

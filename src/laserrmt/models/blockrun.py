@@ -146,7 +146,8 @@ class BlockRunner:
             # The output format (tensor or tuple) of the blocks, from one real call.
             with self.stream.block(0) as block:
                 self._tuple_output = isinstance(block(*first[0], **first[1]), tuple | list)
-            self._forward(0)
+            # Stopped at the last block: the head's logits are not needed here.
+            self._forward(0, stop_at=len(self.blocks) - 1)
             calls = [c for c in self._recording if c is not None]
             if len(calls) != len(self.blocks):
                 raise ModelLoadError(
