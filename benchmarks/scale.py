@@ -92,11 +92,12 @@ def run_budget_variant(variant: str, out: Path) -> None:
 
 
 def _largest_tensor_difference(a: Path, b: Path) -> float:
-    """The largest absolute difference between the two folders' tensors (inf if names differ)."""
+    """The largest absolute difference between the two folders' tensors (inf if their names or
+    shapes differ)."""
     from laserrmt.surgery.shards import WeightFiles
 
     left, right = dict(WeightFiles(a).tensors()), dict(WeightFiles(b).tensors())
-    if left.keys() != right.keys():
+    if left.keys() != right.keys() or any(left[k].shape != right[k].shape for k in left):
         return math.inf
     return max(float((left[k].double() - right[k].double()).abs().max()) for k in left)
 
@@ -127,6 +128,11 @@ def budget_section(tmp: Path) -> str:
         for variant, run in runs.items()
     ]
     same_plan = streamed["plan"] == reference["plan"]
+    ranks = [
+        f"{x['module']} {x['rank']} against {y['rank']}"
+        for x, y in zip(streamed["plan"], reference["plan"], strict=True)
+        if x.get("rank") != y.get("rank")
+    ]
     difference = _largest_tensor_difference(Path(reference["folder"]), Path(streamed["folder"]))
     table = markdown_table(
         ("variant", "resident at start MiB", "peak MiB", "seconds", "time / in-memory"), rows
@@ -142,8 +148,9 @@ def budget_section(tmp: Path) -> str:
         + table
         + f"\n\nPeak ratio in-memory / streaming: "
         f"{reference['peak_bytes'] / streamed['peak_bytes']:.2f}. The streamed plan equals the "
-        f"in-memory plan: {same_plan}; largest difference between the two folders' tensors: "
-        f"{difference:.1e}."
+        f"in-memory plan: {same_plan}"
+        + (f" (ranks streamed against in memory: {'; '.join(ranks)})" if ranks else "")
+        + f"; largest difference between the two folders' tensors: {difference:.1e}."
     )
 
 

@@ -21,7 +21,6 @@ from laserrmt.models.streaming import BlockStream
 from laserrmt.models.targets import find_targets
 from laserrmt.pipeline import _cut
 from laserrmt.sequential import (
-    _nll_and_gradient,
     compress_streaming,
     streamed_fisher_rows,
     streamed_perplexity,
@@ -397,24 +396,3 @@ def test_a_refinement_that_does_not_help_is_reverted(tmp_path):
             assert all(r["error_after"] == r["error_before"] for r in result.refinement)
     # The reverted parameters are the closed-form fit's, not merely reported as such.
     assert torch.equal(outputs["fit"], outputs["diverged"])
-
-
-@pytest.mark.parametrize("saved", [False, True])
-def test_the_loss_gradient_by_chunks_equals_autograd_through_cross_entropy(saved):
-    # Against autograd through torch's cross-entropy, with a window length that is not a
-    # multiple of the chunk; ``saved``: the logits come from an operation that keeps its result
-    # for its backward pass (tanh), so they must not be overwritten.
-    torch.manual_seed(0)
-    z = torch.randn(1, 23, 11, dtype=torch.float64, requires_grad=True)
-    ids = torch.randint(0, 11, (1, 23))
-
-    def logits_of(z):
-        return torch.tanh(z) * 3 if saved else z * 3
-
-    expected = torch.nn.functional.cross_entropy(logits_of(z)[0, :-1], ids[0, 1:])
-    (want,) = torch.autograd.grad(expected, z)
-    logits = logits_of(z)
-    loss, grad = _nll_and_gradient(logits, ids, chunk=5)
-    (got,) = torch.autograd.grad(logits, z, grad_outputs=grad)
-    assert loss == pytest.approx(float(expected), rel=1e-12)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -69,6 +69,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from laserrmt.errors import InvalidOptionError, NumericalError
+from laserrmt.stats.forward import output_logits
 
 Task = Literal["causal-lm", "classification"]
 TASKS: tuple[str, ...] = ("causal-lm", "classification")
@@ -338,20 +339,6 @@ def warmup_cosine(step: int, steps: int, warmup_steps: int, floor: float) -> flo
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / span))
 
 
-def _output_logits(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise InvalidOptionError(
-        f"the model returned {type(output).__name__}, which holds no logits; return a tensor "
-        "or an object with a .logits attribute"
-    )
-
-
 def _device_of(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
@@ -400,7 +387,7 @@ def batch_logits_and_labels(
             output = model(**{k: _to(v, device) for k, v in inputs.items()})
         else:
             output = model(_to(inputs, device))
-        return _output_logits(output), labels
+        return output_logits(output), labels
 
     kwargs: dict[str, Any] = (
         {k: _to(v, device) for k, v in inputs.items()}
@@ -409,7 +396,7 @@ def batch_logits_and_labels(
     )
     if "use_cache" not in kwargs:
         kwargs["use_cache"] = False
-    return _output_logits(model(**kwargs))[:, :-1], labels
+    return output_logits(model(**kwargs))[:, :-1], labels
 
 
 def _batch_labels(batch: Any, task: Task) -> torch.Tensor:

@@ -44,7 +44,7 @@ from laserrmt.errors import (
     TargetSelectionError,
 )
 from laserrmt.models.placement import model_device, place_model
-from laserrmt.stats.forward import eval_mode
+from laserrmt.stats.forward import eval_mode, output_logits
 from laserrmt.surgery.io import weight_bytes
 
 #: File suffixes that hold weights, for ``size_on_disk(..., weights_only=True)``.
@@ -63,13 +63,6 @@ def _synchronize(device: torch.device) -> None:
     # CUDA kernels run asynchronously: a timer read without a sync measures the launch only.
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _logits(output: Any) -> torch.Tensor:
-    logits = getattr(output, "logits", None)
-    if logits is None:
-        logits = output if isinstance(output, torch.Tensor) else output[0]
-    return logits
 
 
 def _check_count(name: str, value: int, minimum: int) -> None:
@@ -170,7 +163,7 @@ def perplexity(
     ):
         for start in range(0, windows.shape[0], batch_size):
             ids = windows[start : start + batch_size].to(device=device, dtype=torch.long)
-            logits = _logits(model(ids, **kwargs))
+            logits = output_logits(model(ids, **kwargs))
             vocab = logits.shape[-1]
             nll = _nll_sum(logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1))
             if not math.isfinite(nll):
@@ -477,7 +470,7 @@ def measure_latency(
         _synchronize(device)
         start = time.perf_counter()
         out = model(prompt, use_cache=True)
-        token = _logits(out)[:, -1:].argmax(-1)
+        token = output_logits(out)[:, -1:].argmax(-1)
         _synchronize(device)
         prefilled = time.perf_counter()
         cache = _returned_cache(out)
@@ -488,7 +481,7 @@ def measure_latency(
             )
         for _ in range(new_tokens):
             out = model(token, use_cache=True, **{cache_argument: cache})
-            cache, token = _returned_cache(out), _logits(out)[:, -1:].argmax(-1)
+            cache, token = _returned_cache(out), output_logits(out)[:, -1:].argmax(-1)
         _synchronize(device)
         end = time.perf_counter()
         return (prefilled - start) * 1e3, new_tokens / (end - prefilled)

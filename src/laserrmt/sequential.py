@@ -55,7 +55,7 @@ from transformers.pytorch_utils import Conv1D
 from laserrmt.allocation import largest_paying_rank
 from laserrmt.distill import TopKLogits
 from laserrmt.errors import InvalidOptionError, NumericalError
-from laserrmt.evaluate import PerplexityResult, _logits, _nll_sum
+from laserrmt.evaluate import PerplexityResult, _nll_sum
 from laserrmt.memory import return_freed_memory
 from laserrmt.methods.budget import decide_ranks, factor_source
 from laserrmt.methods.heal import HEAL_TOP_K, healing_batches
@@ -64,7 +64,13 @@ from laserrmt.models.blockrun import BlockRunner
 from laserrmt.models.streaming import BlockStream
 from laserrmt.models.targets import Target, find_targets, select_targets, weight_matrix
 from laserrmt.plan import CompressionPlan
-from laserrmt.stats.calibration import _as_out_by_in, _StatisticsHooks, _weight_of
+from laserrmt.stats.calibration import (
+    _as_out_by_in,
+    _StatisticsHooks,
+    _weight_of,
+    causal_lm_gradient,
+)
+from laserrmt.stats.forward import output_logits
 from laserrmt.surgery.apply import apply_plan
 from laserrmt.surgery.lowrank import factorize
 from laserrmt.surgery.quantize import quantizable_modules, quantize_model_int8
@@ -123,7 +129,7 @@ class StreamedCompression:
 
 def _nll(runner: BlockRunner, window: int, final: torch.Tensor) -> tuple[float, int]:
     ids = runner.windows[window]
-    logits = _logits(runner.output(window, final))
+    logits = output_logits(runner.output(window, final))
     vocab = logits.shape[-1]
     nll = _nll_sum(logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1))
     if not math.isfinite(nll):
@@ -190,7 +196,7 @@ def streamed_teacher(
     with torch.no_grad(), stream.outer():
         for batch in batches:
             rows = range(start, start + batch.shape[0])
-            logits = torch.cat([_logits(runner.output(w, hidden[w]))[:, :-1] for w in rows])
+            logits = torch.cat([output_logits(runner.output(w, hidden[w]))[:, :-1] for w in rows])
             teacher.append(TopKLogits.from_logits(logits, top_k))
             start = rows.stop
     return teacher
@@ -240,8 +246,8 @@ def _fisher_rows(
     with torch.enable_grad(), stream.outer():
         for window, final in enumerate(hidden):
             final = final.detach().requires_grad_(True)
-            logits = _logits(runner.output(window, final))
-            loss, logit_grad = _nll_and_gradient(logits, runner.windows[window])
+            logits = output_logits(runner.output(window, final))
+            loss, logit_grad = causal_lm_gradient(logits, runner.windows[window])
             if not math.isfinite(loss):
                 raise NumericalError(
                     f"the loss of calibration window {window} is {loss}; check the data and "
@@ -281,35 +287,6 @@ def _fisher_rows(
         if not bool(torch.isfinite(value).all()):
             raise NumericalError(f"{name}: its Fisher information contains NaN or Inf")
     return fishers
-
-
-def _nll_and_gradient(
-    logits: torch.Tensor, ids: torch.Tensor, chunk: int = 64
-) -> tuple[float, torch.Tensor]:
-    """The mean next-token NLL of one window ([1, T, V] logits, [1, T] ids: the causal-LM loss
-    of ``labels=input_ids``) and its gradient with respect to the logits, ``(softmax − one-hot)
-    / (T − 1)`` (zero at the last position, which predicts nothing), by chunks of positions.
-
-    The gradient overwrites the logits, which their backward pass does not read unless the
-    operation that made them saved its result (then it gets a buffer of its own): autograd
-    through a cross-entropy would hold three logits-sized tensors."""
-    flat = logits.detach().view(-1, logits.shape[-1])
-    grad = torch.empty_like(flat) if hasattr(logits.grad_fn, "_saved_result") else flat
-    targets = ids[0, 1:]
-    count = targets.shape[0]
-    total = 0.0
-    precision = torch.promote_types(flat.dtype, torch.float32)  # at least float32
-    for start in range(0, count, chunk):
-        wanted = targets[start : start + chunk]
-        part = flat[start : start + wanted.shape[0]].to(precision)
-        norm = torch.logsumexp(part, dim=1, keepdim=True)
-        rows = torch.arange(wanted.shape[0], device=part.device)
-        total += float((norm[:, 0] - part[rows, wanted]).sum())
-        probabilities = (part - norm).exp_()
-        probabilities[rows, wanted] -= 1.0
-        grad[start : start + wanted.shape[0]] = probabilities.div_(count)
-    grad[count:] = 0.0
-    return total / count, grad.view_as(logits)
 
 
 def _in(name: str, prefix: str) -> bool:

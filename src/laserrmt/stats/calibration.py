@@ -31,6 +31,7 @@ whole-model pass (:func:`collect_fisher_diagonal`) with one backward per calibra
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from laserrmt.errors import InvalidOptionError, NumericalError, TargetSelectionError
-from laserrmt.stats.forward import Batch, call_model, eval_mode, run_forward
+from laserrmt.stats.forward import Batch, call_model, eval_mode, output_logits, run_forward
 
 Where = Literal["input", "output"]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -847,6 +848,40 @@ def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     return loss
 
 
+def causal_lm_gradient(
+    logits: torch.Tensor, ids: torch.Tensor, chunk: int = 64
+) -> tuple[float, torch.Tensor]:
+    """The mean next-token cross-entropy of ``[B, T, V]`` logits on ``[B, T]`` ids (what a
+    causal LM returns as its loss for ``labels = input_ids``) and its gradient with respect to
+    the logits, ``(softmax − one-hot) / (B (T − 1))``, zero at each window's last position
+    (which predicts nothing); by chunks of positions, in at least float32.
+
+    The gradient overwrites the logits, which their backward pass does not read unless the
+    operation that made them saved its result (then it gets a buffer of its own): autograd
+    through a cross-entropy would hold three logits-sized tensors at once, and the head's
+    logits are the largest tensors of a forward pass (T × vocabulary).
+    """
+    windows, length, vocab = logits.shape
+    flat = logits.detach().view(-1, vocab)
+    grad = torch.empty_like(flat) if hasattr(logits.grad_fn, "_saved_result") else flat
+    count = windows * (length - 1)
+    precision = torch.promote_types(flat.dtype, torch.float32)
+    total = 0.0
+    for window in range(windows):
+        for start in range(0, length - 1, chunk):
+            wanted = ids[window, start + 1 : start + 1 + chunk]
+            at = window * length + start
+            part = flat[at : at + wanted.shape[0]].to(precision)
+            norm = torch.logsumexp(part, dim=1, keepdim=True)
+            rows = torch.arange(wanted.shape[0], device=part.device)
+            total += float((norm[:, 0] - part[rows, wanted]).sum())
+            probabilities = (part - norm).exp_()
+            probabilities[rows, wanted] -= 1.0
+            grad[at : at + wanted.shape[0]] = probabilities.div_(count)
+        grad[(window + 1) * length - 1] = 0.0
+    return total / count, grad.view_as(logits)
+
+
 def _weight_of(name: str, module: nn.Module) -> torch.Tensor:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, nn.Parameter) or weight.dim() < 2:
@@ -860,6 +895,33 @@ def _as_out_by_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
     if isinstance(module, Conv1D):  # stores in × out
         return tensor.T
     return tensor.reshape(tensor.shape[0], -1)
+
+
+def _loss_gradients(
+    model: nn.Module,
+    batch: Batch,
+    index: int,
+    loss_fn: LossFn | None,
+    weights: list[torch.Tensor],
+) -> tuple[torch.Tensor | None, ...]:
+    """∂L/∂W of one batch; without ``loss_fn``, a batch of ids is a causal LM's
+    (:func:`causal_lm_gradient`), anything else goes through :func:`causal_lm_loss`."""
+    if loss_fn is None and isinstance(batch, torch.Tensor):
+        logits = output_logits(call_model(model, batch))
+        loss, logit_grad = causal_lm_gradient(logits, batch.to(logits.device))
+        if not math.isfinite(loss):
+            raise NumericalError(
+                f"the loss of calibration batch {index} is {loss}; check the data and the "
+                "model dtype"
+            )
+        return torch.autograd.grad(logits, weights, grad_outputs=logit_grad, allow_unused=True)
+    value = (loss_fn or causal_lm_loss)(model, batch)
+    if value.dim() != 0 or not bool(torch.isfinite(value)):
+        raise NumericalError(
+            f"the loss of calibration batch {index} is not a finite scalar "
+            f"({value.shape}); check the data and the model dtype"
+        )
+    return torch.autograd.grad(value, weights, allow_unused=True)
 
 
 def collect_fisher_diagonal(
@@ -892,7 +954,6 @@ def collect_fisher_diagonal(
     """
     modules = _resolve(model, module_names)
     weights = {name: _weight_of(name, m) for name, m in modules.items()}
-    loss_fn = loss_fn or causal_lm_loss
     listed = _as_batches(batches)
     fishers: dict[str, torch.Tensor] = {}
     flags = {id(w): (w, w.requires_grad) for w in weights.values()}
@@ -902,13 +963,7 @@ def collect_fisher_diagonal(
                 w.requires_grad_(True)
             bar = tqdm(listed, desc="Fisher information", unit="batch", disable=not progress)
             for index, batch in enumerate(bar):
-                loss = loss_fn(model, batch)
-                if loss.dim() != 0 or not bool(torch.isfinite(loss)):
-                    raise NumericalError(
-                        f"the loss of calibration batch {index} is not a finite scalar "
-                        f"({loss.shape}); check the data and the model dtype"
-                    )
-                grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
+                grads = _loss_gradients(model, batch, index, loss_fn, list(weights.values()))
                 for (name, module), grad in zip(modules.items(), grads, strict=True):
                     if grad is None:
                         raise TargetSelectionError(

@@ -131,3 +131,18 @@ def batches_fingerprint(batches: Iterable[Batch]) -> str:
                 "dicts of model keyword arguments"
             )
     return digest.hexdigest()
+
+
+def output_logits(output: Any) -> torch.Tensor:
+    """The logits a model returned: the tensor itself, its ``.logits``, or its first element."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise InvalidOptionError(
+        f"the model returned {type(output).__name__}, which holds no logits; return a tensor "
+        "or an object with a .logits attribute"
+    )
