@@ -129,9 +129,9 @@ def budget_section(tmp: Path) -> str:
     ]
     same_plan = streamed["plan"] == reference["plan"]
     ranks = [
-        f"{x['module']} {x['rank']} against {y['rank']}"
-        for x, y in zip(streamed["plan"], reference["plan"], strict=True)
-        if x.get("rank") != y.get("rank")
+        f"{name} {streamed['plan'].get(name)} against {decision}"
+        for name, decision in reference["plan"].items()
+        if streamed["plan"].get(name) != decision
     ]
     difference = _largest_tensor_difference(Path(reference["folder"]), Path(streamed["folder"]))
     table = markdown_table(

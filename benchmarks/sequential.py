@@ -55,6 +55,12 @@ def main() -> None:
     parser.add_argument("--shakespeare-windows", type=int, default=16)
     parser.add_argument("--heal-steps", type=int, default=0)
     parser.add_argument(
+        "--heal-variants",
+        type=int,
+        nargs="+",
+        help="the variants' positions to heal (default: all)",
+    )
+    parser.add_argument(
         "--variants", type=int, nargs="+", help="the variants' positions to run (default: all)"
     )
     parser.add_argument(
@@ -84,6 +90,7 @@ def main() -> None:
             },
         ),
     ]
+    healed_labels = {variants[i][0] for i in args.heal_variants or range(len(variants))}
     if args.variants:
         variants = [variants[i] for i in args.variants]
     healing = healing_inputs(folder, tokenizer, args.heal_steps) if args.heal_steps else None
@@ -113,7 +120,8 @@ def main() -> None:
                 write_compressed(stream.model, out, plan=result.plan, weights_written=True)
                 model, _ = load(out)
                 shk = perplexity(model, shakespeare, progress=False).perplexity
-                if healing is not None:
+                heals = label in healed_labels
+                if healing is not None and heals:
                     healed = healed_row(model, healing, evaluation, shakespeare, args.heal_steps)
                 del model
             if plan is None:
@@ -145,7 +153,7 @@ def main() -> None:
                 ]
             )
             print(rows[-1], flush=True)
-            if healing is not None:
+            if healing is not None and heals:
                 pinned, shk, *rest = healed
                 rows.append(
                     [

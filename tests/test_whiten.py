@@ -9,6 +9,7 @@ import torch
 from laserrmt.errors import InvalidOptionError, NumericalError
 from laserrmt.surgery.lowrank import LowRankLinear, factor_weight
 from laserrmt.surgery.whiten import (
+    SharedWhitening,
     activation_aware_factors,
     weighted_spectrum,
     weighted_svd,
@@ -210,3 +211,32 @@ def test_free_rank_counts_planted_directions_above_the_bulk():
     x = rng.standard_normal((20000, n))  # isotropic inputs: G / n ≈ I
     choice = free_rank(w, x.T @ x, n_samples=x.shape[0], method="mp")
     assert choice.rank == r
+
+
+def test_modules_sharing_a_gram_share_one_whitening(monkeypatch):
+    # Two weights reading one input (one Gram object) get the SVDs they would get alone, from
+    # one eigendecomposition; another Gram, or the same after release, is decomposed again.
+    import laserrmt.surgery.whiten as whiten
+
+    calls = []
+    original = whiten.whitening_factor
+    monkeypatch.setattr(
+        whiten, "whitening_factor", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    x = torch.from_numpy(_anisotropic_inputs())
+    gram, other = x.T @ x, (2 * x).T @ (2 * x)
+    weights = [
+        torch.randn(M, N, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+        for i in range(2)
+    ]
+    shared = SharedWhitening()
+    for w in weights:
+        got = weighted_svd(w, whiten="svdllm", gram=gram, n_samples=N_SAMPLES, shared=shared)
+        alone = original(gram, n_samples=N_SAMPLES)
+        expected = torch.linalg.svdvals(w @ alone.S)
+        torch.testing.assert_close(got.s, expected, rtol=1e-12, atol=1e-12)
+    assert len(calls) == 1
+    weighted_svd(weights[0], whiten="svdllm", gram=other, n_samples=N_SAMPLES, shared=shared)
+    shared.release()
+    weighted_svd(weights[0], whiten="svdllm", gram=other, n_samples=N_SAMPLES, shared=shared)
+    assert len(calls) == 3

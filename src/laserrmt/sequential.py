@@ -79,7 +79,12 @@ from laserrmt.surgery.replace import set_submodule
 from laserrmt.surgery.shards import ShardWriter
 from laserrmt.surgery.sparse import factorize_sparse, sparse_factorizer
 from laserrmt.surgery.spill import FactorSpill
-from laserrmt.surgery.whiten import DEFAULT_FLOOR, compensated_svd, weighted_svd
+from laserrmt.surgery.whiten import (
+    DEFAULT_FLOOR,
+    SharedWhitening,
+    compensated_svd,
+    weighted_svd,
+)
 
 __all__ = [
     "StreamedCompression",
@@ -643,6 +648,7 @@ def compress_streaming(
                         stats = hooks.finalize()
                     finally:
                         hooks.remove()
+                    shared = SharedWhitening()
                     for name in local:
                         grams = whiten in ("svdllm", "asvd")
                         svd = weighted_svd(
@@ -653,6 +659,7 @@ def compress_streaming(
                             fisher=fisher_rows.get(name),
                             floor=floor,
                             module=name,
+                            shared=shared,
                         )
                         values[name] = svd.s.cpu().numpy()
                         if sparse_share and not compensate:
@@ -661,7 +668,7 @@ def compress_streaming(
                         if k > 0 and not compensate:  # to disk at once: one matrix held
                             spill.write({name: (svd.U[:, :k], svd.s[:k], svd.Vh[:k])})
                         del svd
-                    del stats
+                    del stats, shared
                     if evaluator is not None:
                         eval_hidden = _carry(evaluator, index, block, eval_hidden)
                 _tick(bar)

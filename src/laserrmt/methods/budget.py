@@ -51,7 +51,7 @@ from laserrmt.surgery.io import weight_bytes
 from laserrmt.surgery.lowrank import LowRankLinear
 from laserrmt.surgery.quantize import int8_matrix_bytes, is_quantizable
 from laserrmt.surgery.spill import FactorSpill
-from laserrmt.surgery.whiten import DEFAULT_FLOOR, WHITEN_METHODS, weighted_svd
+from laserrmt.surgery.whiten import DEFAULT_FLOOR, WHITEN_METHODS, SharedWhitening, weighted_svd
 
 ALLOCATIONS = ("global", "uniform")
 
@@ -283,6 +283,7 @@ def spill_weighted_factors(
     bar = tqdm(
         total=len(names), desc=f"weighted SVD ({whiten})", unit="matrix", disable=not progress
     )
+    shared = SharedWhitening()
     try:
         for name, stats in stream:
             svd = weighted_svd(
@@ -293,6 +294,7 @@ def spill_weighted_factors(
                 fisher=fisher.get(name),
                 floor=floor,
                 module=name,
+                shared=shared,
             )
             del stats
             values[name] = svd.s.cpu().numpy()
@@ -305,6 +307,7 @@ def spill_weighted_factors(
             if left[block] == 0:
                 spill.write(pending)
                 pending.clear()
+                shared.release()
             bar.update(1)
     finally:
         bar.close()

@@ -63,6 +63,7 @@ __all__ = [
     "ASVD_ALPHA",
     "DEFAULT_FLOOR",
     "WHITEN_METHODS",
+    "SharedWhitening",
     "WeightedSVD",
     "WhitenMethod",
     "Whitening",
@@ -276,6 +277,31 @@ def whitening_factor(
     )
 
 
+class SharedWhitening:
+    """The whitening of the Gram last asked for, reused while the next module shares that Gram
+    object (q/k/v and gate/up read one input, so their statistics hold one Gram): one
+    eigendecomposition per input instead of per module. :meth:`release` drops it (at the end
+    of a block, so that it does not outlive the block's statistics)."""
+
+    def __init__(self) -> None:
+        self._gram: Any = None
+        self._whitening: Whitening | None = None
+
+    def __call__(
+        self, gram: Any, *, floor: float, n_samples: int | None, module: str | None
+    ) -> Whitening:
+        if gram is not self._gram or self._whitening is None:
+            self.release()  # before the next one is computed: one factor pair at a time
+            self._whitening = whitening_factor(
+                gram, floor=floor, n_samples=n_samples, module=module
+            )
+            self._gram = gram
+        return self._whitening
+
+    def release(self) -> None:
+        self._gram, self._whitening = None, None
+
+
 # ---------------------------------------------------------------------------------------------
 # Weighted matrices and their SVD
 
@@ -301,6 +327,7 @@ def _weighting(
     floor: float,
     alpha: float,
     module: str | None,
+    shared: SharedWhitening | None = None,
 ) -> _Weighting:
     _check_method(whiten)
     floor = _check_floor(floor)
@@ -323,7 +350,9 @@ def _weighting(
                 "statistics first"
             )
         _check_gram_shape(gram, n, module)
-        whitening = whitening_factor(gram, floor=floor, n_samples=n_samples, module=module)
+        whitening = (shared or whitening_factor)(
+            gram, floor=floor, n_samples=n_samples, module=module
+        )
         info.update(whitening.to_dict())
         s = whitening.S.to(w.device)
         return _Weighting(w @ s, None, whitening.S_inv.to(w.device), info)
@@ -405,6 +434,7 @@ def weighted_svd(
     floor: float = DEFAULT_FLOOR,
     alpha: float = ASVD_ALPHA,
     module: str | None = None,
+    shared: SharedWhitening | None = None,
 ) -> WeightedSVD:
     """The generalised SVD of an ``m × n`` (out × in) weight for one whitening method.
 
@@ -423,6 +453,7 @@ def weighted_svd(
         floor: relative floor for eigenvalues / scales / Fisher row weights, in (0, 1).
         alpha: ASVD's exponent on the input scale.
         module: the module's name, for error messages.
+        shared: reuse ``svdllm``'s whitening for consecutive modules sharing ``gram``.
 
     Raises:
         InvalidOptionError: an unknown method, or statistics missing or of the wrong shape.
@@ -438,6 +469,7 @@ def weighted_svd(
         floor=floor,
         alpha=alpha,
         module=module,
+        shared=shared,
     )
     u, s, vh = _svd(weighting.matrix, module)
     if weighting.left_inv is not None:
