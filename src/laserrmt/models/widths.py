@@ -201,7 +201,7 @@ def shared_channel_sites(
 
 
 def _shared_reason(model: nn.Module, site: WidthSite, batch: Any) -> str:
-    from laserrmt.stats.forward import run_forward
+    from laserrmt.stats.forward import output_logits, run_forward
 
     producer = model.get_submodule(site.producers[0])
     consumer = model.get_submodule(site.consumer)
@@ -216,7 +216,7 @@ def _shared_reason(model: nn.Module, site: WidthSite, batch: Any) -> str:
         read.append(tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
 
     def after(batch: Any, output: Any) -> None:
-        outputs.append(_output_tensor(output))
+        outputs.append(output_logits(output))
 
     run_forward(
         model,
@@ -256,15 +256,6 @@ def _shared_reason(model: nn.Module, site: WidthSite, batch: Any) -> str:
             "skip connection reads it)"
         )
     return ""
-
-
-def _output_tensor(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    return _output_tensor(output[0])
 
 
 def _perturbed(value: Any) -> Any:
