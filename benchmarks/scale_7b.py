@@ -53,7 +53,7 @@ def generate(folder: Path, blocks: int, seed: int = 0) -> None:
     from laserrmt.surgery.shards import ShardWriter
 
     folder.mkdir(parents=True)
-    config = LlamaConfig(num_hidden_layers=blocks, torch_dtype="bfloat16", **SHAPE)
+    config = LlamaConfig(num_hidden_layers=blocks, dtype="bfloat16", **SHAPE)  # type: ignore[arg-type]
     config.save_pretrained(folder)
     with torch.device("meta"):
         skeleton = LlamaForCausalLM(config)
@@ -77,14 +77,16 @@ def measure(task: str, folder: Path, out: Path) -> None:
     from laserrmt.models.streaming import BlockStream
     from laserrmt.sequential import compress_streaming
 
-    torch.manual_seed(0)
-    ids = torch.randint(0, SHAPE["vocab_size"], (WINDOWS, LENGTH))
     start = time.perf_counter()
     with track_peak_memory() as peak:
         if task == "analyze":
             analyze_checkpoint(open_checkpoint(folder), progress=False)
         else:
             stream = BlockStream(open_checkpoint(folder), dtype=torch.bfloat16)
+            vocab = stream.model.config.vocab_size
+            ids = torch.randint(
+                0, vocab, (WINDOWS, LENGTH), generator=torch.Generator().manual_seed(0)
+            )
             with tempfile.TemporaryDirectory() as written:
                 compress_streaming(
                     stream,
@@ -102,6 +104,7 @@ def measure(task: str, folder: Path, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, nargs=2, default=[2, 4])
+    parser.add_argument("--tasks", nargs="+", default=["budget", "analyze"])
     parser.add_argument("--task", help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -111,10 +114,12 @@ def main() -> None:
         return
     results: dict[tuple[str, int], dict[str, float]] = {}
     with tempfile.TemporaryDirectory(dir=os.environ.get("LASERRMT_BENCH_DIR")) as tmp:
+        folders = {}
         for blocks in args.blocks:
-            folder = Path(tmp) / f"llama7b-{blocks}"
-            generate(folder, blocks)
-            for task in ("analyze", "budget"):
+            folders[blocks] = Path(tmp) / f"llama7b-{blocks}"
+            generate(folders[blocks], blocks)
+        for task in args.tasks:  # each task's pair written as soon as it is measured
+            for blocks in args.blocks:
                 out = Path(tmp) / f"{task}-{blocks}.json"
                 subprocess.run(
                     [
@@ -124,7 +129,7 @@ def main() -> None:
                         "--task",
                         task,
                         "--folder",
-                        str(folder),
+                        str(folders[blocks]),
                         "--out",
                         str(out),
                     ],
@@ -132,9 +137,15 @@ def main() -> None:
                 )
                 results[task, blocks] = json.loads(out.read_text())
                 print(task, blocks, results[task, blocks], flush=True)
+            write(results, args)
+
+
+def write(results: dict[tuple[str, int], dict[str, float]], args: argparse.Namespace) -> None:
     small, large = args.blocks
     rows = []
-    for task in ("analyze", "budget"):
+    for task in args.tasks:
+        if (task, large) not in results:
+            continue
         a, b = results[task, small], results[task, large]
         per_block = (b["seconds"] - a["seconds"]) / (large - small)
         fixed = a["seconds"] - per_block * small
