@@ -1,5 +1,6 @@
-"""Data-parallel healing and distillation: two CPU processes (gloo, launched by torchrun)
-end with the student a single process gets from the same global batches."""
+"""Data-parallel healing and distillation, replicated (DDP) and sharded (FSDP): two CPU
+processes (gloo, launched by torchrun) end with the student a single process gets from the
+same global batches."""
 
 from __future__ import annotations
 
@@ -13,7 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed_worker import distilled_classifier, healed_llama
+from distributed_worker import _mlp, distilled_classifier, healed_llama
+from laserrmt.cli import main
+from laserrmt.distill import distill
+from laserrmt.errors import InvalidOptionError
+from laserrmt.pipeline import CompressSettings
 from tiny_models import save_tiny, tiny_llama, tiny_tokenizer
 
 TESTS = Path(__file__).parent
@@ -55,14 +60,22 @@ def test_two_processes_heal_to_the_single_process_result(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert all("fewer than the 2 processes" in r["refusal"] for r in ranks)
     for model, expected in single.items():
-        for name, value in expected.items():
-            # DDP keeps the processes identical: the same all-reduced gradients, the same steps.
-            assert torch.equal(ranks[0][model][name], ranks[1][model][name]), name
-            # Against one process: the forward passes of 1 + 2 rows and the two-term gradient
-            # sum round differently in float32 (relative 1e-7 per operation); Adam's update is
-            # scale-free, so a step moves a weight by at most lr·(that relative error) more,
-            # and 3-4 steps at lr 1e-3..1e-2 stay far below 1e-6 (the weights are O(0.1-1)).
-            torch.testing.assert_close(ranks[0][model][name], value, rtol=0, atol=1e-6)
+        for run in (model, f"{model}_fsdp"):
+            for name, value in expected.items():
+                # DDP keeps the processes identical (the same all-reduced gradients, the same
+                # steps); FSDP's final all-gather gives both the same full tensors.
+                assert torch.equal(ranks[0][run][name], ranks[1][run][name]), (run, name)
+                # Against one process: the forward passes of 1 + 2 rows and the two-term
+                # gradient sum (all-reduced or reduce-scattered, both in float32) round
+                # differently (relative 1e-7 per operation); Adam's update is scale-free, so a
+                # step moves a weight by at most lr·(that relative error) more, and 3-4 steps at
+                # lr 1e-3..1e-2 stay far below 1e-6 (the weights are O(0.1-1)).
+                torch.testing.assert_close(ranks[0][run][name], value, rtol=0, atol=1e-6)
+    # Sharded, not replicated: the optimizer of each FSDP run (healing, then the classifier)
+    # held a part of the trainable elements in each process, and the two parts are the whole.
+    assert len(ranks[0]["held"]) == len(ranks[1]["held"]) == 2
+    for (held_0, total), (held_1, _) in zip(ranks[0]["held"], ranks[1]["held"], strict=True):
+        assert 0 < held_0 < total and 0 < held_1 < total and held_0 + held_1 == total
 
 
 @pytest.mark.slow
@@ -79,3 +92,23 @@ def test_compress_under_torchrun_heals_in_both_and_writes_from_process_zero(tmp_
     assert run.stdout.count("saved: ") == 1  # process 1 neither prints nor writes
     healing = json.loads((out / "laserrmt.json").read_text())["settings"]["compress"]["healing"]
     assert healing["batch_size"] == 2 and healing["teacher"] == "top-64 cache"
+
+
+def test_sharding_without_a_process_group_is_refused(tmp_path, capsys):
+    batches = [(torch.randn(2, 6), torch.tensor([0, 1]))]
+    with pytest.raises(InvalidOptionError, match=r"shard=True .* launch with torchrun"):
+        distill(_mlp(1), _mlp(0), batches, steps=1, lr=1e-2, task="classification", shard=True)
+    with pytest.raises(InvalidOptionError, match="add --heal-steps or --heal-tokens"):
+        CompressSettings(heal_fsdp=True).validate()
+    folder = save_tiny(tiny_llama(), tmp_path / "tiny", tiny_tokenizer())
+    code = main(
+        [
+            *("--quiet", "compress", str(folder), "--method", "budget", "--no-eval"),
+            *("--target-params", "0.3", "--heal-steps", "2", "--heal-fsdp"),
+            *("--out", str(tmp_path / "out")),
+        ]
+    )
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.startswith("laserrmt: error:")]
+    assert code == 2 and len(lines) == 1 and "launch with torchrun" in lines[0], err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

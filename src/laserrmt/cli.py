@@ -809,6 +809,12 @@ def _add_healing_arguments(parser: argparse.ArgumentParser) -> None:
         help="healing's teacher: the original model's k most probable next tokens per position "
         "plus a tail bucket, computed once before the cut (default 64)",
     )
+    heal.add_argument(
+        "--heal-fsdp",
+        action="store_true",
+        help="under torchrun: shard the model, its gradients and optimizer state over the "
+        "processes with FSDP instead of replicating them (DDP)",
+    )
 
 
 def run_compress(args: argparse.Namespace) -> int:
@@ -862,6 +868,7 @@ def run_compress(args: argparse.Namespace) -> int:
         heal_lora_rank=args.heal_lora_rank,
         heal_schedule=args.heal_schedule,
         heal_warmup=args.heal_warmup,
+        heal_fsdp=args.heal_fsdp,
         quantize=args.quantize,
         sparse_share=args.sparse_share,
         correct_rank=args.correct_rank,

@@ -42,16 +42,30 @@ Data parallelism
 ----------------
 When :mod:`torch.distributed` is initialised (``torchrun``/``accelerate launch`` set the
 environment; :func:`init_distributed` starts the process group from it), :func:`distill`
-trains data-parallel with torch's ``DistributedDataParallel``: every process holds the same
-batches, takes a disjoint slice of the rows of each step's (global) batch and of the teacher's
-cache, and the loss of a slice is its *sum* over positions divided by the position count of the
-whole global batch, so that the gradients DDP averages are those of the single-process mean
-over the global batch. FSDP (sharding a model that does not fit on one device) is not offered:
-every process runs the whole compression before healing, so the model must fit on each anyway.
+trains data-parallel: every process holds the same batches, takes a disjoint slice of the rows
+of each step's (global) batch and of the teacher's cache, and the loss of a slice is its *sum*
+over positions divided by the position count of the whole global batch, so that the gradients
+the processes average are those of the single-process mean over the global batch.
+
+By default the student is replicated with torch's ``DistributedDataParallel``: every process
+holds the whole model, its gradients and its optimizer state, and the gradients are
+all-reduced once a step. With ``shard=True`` it is sharded with torch's FSDP2
+(``fully_shard``), for a student whose training state does not fit on one device: one unit
+per transformer block (:func:`~laserrmt.stats.calibration.find_blocks`; a model without
+repeated blocks is one unit), then the root. Each process keeps ``1/N`` of every parameter,
+of its gradient and of AdamW's two moments; a unit's parameters are all-gathered for its
+forward and backward, and every batch's gradients are reduce-scattered into the shards. FSDP
+works on a copy of the student's module tree over the same tensors (the student's modules are
+never changed) and the storage of the student's parameters is released while it trains; when
+training ends (or fails) every parameter's full value is all-gathered back into the student's
+own parameter on every process. Every process still runs the whole compression before healing,
+so the model must fit on each outside the steps; a teacher passed as a model is held whole by
+every process (use its top-k cache).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -69,6 +83,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from laserrmt.errors import InvalidOptionError, NumericalError
+from laserrmt.stats.calibration import BlocksNotFoundError, find_blocks
 from laserrmt.stats.forward import output_logits
 
 Task = Literal["causal-lm", "classification"]
@@ -85,6 +100,7 @@ __all__ = [
     "init_distributed",
     "is_main_process",
     "model_inputs",
+    "require_process_group",
     "teacher_top_k",
     "warmup_cosine",
 ]
@@ -482,6 +498,15 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def require_process_group(option: str) -> None:
+    """Refuse ``option`` (sharded training) outside a :mod:`torch.distributed` process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise InvalidOptionError(
+            f"{option} shards training over the processes of a distributed launch, and none "
+            "was started; launch with torchrun --nproc_per_node N (or accelerate launch)"
+        )
+
+
 def is_main_process() -> bool:
     """Whether this process writes outputs and progress: rank 0, or the only process."""
     return _rank_and_world()[0] == 0
@@ -531,6 +556,7 @@ def distill(
     optimizer: Callable[[list[nn.Parameter], float], torch.optim.Optimizer] | None = None,
     progress: bool = True,
     seed: int = 0,
+    shard: bool = False,
 ) -> TrainLog:
     """Fine-tune ``student`` towards ``teacher`` with :func:`distillation_loss` for ``steps`` steps.
 
@@ -553,11 +579,13 @@ def distill(
     the same arguments; each trains on its slice of the rows of every batch, and the student
     ends identical in all processes and equal, up to float32 rounding, to a single-process run
     on the same batches. Dropout masks and train-mode batch normalisation are per slice, as in
-    any DDP run; progress shows in process 0 only.
+    any DDP run; progress shows in process 0 only. ``shard=True`` shards the student with FSDP
+    instead of replicating it (the same result; see the module docstring); ``optimizer`` then
+    receives the sharded parameters.
 
     Raises:
         InvalidOptionError: a bad task, option or batch form; a cache that does not match the
-            batches; a batch with fewer rows than processes.
+            batches; a batch with fewer rows than processes; ``shard`` without a process group.
         NumericalError: the loss became NaN or Inf (lower ``lr``).
     """
     _check_task(task)
@@ -567,6 +595,8 @@ def distill(
         raise InvalidOptionError(f"accumulate={accumulate}; use at least 1 batch a step")
     if not (lr > 0 and math.isfinite(lr)):
         raise InvalidOptionError(f"lr={lr}; use a positive learning rate")
+    if shard:
+        require_process_group("shard=True")
     listed = list(batches)
     if not listed:
         raise InvalidOptionError("no training batches; pass at least one batch")
@@ -607,7 +637,13 @@ def distill(
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            if world > 1:
+            if shard:
+                # Built after the requires_grad flags are set: FSDP copies them to the shards.
+                model = _sharded_copy(student)
+                shards = dict(model.named_parameters())
+                names = {id(p): n for n, p in student.named_parameters()}
+                params = [shards[names[id(p)]] for p in params]
+            elif world > 1:
                 device = _device_of(student)
                 # Built after the requires_grad flags are set: DDP reduces the trainable only.
                 model = DistributedDataParallel(
@@ -645,9 +681,12 @@ def distill(
                 opt.zero_grad(set_to_none=True)
                 value = 0.0
                 for position, index in enumerate(chunk):
-                    # DDP all-reduces on the last batch of the step only.
+                    # DDP all-reduces on the last batch of the step only. FSDP reduce-scatters
+                    # every batch's gradients into the shards (adding up to the same sum):
+                    # deferring would hold whole gradients, which sharding exists to avoid.
                     last = position == len(chunk) - 1
-                    sync = model.no_sync() if world > 1 and not last else nullcontext()  # type: ignore[operator]
+                    deferred = world > 1 and not shard and not last
+                    sync = model.no_sync() if deferred else nullcontext()  # type: ignore[operator]
                     with sync:
                         value += _accumulate_batch(
                             model,
@@ -676,6 +715,8 @@ def distill(
                     }
                 )
     finally:
+        if shard and model is not student:
+            _gather_into(student, model)
         del model
         for p in student.parameters():
             p.requires_grad_(flags.get(id(p), p.requires_grad))
@@ -684,6 +725,46 @@ def distill(
             module.training = training
     log.seconds = time.perf_counter() - started
     return log
+
+
+def _sharded_copy(student: nn.Module) -> nn.Module:
+    """A copy of ``student``'s module tree over the same tensors, sharded with FSDP2 over all
+    processes: each transformer block a unit, then the root. The student's parameters are
+    emptied until :func:`_gather_into` gives them back their (trained) full values."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    # With every tensor memoised, deepcopy copies modules only: FSDP swaps classes, adds hooks
+    # and replaces parameters on the copy, and the caller's modules stay as they were.
+    tensors = [*student.parameters(), *student.buffers()]
+    shell = copy.deepcopy(student, {id(t): t for t in tensors})
+    mesh = init_device_mesh(_device_of(student).type, (dist.get_world_size(),))
+    try:
+        _, blocks = find_blocks(shell)
+    except BlocksNotFoundError:
+        blocks = nn.ModuleList()  # a model without repeated blocks is one unit
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(shell, mesh=mesh)
+    # FSDP copied each process's shard; the whole tensors would only hold memory meanwhile.
+    for p in student.parameters():
+        p.data = p.data.new_empty(0)
+    return shell
+
+
+def _gather_into(student: nn.Module, shell: nn.Module) -> None:
+    """All-gather every parameter of the sharded ``shell`` into the student's own parameter of
+    the same name, on every process."""
+    from torch.distributed.fsdp import FSDPModule
+
+    # A step that failed inside a forward or backward leaves some units unsharded.
+    for module in shell.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    shards = dict(shell.named_parameters())
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            p.data = shards[name].full_tensor()  # type: ignore[attr-defined]
 
 
 def _accumulate_batch(
@@ -715,6 +796,6 @@ def _accumulate_batch(
     total = loss.detach().clone()
     if world > 1:
         dist.all_reduce(total)
-    # DDP averages the processes' gradients; the sum is the global batch's.
+    # DDP and FSDP average the processes' gradients; the sum is the global batch's.
     (loss * world).backward()
     return float(total)

@@ -18,7 +18,7 @@ from torch import nn
 from laserrmt.analyze import AnalysisResult, analyze_model
 from laserrmt.data.sources import TextSource, open_text_source
 from laserrmt.data.text import PROTOCOL_NAME
-from laserrmt.distill import TopKLogits
+from laserrmt.distill import TopKLogits, require_process_group
 from laserrmt.errors import InvalidOptionError, NumericalError, PlanError
 from laserrmt.evaluate import PerplexityResult, perplexity
 from laserrmt.methods.budget import ALLOCATIONS, budget_plan, replay_factors
@@ -116,6 +116,9 @@ class CompressSettings:
     heal_lora_rank: int | None = None
     heal_schedule: str = "cosine"
     heal_warmup: float = 0.05
+    #: Under ``torchrun``: shard the healed model over the processes with FSDP instead of
+    #: replicating it with DDP (for training state that does not fit on one device).
+    heal_fsdp: bool = False
     quantize: str | None = None
     #: Budget method: the fraction of each factorized matrix's parameters spent on the largest
     #: entries of its residual (:mod:`laserrmt.surgery.sparse`); 0 keeps plain factors.
@@ -205,6 +208,12 @@ class CompressSettings:
                 )
             if self.heal_lora_rank < 1:
                 raise InvalidOptionError("--heal-lora-rank must be ≥ 1")
+        if self.heal_fsdp:
+            if not self.heals:
+                raise InvalidOptionError(
+                    "--heal-fsdp shards the healing steps; add --heal-steps or --heal-tokens"
+                )
+            require_process_group("--heal-fsdp")
 
     def validate(self) -> None:
         """Check every option before anything is loaded or measured (one line per mistake)."""
@@ -442,6 +451,7 @@ def _heal(
         warmup=settings.heal_warmup,
         seed=settings.seed,
         progress=progress,
+        shard=settings.heal_fsdp,
     )
 
 

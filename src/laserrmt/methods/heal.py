@@ -16,7 +16,8 @@ calibration text only. What trains is one of :data:`HEAL_PARAMS`:
 
 The dense model's distribution is computed once per batch *before* the surgery and kept as its
 top-k classes plus a tail bucket (:func:`healing_teacher`), so healing holds no second copy of
-the model. Under ``torchrun`` the steps run data-parallel (:func:`laserrmt.distill.distill`).
+the model. Under ``torchrun`` the steps run data-parallel (:func:`laserrmt.distill.distill`):
+replicated with DDP, or with ``shard=True`` sharded with FSDP over the processes.
 """
 
 from __future__ import annotations
@@ -219,6 +220,7 @@ def heal(
     temperature: float = 1.0,
     seed: int = 0,
     progress: bool = True,
+    shard: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune the ``params`` set of ``student`` (:data:`HEAL_PARAMS`) for ``steps`` steps
     of ``accumulate`` × ``batch_size`` windows; returns the training log.
@@ -226,6 +228,8 @@ def heal(
     ``teacher`` is the dense model, or its :func:`healing_teacher` cache made with the same
     ``windows``, ``batch_size`` and ``temperature``. The learning rate follows ``schedule``
     (:data:`SCHEDULES`) with a warm-up over the first ``warmup`` fraction of the steps.
+    ``shard`` shards the student with FSDP under ``torchrun`` instead of replicating it
+    (refused without a process group).
     """
     check_healing_options(params, schedule, warmup)
     factors = factor_parameters(student)
@@ -253,6 +257,7 @@ def heal(
             lr_schedule=lambda step: warmup_cosine(step, steps, warmup_steps, floor),
             progress=progress,
             seed=seed,
+            shard=shard,
         )
     if isinstance(teacher, nn.Module):
         kind, held, tail = (
@@ -276,6 +281,7 @@ def heal(
         "batch_size": batch_size,
         "accumulate": accumulate,
         "params": params,
+        "sharded": shard,
         "lora_rank": lora_rank if adapters else None,
         "teacher": kind,
         "teacher_bytes": held,
