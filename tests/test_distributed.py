@@ -79,19 +79,22 @@ def test_two_processes_heal_to_the_single_process_result(tmp_path):
 
 
 @pytest.mark.slow
-def test_compress_under_torchrun_heals_in_both_and_writes_from_process_zero(tmp_path):
+@pytest.mark.parametrize("sharded", [False, True])
+def test_compress_under_torchrun_heals_in_both_and_writes_from_process_zero(tmp_path, sharded):
     folder = save_tiny(tiny_llama(), tmp_path / "tiny", tiny_tokenizer())
     out = tmp_path / "out"
     command, env = _torchrun(
         *("-m", "laserrmt.cli", "compress", str(folder), "--method", "budget"),
         *("--target-params", "0.3", "--calibration-windows", "2", "--no-eval"),
         *("--heal-steps", "2", "--heal-batch-size", "2", "--out", str(out)),
+        *(["--heal-fsdp"] if sharded else []),
     )
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("saved: ") == 1  # process 1 neither prints nor writes
     healing = json.loads((out / "laserrmt.json").read_text())["settings"]["compress"]["healing"]
     assert healing["batch_size"] == 2 and healing["teacher"] == "top-64 cache"
+    assert healing["sharded"] is sharded
 
 
 def test_sharding_without_a_process_group_is_refused(tmp_path, capsys):
@@ -101,14 +104,15 @@ def test_sharding_without_a_process_group_is_refused(tmp_path, capsys):
     with pytest.raises(InvalidOptionError, match="add --heal-steps or --heal-tokens"):
         CompressSettings(heal_fsdp=True).validate()
     folder = save_tiny(tiny_llama(), tmp_path / "tiny", tiny_tokenizer())
-    code = main(
-        [
-            *("--quiet", "compress", str(folder), "--method", "budget", "--no-eval"),
-            *("--target-params", "0.3", "--heal-steps", "2", "--heal-fsdp"),
-            *("--out", str(tmp_path / "out")),
-        ]
-    )
-    err = capsys.readouterr().err
-    lines = [line for line in err.strip().splitlines() if line.startswith("laserrmt: error:")]
-    assert code == 2 and len(lines) == 1 and "launch with torchrun" in lines[0], err
-    assert "Traceback" not in err and not (tmp_path / "out").exists()
+    for method, fragment in (("budget", "launch with torchrun"), ("rmt-kd", "drop --heal-fsdp")):
+        code = main(
+            [
+                *("--quiet", "compress", str(folder), "--method", method, "--no-eval"),
+                *("--target-params", "0.3", "--heal-steps", "2", "--heal-fsdp"),
+                *("--out", str(tmp_path / "out")),
+            ]
+        )
+        err = capsys.readouterr().err
+        lines = [line for line in err.strip().splitlines() if line.startswith("laserrmt: error:")]
+        assert code == 2 and len(lines) == 1 and fragment in lines[0], err
+        assert "Traceback" not in err and not (tmp_path / "out").exists()

@@ -903,6 +903,11 @@ def run_compress(args: argparse.Namespace) -> int:
             )
 
         check_trainable_dtype(args.dtype, "--method rmt-kd")
+        if args.heal_fsdp:
+            raise InvalidOptionError(
+                "--heal-fsdp shards the budget and laser methods' healing; --method rmt-kd "
+                "distils replicated (DDP), so drop --heal-fsdp"
+            )
         return run_rmt_kd_command(args)
     settings.validate()
     if args.plan and args.calibration_data is not None and not settings.heals:

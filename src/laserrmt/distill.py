@@ -503,7 +503,7 @@ def require_process_group(option: str) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         raise InvalidOptionError(
             f"{option} shards training over the processes of a distributed launch, and none "
-            "was started; launch with torchrun --nproc_per_node N (or accelerate launch)"
+            "was started; launch with torchrun (or accelerate launch), one process per device"
         )
 
 
