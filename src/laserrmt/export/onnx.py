@@ -578,7 +578,7 @@ def _export_encoder(
     with torch.no_grad():
         out = model(**{name: torch.from_numpy(x) for name, x in feed.items()})
     mask = feed["attention_mask"]
-    reference = _valid(getattr(out, output).numpy(), mask)
+    reference = _valid(getattr(out, output).cpu().numpy(), mask)
     float_out = np.asarray(_session(onnxruntime, graph).run([output], feed)[0])
     checked = _checked([reference], [_valid(float_out, mask)], output)
     report: dict[str, Any] = {
