@@ -154,19 +154,25 @@ def _perplexity(runner: BlockRunner, finals: Sequence[torch.Tensor]) -> Perplexi
     return PerplexityResult(math.exp(total / tokens), total / tokens, tokens)
 
 
+def _through_blocks(runner: BlockRunner, desc: str, progress: bool) -> list[torch.Tensor]:
+    """The runner's windows carried through every block, one block in memory at a time."""
+    stream, hidden = runner.stream, list(runner.hidden)
+    bar = _bar(len(stream.blocks), desc, progress)
+    with torch.no_grad(), bar:
+        for index in range(len(stream.blocks)):
+            with stream.block(index) as block:
+                hidden = _carry(runner, index, block, hidden)
+            _tick(bar)
+    return hidden
+
+
 def streamed_perplexity(
     stream: BlockStream, windows: torch.Tensor, *, progress: bool = True
 ) -> PerplexityResult:
     """Perplexity of the streamed model on ``windows`` (the pinned protocol's definition, as
     :func:`laserrmt.evaluate.perplexity`), one block in memory at a time."""
     runner = BlockRunner(stream, windows)
-    hidden = list(runner.hidden)
-    bar = _bar(len(stream.blocks), "perplexity (streamed)", progress)
-    with torch.no_grad(), bar:
-        for index in range(len(stream.blocks)):
-            with stream.block(index) as block:
-                hidden = _carry(runner, index, block, hidden)
-            _tick(bar)
+    hidden = _through_blocks(runner, "perplexity (streamed)", progress)
     return _perplexity(runner, hidden)
 
 
@@ -190,13 +196,7 @@ def streamed_teacher(
     """
     batches = healing_batches(windows, batch_size)  # refuses a batch size it cannot fill
     runner = BlockRunner(stream, windows)
-    hidden = list(runner.hidden)
-    bar = _bar(len(stream.blocks), "healing teacher (streamed)", progress)
-    with torch.no_grad(), bar:
-        for index in range(len(stream.blocks)):
-            with stream.block(index) as block:
-                hidden = _carry(runner, index, block, hidden)
-            _tick(bar)
+    hidden = _through_blocks(runner, "healing teacher (streamed)", progress)
     teacher, start = [], 0
     with torch.no_grad(), stream.outer():
         for batch in batches:

@@ -412,20 +412,12 @@ def rmt_kd(
         params_now = _parameters(work)
         if site.name in shared:
             records.append(
-                SiteRecord(
+                _skipped(
                     index,
-                    site.name,
-                    site.kind,
-                    site.width,
-                    site.width,
-                    float("nan"),
-                    float("nan"),
+                    site,
                     params_now,
-                    params_now,
-                    current_metric,
                     current_metric,
                     "skipped-shared",
-                    0.0,
                     site_seed,
                     reason=shared[site.name],
                 )
@@ -434,22 +426,7 @@ def rmt_kd(
             continue
         if target_params is not None and params_now <= target_params:
             records.append(
-                SiteRecord(
-                    index,
-                    site.name,
-                    site.kind,
-                    site.width,
-                    site.width,
-                    float("nan"),
-                    float("nan"),
-                    params_now,
-                    params_now,
-                    current_metric,
-                    current_metric,
-                    "skipped-target",
-                    0.0,
-                    site_seed,
-                )
+                _skipped(index, site, params_now, current_metric, "skipped-target", site_seed)
             )
             handled += 1
             continue
@@ -550,6 +527,36 @@ def rmt_kd(
                 else ""
             ),
         ),
+    )
+
+
+def _skipped(
+    index: int,
+    site: WidthSite,
+    params: int,
+    metric: float,
+    status: str,
+    seed: int,
+    reason: str = "",
+) -> SiteRecord:
+    """The record of a site left at its width without being measured."""
+    nan = float("nan")
+    return SiteRecord(
+        index,
+        site.name,
+        site.kind,
+        site.width,
+        site.width,
+        nan,
+        nan,
+        params,
+        params,
+        metric,
+        metric,
+        status,
+        0.0,
+        seed,
+        reason=reason,
     )
 
 
