@@ -173,3 +173,22 @@ def test_what_the_streamed_rmt_kd_cannot_do_is_refused_in_one_line(
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_the_streamed_cuts_on_cuda_are_those_on_the_cpu(tmp_path):
+    folder = save_tiny(planted_llama(), tmp_path / "m")
+    calibration = windows(12, 1)
+    plans = []
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        out.mkdir()
+        stream = BlockStream(open_checkpoint(folder), device=device)
+        result = streamed_rmt_kd(stream, calibration, out, progress=False).result
+        plans.append([(d.site, d.kept_width, d.kept) for d in result.plan])
+    assert plans[0] == plans[1] and plans[0]
+    on_cpu, on_gpu = laserrmt.load(tmp_path / "cpu")[0], laserrmt.load(tmp_path / "cuda")[0]
+    ids = windows(2, 3)
+    with torch.no_grad():
+        assert torch.allclose(on_gpu(ids).logits, on_cpu(ids).logits, atol=1e-4)
