@@ -23,7 +23,13 @@ from laserrmt.models.streaming import BlockStream
 from laserrmt.sequential import streamed_rmt_kd
 from laserrmt.surgery.io import weight_bytes, write_compressed
 from tests.small_text import small_calibration_split
-from tests.tiny_models import TINY_VOCAB_SIZE, save_tiny, tiny_llama, tiny_tokenizer
+from tests.tiny_models import (
+    TINY_VOCAB_SIZE,
+    save_tiny,
+    tiny_bert,
+    tiny_llama,
+    tiny_tokenizer,
+)
 
 
 def planted_llama(**overrides):
@@ -89,6 +95,39 @@ def test_the_streamed_cuts_are_the_in_memory_schedule_without_distillation(tmp_p
     assert got.final_metric == pytest.approx(expected.final_metric, rel=1e-6)
     assert got.final_metric != pytest.approx(got.baseline_metric, rel=1e-6)
     assert streamed.weight_bytes == weight_bytes(loaded)
+
+
+def test_an_encoders_attention_and_mlp_widths_stream_as_they_are_cut_in_memory(tmp_path):
+    """Several sites in one block (BERT's value/output and query/key widths, then its MLP):
+    each is measured on the block as its earlier sites' cuts left it."""
+    model = tiny_bert(initializer_range=0.2)  # every site cut, each cut felt downstream
+    calibration = windows(12, 1, length=32)
+    stream = BlockStream(open_checkpoint(save_tiny(model, tmp_path / "m")))
+    out = tmp_path / "out"
+    out.mkdir()
+    got = streamed_rmt_kd(stream, calibration, out, progress=False).result
+    write_compressed(stream.model, out, weights_written=True)
+    expected = rmt_kd(
+        model,
+        [{"input_ids": w.unsqueeze(0)} for w in calibration],
+        [],
+        lambda m: 0.0,
+        task="classification",
+        steps_per_cut=0,
+        tolerance=1e9,
+        progress=False,
+    )
+    records = [(r.site, r.kind, r.k, r.status) for r in expected.records]
+    assert [(r.site, r.kind, r.k, r.status) for r in got.records] == records
+    assert [status for *_, status in records] == ["kept"] * 6
+    assert [(d.site, d.kept_width) for d in got.plan] == [
+        (d.site, d.kept_width) for d in expected.plan
+    ]
+    loaded, _ = laserrmt.load(out)
+    ids = calibration[:2]
+    with torch.no_grad():
+        want = expected.model(ids).last_hidden_state
+        assert torch.allclose(loaded(ids).last_hidden_state, want, atol=1e-5)
 
 
 def test_a_site_outside_the_blocks_is_refused_before_anything_is_written(tmp_path):

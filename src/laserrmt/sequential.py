@@ -977,8 +977,9 @@ def streamed_rmt_kd(
     windows (``[n, T]`` ids, one window per batch): each of its sites' statistics, ``k`` by
     the rank rule and the stop rules of :func:`~laserrmt.methods.rmt_kd.rmt_kd` (``tau``,
     ``estimator``, ``floor``), the cut, then the windows carried through the cut block to the
-    next. Sites must lie inside one block (``"mlp"`` sites; the residual stream spans the
-    whole model and is refused).
+    next. Sites must lie inside one block (MLP widths, and a BERT-style encoder's attention
+    widths, measured in the order the block runs them); the residual stream spans the whole
+    model and is refused.
 
     There is no distillation after each cut and no revert (both need the whole model): the
     cuts are those of ``rmt_kd(..., steps_per_cut=0)`` with a tolerance no cut exceeds, and
@@ -999,7 +1000,6 @@ def streamed_rmt_kd(
     site_list = _resolve_sites(model, sites)
     in_block = [_site_block(stream, site) for site in site_list]
     settings = {
-        "task": "causal-lm",
         "sites": [s.name for s in site_list],
         "tau": tau,
         "estimator": estimator,
@@ -1046,11 +1046,8 @@ def streamed_rmt_kd(
                 if record.status == "cut":
                     cut = cut_width(model, site, stats, int(choice.rank))
                     params += cut.parameters_after - cut.parameters_before
-                    record.k, record.status, record.parameters_after = (
-                        cut.width_after,
-                        "kept",
-                        params,
-                    )
+                    record.k, record.parameters_after = cut.width_after, params
+                    record.status = "kept"
                     decisions.append(width_decision(site, cut.width_after, cut.kept, record))
                 record.wall_s = time.perf_counter() - t0
                 records.append(record)

@@ -1011,7 +1011,7 @@ def run_rmt_kd_streaming(
     )
     result = outcome.result
     extra = {k: v for k, v in recipe.items() if k not in ("task", "seed")}
-    result.settings = {**result.settings, **extra, "metric": "-nll"}
+    result.settings = {"task": "causal-lm", **result.settings, **extra, "metric": "-nll"}
     result.plan.settings = result.settings
     result.plan.calibration.update(recipe=recipe)
     return outcome
