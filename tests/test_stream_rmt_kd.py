@@ -195,6 +195,8 @@ def test_compress_stream_rmt_kd_heals_the_written_model(folder, tmp_path, capsys
     ("extra", "message"),
     [
         (["--steps-per-cut", "5"], "so --steps-per-cut has nothing to act on"),
+        (["--distill-lr", "1e-3"], "so --distill-lr has nothing to act on"),
+        (["--temperature", "2"], "so --temperature has nothing to act on"),
         (["--tolerance", "0.1"], "so --tolerance has nothing to act on"),
         (["--checkpoint-dir", "ckpt"], "so --checkpoint-dir has nothing to act on"),
         (["--resume"], "so --resume has nothing to act on"),
@@ -231,3 +233,14 @@ def test_the_streamed_cuts_on_cuda_are_those_on_the_cpu(tmp_path):
     ids = windows(2, 3)
     with torch.no_grad():
         assert torch.allclose(on_gpu(ids).logits, on_cpu(ids).logits, atol=1e-4)
+
+
+def test_the_distillation_options_still_reach_the_in_memory_run(folder, tmp_path, capsys):
+    out = tmp_path / "o"
+    argv = ["-q", "compress", str(folder), "--method", "rmt-kd", "--no-eval", "--out", str(out)]
+    options = ["--steps-per-cut", "1", "--distill-lr", "1e-3", "--kd-alpha", "0.5"]
+    with small_calibration_split():
+        assert main([*argv, *options, "--temperature", "2"]) == 0, capsys.readouterr().err
+    settings = json.loads((out / "laserrmt.json").read_text())["settings"]["rmt_kd"]["settings"]
+    assert (settings["steps_per_cut"], settings["lr"]) == (1, 1e-3)
+    assert (settings["alpha"], settings["temperature"]) == (0.5, 2.0)

@@ -345,13 +345,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="rmt-kd: distillation steps per cut (default 50; --stream runs none: 0)",
     )
     kd.add_argument(
-        "--distill-lr", type=float, default=1e-4, help="rmt-kd: distillation learning rate"
+        "--distill-lr",
+        type=float,
+        default=None,
+        help="rmt-kd: distillation learning rate (default 1e-4)",
     )
     kd.add_argument(
-        "--kd-alpha", type=float, default=0.7, help="rmt-kd: weight of the hard-label loss"
+        "--kd-alpha",
+        type=float,
+        default=None,
+        help="rmt-kd: weight of the hard-label loss (default 0.7)",
     )
     kd.add_argument(
-        "--temperature", type=float, default=1.0, help="rmt-kd: distillation temperature"
+        "--temperature",
+        type=float,
+        default=None,
+        help="rmt-kd: distillation temperature (default 1.0)",
     )
     kd.add_argument(
         "--checkpoint-dir", default=None, help="rmt-kd: checkpoint after every cut here"
@@ -409,9 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="budget method, the laser method's oneshot selection (weights streamed matrix by "
         "matrix) or rmt-kd (causal LMs: MLP widths cut on the inputs the cut blocks produce, "
-        "without the per-cut distillation, revert and checkpoints, so --steps-per-cut N > 0, "
-        "--tolerance, --checkpoint-dir and --resume are refused: heal at the end with "
-        "--heal-steps), block by block: one transformer block of weights in memory, "
+        "without the per-cut distillation, revert and checkpoints, so their options are "
+        "refused: --steps-per-cut N > 0, --distill-lr, --kd-alpha, --temperature, --tolerance, "
+        "--checkpoint-dir, --resume; heal at the end with --heal-steps), block by block: one transformer block of weights in memory, "
         "calibration and evaluation windows carried between blocks, output written shard by "
         "shard (--max-shard-size bounds what the writer holds); --quantize int8 quantizes each "
         "block before it is written",
@@ -1161,13 +1170,23 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
     from laserrmt.surgery.io import write_compressed
 
     steps_per_cut = DEFAULT_STEPS_PER_CUT if args.steps_per_cut is None else args.steps_per_cut
+    # Only the options given: run_rmt_kd's defaults hold for the others.
+    distillation = {
+        name: value
+        for name, value in (
+            ("lr", args.distill_lr),
+            ("alpha", args.kd_alpha),
+            ("temperature", args.temperature),
+        )
+        if value is not None
+    }
     check_options(
         tau=args.tau,
         estimator=args.kd_estimator,
         floor=args.floor,
         tolerance=args.tolerance,
         steps=steps_per_cut,
-        lr=args.distill_lr,
+        lr=distillation.get("lr", 1.0),
         dataset=args.dataset,
     )
     if args.images is not None and (args.calibration_data or args.dataset):
@@ -1233,9 +1252,7 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
         floor=args.floor,
         tolerance=args.tolerance,
         steps_per_cut=steps_per_cut,
-        lr=args.distill_lr,
-        alpha=args.kd_alpha,
-        temperature=args.temperature,
+        **distillation,
         checkpoint_dir=args.checkpoint_dir,
         resume=args.resume,
         seed=args.seed,
@@ -1270,13 +1287,16 @@ def _check_streamed_rmt_kd(args: argparse.Namespace) -> None:
         floor=args.floor,
         tolerance=None,
         steps=0,
-        lr=args.distill_lr,
+        lr=1.0,
         dataset=args.dataset,
     )
     per_cut = [
         option
         for option, given in (
             ("--steps-per-cut", bool(args.steps_per_cut)),
+            ("--distill-lr", args.distill_lr is not None),
+            ("--kd-alpha", args.kd_alpha is not None),
+            ("--temperature", args.temperature is not None),
             ("--tolerance", args.tolerance is not None),
             ("--checkpoint-dir", args.checkpoint_dir is not None),
             ("--resume", args.resume),
