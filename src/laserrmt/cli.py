@@ -420,10 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
         "matrix) or rmt-kd (causal LMs: MLP widths cut on the inputs the cut blocks produce, "
         "without the per-cut distillation, revert and checkpoints, so their options are "
         "refused: --steps-per-cut N > 0, --distill-lr, --kd-alpha, --temperature, --tolerance, "
-        "--checkpoint-dir, --resume; heal at the end with --heal-steps), block by block: one transformer block of weights in memory, "
-        "calibration and evaluation windows carried between blocks, output written shard by "
-        "shard (--max-shard-size bounds what the writer holds); --quantize int8 quantizes each "
-        "block before it is written",
+        "--checkpoint-dir, --resume; heal at the end with --heal-steps), block by block: one "
+        "transformer block of weights in memory, calibration and evaluation windows carried "
+        "between blocks, output written shard by shard (--max-shard-size bounds what the "
+        "writer holds); --quantize int8 quantizes each block before it is written",
     )
     stream.add_argument(
         "--sequential",
@@ -1162,7 +1162,6 @@ def run_compress_streaming(
 
 def run_rmt_kd_command(args: argparse.Namespace) -> int:
     """RMT-KD: widths from activation spectra, each cut healed by self-distillation."""
-
     from laserrmt.distill import Task, init_distributed, is_main_process
     from laserrmt.methods.rmt_kd import DEFAULT_STEPS_PER_CUT, check_options, run_rmt_kd
     from laserrmt.models.architectures import is_causal_lm

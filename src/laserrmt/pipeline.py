@@ -129,8 +129,9 @@ class CompressSettings:
     device: str | None = None
     dtype: str | None = None
     #: The budget method, the laser method's one-shot selection or RMT-KD's cuts through the
-    #: streaming pipeline (:mod:`laserrmt.sequential`): one block in memory; ``sequential`` refits each block's factors on the compressed model's
-    #: inputs, ``refine_steps`` optimises each block towards the dense block's outputs.
+    #: streaming pipeline (:mod:`laserrmt.sequential`): one block in memory; ``sequential``
+    #: refits each block's factors on the compressed model's inputs, ``refine_steps`` optimises
+    #: each block towards the dense block's outputs.
     stream: bool = False
     sequential: bool = False
     refine_steps: int = 0
@@ -312,8 +313,8 @@ class CompressSettings:
         ]
         if unsupported:
             raise InvalidOptionError(
-                f"--stream runs the budget, laser and rmt-kd methods block by block and does not take "
-                f"{unsupported[0]}; drop it, or drop --stream to compress in memory"
+                f"--stream runs the budget, laser and rmt-kd methods block by block and does not "
+                f"take {unsupported[0]}; drop it, or drop --stream to compress in memory"
             )
         if self.method == "budget" and self.target_params is None:
             raise InvalidOptionError(
