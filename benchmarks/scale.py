@@ -1,6 +1,6 @@
-"""Memory at scale: the weight-only ``analyze`` (scale.md) and the budget method
-(scale_budget.md) on the default model, streamed from its checkpoint against the in-memory
-path, each in a fresh process.
+"""Memory at scale: the weight-only ``analyze`` (scale.md), the budget method
+(scale_budget.md) and RMT-KD's cuts (scale_rmt_kd.md) on the default model, streamed from its
+checkpoint against the in-memory path, each in a fresh process.
 
 Writes ``benchmarks/results/scale.md``. Each variant runs in its own Python process (so one
 cannot inherit the other's memory), which measures its resident-memory peak over the analysis
@@ -8,7 +8,8 @@ with :func:`laserrmt.evaluate.track_peak_memory` (the kernel's ``VmHWM``, reset 
 peak of the whole process, imported libraries included) and writes its records; the parent
 checks that both variants' records agree.
 
-    python -m benchmarks.scale
+    python -m benchmarks.scale                  # all but RMT-KD
+    python -m benchmarks.scale --rmt-kd-only    # RMT-KD's cuts alone
 """
 
 from __future__ import annotations
@@ -30,6 +31,16 @@ from laserrmt.report.html import markdown_table
 VARIANTS = ("in-memory", "streaming")
 BUDGET_VARIANTS = ("budget in-memory", "budget streaming")
 BUDGET_ARGS = ["compress", "--method", "budget", "--target-params", "0.2", "--no-eval", "-q"]
+RMT_KD_ARGS = ["compress", "--method", "rmt-kd", "--steps-per-cut", "0", "--no-eval", "-q"]
+#: Each measured CLI call. In memory, RMT-KD gets a tolerance no cut exceeds: the stream never
+#: reverts a cut, so both make the same cuts and the memory compares the same work.
+CLI_VARIANTS = {
+    "budget in-memory": BUDGET_ARGS,
+    "budget streaming": [*BUDGET_ARGS, "--stream"],
+    "rmt-kd in-memory": [*RMT_KD_ARGS, "--tolerance", "1000"],
+    "rmt-kd streaming": [*RMT_KD_ARGS, "--stream"],
+}
+RMT_KD_VARIANTS = ("rmt-kd in-memory", "rmt-kd streaming")
 MIB = 2**20
 
 
@@ -64,19 +75,24 @@ def run_variant(variant: str, out: Path) -> None:
     )
 
 
-def run_budget_variant(variant: str, out: Path) -> None:
-    """One measured compression (in a child process): the CLI's budget method at 20 %."""
+def run_cli_variant(variant: str, out: Path, model: str | None, text: str | None) -> None:
+    """One measured compression (in a child process): the CLI call of ``variant``, on ``model``
+    (a folder; ``None``: the default model) with ``text`` as its calibration data if given."""
     from laserrmt.cli import main as cli
     from laserrmt.evaluate import track_peak_memory
 
-    extra = ["--stream"] if variant == "budget streaming" else []
+    command, *options = CLI_VARIANTS[variant]
+    options += ["--calibration-data", text] if text else []
     folder = out.with_suffix(".model")
     start = time.perf_counter()
     with track_peak_memory() as peak:
-        code = cli([*BUDGET_ARGS, *extra, "--out", str(folder), "--overwrite"])
+        code = cli(
+            [command, *([model] if model else []), *options, "--out", str(folder), "--overwrite"]
+        )
     seconds = time.perf_counter() - start
     if code != 0:
         raise SystemExit(f"{variant} failed with exit code {code}")
+    widths = folder / "width_plan.json"
     out.write_text(
         json.dumps(
             {
@@ -85,7 +101,10 @@ def run_budget_variant(variant: str, out: Path) -> None:
                 "peak_bytes": peak["peak_bytes"],
                 "seconds": seconds,
                 "folder": str(folder),
-                "plan": json.loads((folder / "laserrmt.json").read_text())["plan"]["modules"],
+                "plan": (json.loads((folder / "laserrmt.json").read_text())["plan"] or {}).get(
+                    "modules"
+                ),
+                "widths": json.loads(widths.read_text())["sites"] if widths.is_file() else None,
             }
         )
     )
@@ -102,9 +121,25 @@ def _largest_tensor_difference(a: Path, b: Path) -> float:
     return max(float((left[k].double() - right[k].double()).abs().max()) for k in left)
 
 
-def _child(variant: str, out: Path) -> dict[str, Any]:
+def _child(
+    variant: str, out: Path, model: str | None = None, text: str | None = None
+) -> dict[str, Any]:
+    """``variant`` in a fresh process (``model``, ``text``: see :func:`run_cli_variant`)."""
+    options = [
+        *(["--model", model] if model else []),
+        *(["--calibration-data", text] if text else []),
+    ]
     subprocess.run(
-        [sys.executable, "-m", "benchmarks.scale", "--variant", variant, "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.scale",
+            "--variant",
+            variant,
+            "--out",
+            str(out),
+            *options,
+        ],
         check=True,
         env=os.environ | {"TOKENIZERS_PARALLELISM": "false"},
     )
@@ -154,6 +189,54 @@ def budget_section(tmp: Path) -> str:
     )
 
 
+def rmt_kd_section(tmp: Path, model: str | None, text: str | None) -> str:
+    """RMT-KD's cuts without distillation: in memory against streamed, fresh processes."""
+    runs = {v: _child(v, tmp / f"{v.replace(' ', '-')}.json", model, text) for v in RMT_KD_VARIANTS}
+    reference, streamed = runs["rmt-kd in-memory"], runs["rmt-kd streaming"]
+    rows = [
+        (
+            variant,
+            f"{run['start_bytes'] / MIB:.0f}",
+            f"{run['peak_bytes'] / MIB:.0f}",
+            f"{run['seconds']:.0f}",
+            f"{run['seconds'] / reference['seconds']:.2f}",
+            sum(site["width"] - site["kept_width"] for site in run["widths"]),
+        )
+        for variant, run in runs.items()
+    ]
+
+    def widths(run: dict[str, Any]) -> list[tuple[str, int, list[int] | None]]:
+        return [(s["site"], s["kept_width"], s.get("kept")) for s in run["widths"]]
+
+    same = widths(streamed) == widths(reference)
+    difference = _largest_tensor_difference(Path(reference["folder"]), Path(streamed["folder"]))
+    columns = (
+        "variant",
+        "resident at start MiB",
+        "peak MiB",
+        "seconds",
+        "time / in-memory",
+        "MLP units removed",
+    )
+    in_memory = " ".join(CLI_VARIANTS["rmt-kd in-memory"])
+    return (
+        f"`laserrmt {in_memory} --out DIR` against `laserrmt {' '.join(RMT_KD_ARGS)} --stream "
+        "--out DIR` (every MLP site; 24 calibration and 8 validation windows of 256 tokens "
+        "from the same recipe; float32 on the CPU; no distillation: the stream has none, and "
+        "the in-memory tolerance is one no cut exceeds, so both keep every cut the rank rule "
+        "makes). In memory: the whole float32 model, a copy of it per cut, every site's "
+        "statistics from a forward pass of the whole model, the validation metric after each "
+        "cut. Streaming: one block of weights in memory, the windows carried through the cut "
+        "blocks, each block written to the output's shard once cut. Peak: VmHWM of the whole "
+        "process over the CLI call, each variant in a fresh process.\n\n"
+        + markdown_table(columns, rows)
+        + f"\n\nPeak ratio in-memory / streaming: "
+        f"{reference['peak_bytes'] / streamed['peak_bytes']:.2f}. The streamed widths and kept "
+        f"units equal the in-memory ones: {same}; largest difference between the two folders' "
+        f"tensors: {difference:.1e}."
+    )
+
+
 def _max_relative_difference(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> float:
     """The largest relative difference between two runs' numeric record fields."""
     if [r["module"] for r in a] != [r["module"] for r in b]:
@@ -172,17 +255,49 @@ def _max_relative_difference(a: list[dict[str, Any]], b: list[dict[str, Any]]) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=VARIANTS + BUDGET_VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=(*VARIANTS, *CLI_VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument(
         "--budget-only", action="store_true", help="only the budget comparison (scale_budget.md)"
     )
+    parser.add_argument(
+        "--rmt-kd-only",
+        action="store_true",
+        help="only RMT-KD's cuts, in memory against streamed (scale_rmt_kd.md)",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="with --rmt-kd-only: a model folder for a quick check of the script on a small "
+        "model (default: the default model)",
+    )
+    parser.add_argument(
+        "--calibration-data", default=None, help="with --model: the calibration text file"
+    )
     args = parser.parse_args()
-    if args.variant in BUDGET_VARIANTS:
-        run_budget_variant(args.variant, args.out)
+    if args.variant in CLI_VARIANTS:
+        run_cli_variant(args.variant, args.out, args.model, args.calibration_data)
         return
     if args.variant:
         run_variant(args.variant, args.out)
+        return
+    if args.rmt_kd_only:
+        if not args.model:
+            from laserrmt.models.loading import default_model_folder
+
+            default_model_folder()  # converted once, outside the measured runs
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_result(
+                "scale_rmt_kd",
+                "RMT-KD: streamed against in memory",
+                [
+                    (
+                        "RMT-KD's cuts on the default model",
+                        rmt_kd_section(Path(tmp), args.model, args.calibration_data),
+                    )
+                ],
+            )
+        print(f"wrote {path}")
         return
 
     from laserrmt.models.loading import default_model_folder

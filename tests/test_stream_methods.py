@@ -178,7 +178,6 @@ def test_int8_is_refused_where_it_would_quantize_a_layer_outside_the_blocks(tmp_
         (["--select", "loop"], "--select loop re-evaluates the whole model after each change"),
         (["--quantize", "int3"], "does not take --quantize int3"),
         (["--sequential"], "does not take --sequential/--refine-steps with --method laser"),
-        (["--method", "rmt-kd"], "--stream does not take --method rmt-kd"),
     ],
 )
 def test_what_the_streamed_laser_method_cannot_do_is_refused_in_one_line(

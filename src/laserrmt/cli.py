@@ -339,16 +339,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--floor", type=float, default=0.05, help="rmt-kd: skip a site whose k/d is below"
     )
     kd.add_argument(
-        "--steps-per-cut", type=int, default=50, help="rmt-kd: distillation steps per cut"
+        "--steps-per-cut",
+        type=int,
+        default=None,
+        help="rmt-kd: distillation steps per cut (default 50; --stream runs none: 0)",
     )
     kd.add_argument(
-        "--distill-lr", type=float, default=1e-4, help="rmt-kd: distillation learning rate"
+        "--distill-lr",
+        type=float,
+        default=None,
+        help="rmt-kd: distillation learning rate (default 1e-4)",
     )
     kd.add_argument(
-        "--kd-alpha", type=float, default=0.7, help="rmt-kd: weight of the hard-label loss"
+        "--kd-alpha",
+        type=float,
+        default=None,
+        help="rmt-kd: weight of the hard-label loss (default 0.7)",
     )
     kd.add_argument(
-        "--temperature", type=float, default=1.0, help="rmt-kd: distillation temperature"
+        "--temperature",
+        type=float,
+        default=None,
+        help="rmt-kd: distillation temperature (default 1.0)",
     )
     kd.add_argument(
         "--checkpoint-dir", default=None, help="rmt-kd: checkpoint after every cut here"
@@ -404,11 +416,14 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument(
         "--stream",
         action="store_true",
-        help="budget method, or the laser method's oneshot selection (weights streamed "
-        "matrix by matrix), block by block: one transformer block of weights in memory, "
-        "calibration and evaluation windows carried between blocks, output written shard by "
-        "shard (--max-shard-size bounds what the writer holds); --quantize int8 quantizes each "
-        "block before it is written",
+        help="budget method, the laser method's oneshot selection (weights streamed matrix by "
+        "matrix) or rmt-kd (causal LMs: MLP widths cut on the inputs the cut blocks produce, "
+        "without the per-cut distillation, revert and checkpoints, so their options are "
+        "refused: --steps-per-cut N > 0, --distill-lr, --kd-alpha, --temperature, --tolerance, "
+        "--checkpoint-dir, --resume; heal at the end with --heal-steps), block by block: one "
+        "transformer block of weights in memory, calibration and evaluation windows carried "
+        "between blocks, output written shard by shard (--max-shard-size bounds what the "
+        "writer holds); --quantize int8 quantizes each block before it is written",
     )
     stream.add_argument(
         "--sequential",
@@ -893,14 +908,13 @@ def run_compress(args: argparse.Namespace) -> int:
         )
     if (args.images is not None or args.image_size is not None) and args.method != "rmt-kd":
         raise InvalidOptionError("--images and --image-size are read by --method rmt-kd only")
+    if args.method == "rmt-kd" and args.stream:
+        _check_streamed_rmt_kd(args)
+        settings.validate()
+        check_output_dir(args.out, args.overwrite)
+        return run_rmt_kd_streaming_command(args, settings, max_shard_size, evaluation)
     if args.method == "rmt-kd":
         from laserrmt.models.placement import check_trainable_dtype
-
-        if args.stream:  # its own entry point never reads settings.stream
-            raise InvalidOptionError(
-                "--stream does not take --method rmt-kd (it trains the whole model between "
-                "cuts); drop --stream to run it in memory"
-            )
 
         check_trainable_dtype(args.dtype, "--method rmt-kd")
         if args.heal_fsdp:
@@ -1148,22 +1162,30 @@ def run_compress_streaming(
 
 def run_rmt_kd_command(args: argparse.Namespace) -> int:
     """RMT-KD: widths from activation spectra, each cut healed by self-distillation."""
-    import json
-
     from laserrmt.distill import Task, init_distributed, is_main_process
-    from laserrmt.methods.rmt_kd import check_options, run_rmt_kd
+    from laserrmt.methods.rmt_kd import DEFAULT_STEPS_PER_CUT, check_options, run_rmt_kd
     from laserrmt.models.architectures import is_causal_lm
     from laserrmt.outputs import atomic_output_dir, check_output_dir
-    from laserrmt.report.html import Report, Table, markdown_table
     from laserrmt.surgery.io import write_compressed
 
+    steps_per_cut = DEFAULT_STEPS_PER_CUT if args.steps_per_cut is None else args.steps_per_cut
+    # Only the options given: run_rmt_kd's defaults hold for the others.
+    distillation = {
+        name: value
+        for name, value in (
+            ("lr", args.distill_lr),
+            ("alpha", args.kd_alpha),
+            ("temperature", args.temperature),
+        )
+        if value is not None
+    }
     check_options(
         tau=args.tau,
         estimator=args.kd_estimator,
         floor=args.floor,
         tolerance=args.tolerance,
-        steps=args.steps_per_cut,
-        lr=args.distill_lr,
+        steps=steps_per_cut,
+        lr=distillation.get("lr", 1.0),
         dataset=args.dataset,
     )
     if args.images is not None and (args.calibration_data or args.dataset):
@@ -1228,10 +1250,8 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
         estimator=args.kd_estimator,
         floor=args.floor,
         tolerance=args.tolerance,
-        steps_per_cut=args.steps_per_cut,
-        lr=args.distill_lr,
-        alpha=args.kd_alpha,
-        temperature=args.temperature,
+        steps_per_cut=steps_per_cut,
+        **distillation,
         checkpoint_dir=args.checkpoint_dir,
         resume=args.resume,
         seed=args.seed,
@@ -1239,6 +1259,178 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
     )
     if not main_process:
         return 0
+    with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
+        write_compressed(
+            result.model,
+            tmp,
+            tokenizer=loaded.tokenizer,
+            settings={"rmt_kd": result.to_dict(), "source": loaded.source},
+            max_shard_size=parse_size(args.max_shard_size, "--max-shard-size"),
+        )
+        after = None
+        if before is not None:
+            print("evaluating the compressed model…", file=sys.stderr)
+            after = _evaluate(result.model, loaded.tokenizer, args, saved_path=tmp)
+        _write_rmt_kd_files(tmp, result, loaded.source, task, before, after)
+    _print_rmt_kd(args.out, loaded.source, result, before, after)
+    return 0
+
+
+def _check_streamed_rmt_kd(args: argparse.Namespace) -> None:
+    """Refuse, before anything is loaded, what ``--stream --method rmt-kd`` cannot do."""
+    from laserrmt.methods.rmt_kd import check_options
+
+    check_options(
+        tau=args.tau,
+        estimator=args.kd_estimator,
+        floor=args.floor,
+        tolerance=None,
+        steps=0,
+        lr=1.0,
+        dataset=args.dataset,
+    )
+    per_cut = [
+        option
+        for option, given in (
+            ("--steps-per-cut", bool(args.steps_per_cut)),
+            ("--distill-lr", args.distill_lr is not None),
+            ("--kd-alpha", args.kd_alpha is not None),
+            ("--temperature", args.temperature is not None),
+            ("--tolerance", args.tolerance is not None),
+            ("--checkpoint-dir", args.checkpoint_dir is not None),
+            ("--resume", args.resume),
+        )
+        if given
+    ]
+    if per_cut:
+        raise InvalidOptionError(
+            f"--stream cuts RMT-KD's widths without the per-cut distillation, revert and "
+            f"checkpoints, so {per_cut[0]} has nothing to act on; drop it (heal the written model "
+            "at the end with --heal-steps), or drop --stream"
+        )
+    if args.images is not None or args.dataset == "bbc-news":
+        raise InvalidOptionError(
+            "--stream --method rmt-kd compresses causal language models; drop --images and "
+            "--dataset bbc-news, or drop --stream"
+        )
+
+
+def run_rmt_kd_streaming_command(
+    args: argparse.Namespace, settings: Any, max_shard_size: int, evaluation: Any
+) -> int:
+    """RMT-KD through the streaming pipeline (``--stream``): the MLP widths cut block by block
+    on the inputs the cut blocks produce; instead of a distillation after each cut, the written
+    model is healed at the end (``--heal-steps``), as the streamed budget method's is."""
+    from laserrmt.data.sources import TextSource
+    from laserrmt.evaluate import _windows_and_protocol, track_peak_memory
+    from laserrmt.methods.rmt_kd import run_rmt_kd_streaming
+    from laserrmt.models.architectures import is_causal_lm
+    from laserrmt.outputs import atomic_output_dir
+    from laserrmt.pipeline import _healing_windows, heal_saved
+    from laserrmt.sequential import streamed_teacher
+    from laserrmt.surgery.io import write_compressed
+
+    stream, tokenizer = _open_stream(args)
+    if not is_causal_lm(stream.model):
+        raise InvalidOptionError(
+            f"--stream --method rmt-kd compresses causal language models and "
+            f"{type(stream.model).__name__} is not one; drop --stream to run RMT-KD in memory"
+        )
+    data = None
+    if settings.calibration_data is not None:
+        data = TextSource.from_dict(settings.calibration_data)
+    heal_windows = _healing_windows(tokenizer, settings) if settings.heals else None
+    windows, protocol = (None, None)
+    if not args.no_eval:
+        windows, protocol = _windows_and_protocol(
+            tokenizer, None, args.eval_windows, None, evaluation
+        )
+    started = time.perf_counter()
+    with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
+        with track_peak_memory() as memory:
+            teacher = []
+            if heal_windows is not None:
+                teacher = streamed_teacher(
+                    stream,
+                    heal_windows,
+                    batch_size=settings.heal_batch_size,
+                    top_k=settings.heal_top_k,
+                    progress=not args.quiet,
+                )
+            outcome = run_rmt_kd_streaming(
+                stream,
+                tokenizer,
+                tmp,
+                data=data,
+                sites=args.sites,
+                tau=args.tau,
+                estimator=args.kd_estimator,
+                floor=args.floor,
+                evaluation=windows,
+                max_shard_size=max_shard_size,
+                seed=args.seed,
+                progress=not args.quiet,
+            )
+            result = outcome.result
+            streamed: dict[str, Any] = {"healing": None}
+            if heal_windows is not None:
+                # The cut is written; its configuration lets it be loaded back and healed.
+                write_compressed(stream.model, tmp, weights_written=True)
+                streamed["healing"], healed = heal_saved(
+                    tmp,
+                    teacher,
+                    heal_windows,
+                    settings,
+                    evaluation=windows,
+                    progress=not args.quiet,
+                )
+                result.plan.trained = (
+                    f"the written model was healed for {settings.n_heal_steps} steps after the "
+                    "streamed cuts (no distillation after each cut)"
+                )
+                if outcome.perplexity_after is not None:
+                    streamed["perplexity_before_healing"] = outcome.perplexity_after.perplexity
+                outcome.perplexity_after = healed
+        peak = int(memory["peak_bytes"])
+        streamed.update(peak_memory_bytes=peak, total_s=time.perf_counter() - started)
+        write_compressed(
+            stream.model,
+            tmp,
+            tokenizer=tokenizer,
+            settings={"rmt_kd": result.to_dict(), "source": stream.source, "stream": streamed},
+            weights_written=True,
+        )
+        before = after = None
+        if windows is not None:
+            assert outcome.perplexity_before is not None and outcome.perplexity_after is not None
+            common = {"eval_windows": int(windows.shape[0]), "protocol": protocol}
+            before = {
+                "perplexity": outcome.perplexity_before.perplexity,
+                "nll": outcome.perplexity_before.nll,
+                "eval_tokens": outcome.perplexity_before.tokens,
+                "params_total": result.parameters_before,
+                **common,
+            }
+            after = {
+                "perplexity": outcome.perplexity_after.perplexity,
+                "nll": outcome.perplexity_after.nll,
+                "eval_tokens": outcome.perplexity_after.tokens,
+                "params_total": result.parameters_after,
+                "size_bytes": outcome.weight_bytes,
+                "peak_memory_bytes": peak,
+                **common,
+            }
+        note = (
+            f"Streamed block by block: peak resident memory of the whole process "
+            f"{peak / 2**30:.2f} GiB; no distillation after each cut"
+            + ("; the written model healed at the end." if streamed["healing"] else ".")
+        )
+        _write_rmt_kd_files(tmp, result, stream.source, "causal-lm", before, after, note)
+    _print_rmt_kd(args.out, f"{stream.source} (streamed block by block)", result, before, after)
+    return 0
+
+
+def _rmt_kd_table(result: Any) -> tuple[tuple[str, ...], list[list[Any]]]:
     columns = (
         "site",
         "kind",
@@ -1266,52 +1458,65 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
         ]
         for r in result.records
     ]
-    with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
-        write_compressed(
-            result.model,
-            tmp,
-            tokenizer=loaded.tokenizer,
-            settings={"rmt_kd": result.to_dict(), "source": loaded.source},
-            max_shard_size=parse_size(args.max_shard_size, "--max-shard-size"),
-        )
-        after = None
-        if before is not None:
-            print("evaluating the compressed model…", file=sys.stderr)
-            after = _evaluate(result.model, loaded.tokenizer, args, saved_path=tmp)
-        (tmp / "evaluation.json").write_text(
-            json.dumps({"before": before, "after": after, "rmt_kd": result.to_dict()}, indent=2)
-            + "\n"
-        )
-        result.plan.save(tmp / WIDTH_PLAN_FILE)
-        report = Report(f"laserrmt compress --method rmt-kd — {loaded.source}")
-        report.summary = [
-            ("model", loaded.source),
-            ("task", task),
-            (
-                "parameters",
-                f"{result.parameters_before:,} → {result.parameters_after:,} "
-                f"({result.parameter_reduction:.1%} fewer)",
-            ),
-            (
-                "validation metric (higher is better)",
-                f"{result.baseline_metric:.4g} → {result.final_metric:.4g}",
-            ),
-            ("wall time", f"{result.wall_s:.0f} s"),
-        ]
-        report.tables.append(Table("Sites, shallow to deep", columns, rows))
-        if before and after:
-            from laserrmt.report.compression import comparison_rows
+    return columns, rows
 
-            report.tables.append(
-                Table(
-                    "Before and after",
-                    ("metric", "before", "after", "after/before"),
-                    comparison_rows(before, after),
-                )
+
+def _write_rmt_kd_files(
+    folder: Any,
+    result: Any,
+    source: str,
+    task: str,
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+    note: str | None = None,
+) -> None:
+    """An RMT-KD run's evaluation.json, width plan and report.html, beside its model."""
+    import json
+
+    from laserrmt.report.html import Report, Table
+
+    (folder / "evaluation.json").write_text(
+        json.dumps({"before": before, "after": after, "rmt_kd": result.to_dict()}, indent=2) + "\n"
+    )
+    result.plan.save(folder / WIDTH_PLAN_FILE)
+    report = Report(f"laserrmt compress --method rmt-kd — {source}")
+    report.summary = [
+        ("model", source),
+        ("task", task),
+        (
+            "parameters",
+            f"{result.parameters_before:,} → {result.parameters_after:,} "
+            f"({result.parameter_reduction:.1%} fewer)",
+        ),
+        (
+            "validation metric (higher is better)",
+            f"{result.baseline_metric:.4g} → {result.final_metric:.4g}",
+        ),
+        ("wall time", f"{result.wall_s:.0f} s"),
+    ]
+    report.tables.append(Table("Sites, shallow to deep", *_rmt_kd_table(result)))
+    if before and after:
+        from laserrmt.report.compression import comparison_rows
+
+        report.tables.append(
+            Table(
+                "Before and after",
+                ("metric", "before", "after", "after/before"),
+                comparison_rows(before, after),
             )
-        report.write(tmp / "report.html")
-    print(f"model: {loaded.source}")
-    print(markdown_table(columns, rows))
+        )
+    if note:
+        report.notes.append(note)
+    report.write(folder / "report.html")
+
+
+def _print_rmt_kd(
+    out: str, source: str, result: Any, before: dict[str, Any] | None, after: dict[str, Any] | None
+) -> None:
+    from laserrmt.report.html import markdown_table
+
+    print(f"model: {source}")
+    print(markdown_table(*_rmt_kd_table(result)))
     print(
         f"parameters: {result.parameters_before:,} → {result.parameters_after:,} "
         f"({result.parameter_reduction:.1%} fewer); validation metric "
@@ -1321,10 +1526,9 @@ def run_rmt_kd_command(args: argparse.Namespace) -> int:
         from laserrmt.report.compression import comparison_markdown
 
         print(comparison_markdown(before, after))
-    print(f"saved: {args.out}  (load it with laserrmt.load); report: {args.out}/report.html")
-    replay = "" if result.plan.trained else f"; replay: --plan {args.out}/{WIDTH_PLAN_FILE}"
-    print(f"width plan: {args.out}/{WIDTH_PLAN_FILE}{replay}")
-    return 0
+    print(f"saved: {out}  (load it with laserrmt.load); report: {out}/report.html")
+    replay = "" if result.plan.trained else f"; replay: --plan {out}/{WIDTH_PLAN_FILE}"
+    print(f"width plan: {out}/{WIDTH_PLAN_FILE}{replay}")
 
 
 WIDTH_PLAN_FILE = "width_plan.json"

@@ -128,9 +128,10 @@ class CompressSettings:
     #: the model is moved and cast to them once, before anything is measured (``None``: as it is).
     device: str | None = None
     dtype: str | None = None
-    #: The budget method or the laser method's one-shot selection through the streaming
-    #: pipeline (:mod:`laserrmt.sequential`): one block in memory; ``sequential`` refits each block's factors on the compressed model's
-    #: inputs, ``refine_steps`` optimises each block towards the dense block's outputs.
+    #: The budget method, the laser method's one-shot selection or RMT-KD's cuts through the
+    #: streaming pipeline (:mod:`laserrmt.sequential`): one block in memory; ``sequential``
+    #: refits each block's factors on the compressed model's inputs, ``refine_steps`` optimises
+    #: each block towards the dense block's outputs.
     stream: bool = False
     sequential: bool = False
     refine_steps: int = 0
@@ -289,7 +290,11 @@ class CompressSettings:
         unsupported = [
             option
             for option, used in (
-                ("--method rmt-kd", self.method == "rmt-kd"),
+                (
+                    "--quantize/--sequential/--refine-steps with --method rmt-kd",
+                    self.method == "rmt-kd"
+                    and (self.quantize is not None or self.sequential or self.refine_steps > 0),
+                ),
                 ("--target-size", self.target_size is not None),
                 (f"--quantize {self.quantize}", self.quantize in LOWBIT),
                 ("--heal-steps/--heal-tokens with --quantize", self.heals and bool(self.quantize)),
@@ -308,8 +313,8 @@ class CompressSettings:
         ]
         if unsupported:
             raise InvalidOptionError(
-                f"--stream runs the budget and laser methods block by block and does not take "
-                f"{unsupported[0]}; drop it, or drop --stream to compress in memory"
+                f"--stream runs the budget, laser and rmt-kd methods block by block and does not "
+                f"take {unsupported[0]}; drop it, or drop --stream to compress in memory"
             )
         if self.method == "budget" and self.target_params is None:
             raise InvalidOptionError(

@@ -59,18 +59,29 @@ from laserrmt.evaluate import PerplexityResult, _nll_sum
 from laserrmt.memory import return_freed_memory
 from laserrmt.methods.budget import decide_ranks, factor_source
 from laserrmt.methods.heal import HEAL_TOP_K, healing_batches
+from laserrmt.methods.rmt_kd import (
+    RMTKDResult,
+    SiteRecord,
+    _parameters,
+    _resolve_sites,
+    check_options,
+    judged,
+    width_decision,
+)
 from laserrmt.models.architectures import is_causal_lm
 from laserrmt.models.blockrun import BlockRunner
 from laserrmt.models.streaming import BlockStream
 from laserrmt.models.targets import Target, find_targets, select_targets, weight_matrix
-from laserrmt.plan import CompressionPlan
+from laserrmt.models.widths import WidthSite
+from laserrmt.plan import CompressionPlan, WidthPlan
+from laserrmt.stats.activations import SiteWatch, site_rank
 from laserrmt.stats.calibration import (
     _as_out_by_in,
     _StatisticsHooks,
     _weight_of,
     causal_lm_gradient,
 )
-from laserrmt.stats.forward import output_logits
+from laserrmt.stats.forward import attached, batches_fingerprint, output_logits
 from laserrmt.surgery.apply import apply_plan
 from laserrmt.surgery.lowrank import factorize
 from laserrmt.surgery.quantize import quantizable_modules, quantize_model_int8
@@ -85,12 +96,15 @@ from laserrmt.surgery.whiten import (
     compensated_svd,
     weighted_svd,
 )
+from laserrmt.surgery.width import cut_width
 
 __all__ = [
     "StreamedCompression",
+    "StreamedRMTKD",
     "compress_streaming",
     "streamable_targets",
     "streamed_perplexity",
+    "streamed_rmt_kd",
     "streamed_teacher",
 ]
 
@@ -924,3 +938,159 @@ def _write_outer(stream: BlockStream, writer: ShardWriter) -> None:
                 continue
             writer.add(name, state[name])
             written[source] = name
+
+
+# ---------------------------------------------------------------------------------------------
+# RMT-KD, block by block
+
+
+@dataclass
+class StreamedRMTKD:
+    """What :func:`streamed_rmt_kd` decided, wrote and measured; ``result.model`` is the
+    stream's skeleton with the cut layers' shapes (on the meta device)."""
+
+    result: RMTKDResult
+    weight_bytes: int
+    perplexity_before: PerplexityResult | None = None
+    perplexity_after: PerplexityResult | None = None
+
+
+def streamed_rmt_kd(
+    stream: BlockStream,
+    calibration: torch.Tensor,
+    out_dir: str | Path,
+    *,
+    sites: Sequence[WidthSite | str] | None = None,
+    tau: float = 0.5,
+    estimator: str = "mp_fit",
+    floor: float = 0.05,
+    validation: torch.Tensor | None = None,
+    evaluation: torch.Tensor | None = None,
+    max_shard_size: int = 1_000_000_000,
+    seed: int = 0,
+    progress: bool = True,
+) -> StreamedRMTKD:
+    """RMT-KD's width cuts on a streamed model, block by block; the weights are written to
+    ``out_dir`` (an existing folder) shard by shard.
+
+    For each block, on the inputs the already-cut blocks produce from the ``calibration``
+    windows (``[n, T]`` ids, one window per batch): each of its sites' statistics, ``k`` by
+    the rank rule and the stop rules of :func:`~laserrmt.methods.rmt_kd.rmt_kd` (``tau``,
+    ``estimator``, ``floor``), the cut, then the windows carried through the cut block to the
+    next. Sites must lie inside one block (MLP widths, and a BERT-style encoder's attention
+    widths, measured in the order the block runs them); the residual stream spans the whole
+    model and is refused.
+
+    There is no distillation after each cut and no revert (both need the whole model): the
+    cuts are those of ``rmt_kd(..., steps_per_cut=0)`` with a tolerance no cut exceeds, and
+    every judged cut is ``"kept"``. Heal the written model at the end instead, as the streamed
+    budget method does (:func:`streamed_teacher` before the cut,
+    :func:`laserrmt.pipeline.heal_saved` after). The records' per-cut metrics are NaN;
+    ``validation`` windows give the result's ``baseline_metric`` and ``final_metric``
+    (``−mean NLL``, as :func:`~laserrmt.methods.rmt_kd.run_rmt_kd` measures), ``evaluation``
+    windows the perplexity before and after. :func:`laserrmt.surgery.io.write_compressed` with
+    ``weights_written=True`` adds the configuration and metadata.
+
+    Raises:
+        InvalidOptionError: bad options, an unknown site, or a site outside the blocks.
+    """
+    check_options(tau=tau, estimator=estimator, floor=floor, tolerance=None, steps=0, lr=1.0)
+    started = time.perf_counter()
+    model = stream.model
+    site_list = _resolve_sites(model, sites)
+    in_block = [_site_block(stream, site) for site in site_list]
+    settings = {
+        "sites": [s.name for s in site_list],
+        "tau": tau,
+        "estimator": estimator,
+        "floor": floor,
+        "steps_per_cut": 0,
+        "seed": seed,
+        "stream": True,
+    }
+    # Counted once, then by the cuts' differences: writing the outer parts unties a tied head
+    # in the skeleton, which would count it twice.
+    parameters_before = params = _parameters(model)
+    runner = BlockRunner(stream, calibration)
+    hidden = list(runner.hidden)
+    # Held-out windows go through each block twice: as it was (the dense model) and as cut.
+    held = {
+        key: BlockRunner(stream, windows)
+        for key, windows in (("validation", validation), ("evaluation", evaluation))
+        if windows is not None
+    }
+    dense = {key: list(r.hidden) for key, r in held.items()}
+    ours = {key: list(r.hidden) for key, r in held.items()}
+    records: list[SiteRecord] = []
+    decisions = []
+    writer = ShardWriter(out_dir, max_shard_size)
+    _write_outer(stream, writer)
+    bar = _bar(len(stream.blocks), "rmt-kd cut and write (streamed)", progress)
+    with torch.no_grad(), bar:
+        for index, prefix in enumerate(stream.blocks):
+            stream.load(stream.tensors_under([prefix]))
+            block = model.get_submodule(prefix)
+            for key, r in held.items():
+                dense[key] = _carry(r, index, block, dense[key])
+            for position, site in enumerate(site_list):
+                if in_block[position] != index:
+                    continue
+                t0 = time.perf_counter()
+                watch = SiteWatch(model, [site])
+                with attached(watch.hooks):
+                    for w, h in enumerate(hidden):
+                        runner.call(index, block, w, h)
+                stats = watch.statistics()[site.name]
+                choice = site_rank(model, site, stats, tau=tau, estimator=estimator)
+                record = judged(position, site, choice, params, math.nan, floor, seed + position)
+                if record.status == "cut":
+                    cut = cut_width(model, site, stats, int(choice.rank))
+                    params += cut.parameters_after - cut.parameters_before
+                    record.k, record.parameters_after = cut.width_after, params
+                    record.status = "kept"
+                    decisions.append(width_decision(site, cut.width_after, cut.kept, record))
+                record.wall_s = time.perf_counter() - t0
+                records.append(record)
+            hidden = _carry(runner, index, block, hidden)
+            for key, r in held.items():
+                ours[key] = _carry(r, index, block, ours[key])
+            for key, tensor in block.state_dict().items():
+                writer.add(f"{prefix}.{key}", tensor)
+            block.to("meta")
+            _tick(bar)
+    writer.close()
+    before = {key: _perplexity(r, dense[key]) for key, r in held.items()}
+    after = {key: _perplexity(r, ours[key]) for key, r in held.items()}
+    batches = list(calibration.split(1))
+    result = RMTKDResult(
+        model=model,
+        records=records,
+        baseline_metric=-before["validation"].nll if "validation" in before else math.nan,
+        final_metric=-after["validation"].nll if "validation" in after else math.nan,
+        parameters_before=parameters_before,
+        parameters_after=params,
+        settings=settings,
+        wall_s=time.perf_counter() - started,
+        sites=site_list,
+        plan=WidthPlan(
+            decisions,
+            "rmt-kd",
+            settings,
+            {"fingerprint": batches_fingerprint(batches), "batches": len(batches)},
+        ),
+    )
+    return StreamedRMTKD(
+        result, writer.total_size, before.get("evaluation"), after.get("evaluation")
+    )
+
+
+def _site_block(stream: BlockStream, site: WidthSite) -> int:
+    """The block that holds every module of ``site``."""
+    modules = (*site.producers, *site.followers, site.consumer)
+    for index, prefix in enumerate(stream.blocks):
+        if all(_in(name, prefix) for name in modules):
+            return index
+    raise InvalidOptionError(
+        f"width site {site.name} ({site.kind}) is not inside one transformer block, and the "
+        "streamed RMT-KD cuts one block at a time; leave it out of --sites, or drop --stream"
+    )

@@ -5,7 +5,8 @@ distillation loss of :mod:`laserrmt.distill`, one implementation for healing and
 calibration text only. What trains is one of :data:`HEAL_PARAMS`:
 
 ``factors``
-    the factors (and biases) of the compressed layers; everything else stays frozen.
+    the factors (and biases) of the compressed layers (a width cut's resized layers too);
+    everything else stays frozen.
 ``factors+norms``
     and the scales (and biases) of the normalisation layers (RMSNorm, LayerNorm), which
     re-balance the residual stream the cut disturbed, at a few thousand parameters.
@@ -34,8 +35,18 @@ from laserrmt.distill import TopKLogits, distill, teacher_top_k, warmup_cosine
 from laserrmt.errors import InvalidOptionError
 from laserrmt.surgery.lowrank import LowRankConv1d, LowRankConv2d, LowRankLinear
 from laserrmt.surgery.sparse import LowRankSparseLinear
+from laserrmt.surgery.width.modules import ResizedConv2d, ResizedLinear
 
-_FACTORIZED = (LowRankLinear, LowRankConv1d, LowRankConv2d, LowRankSparseLinear)
+# A width cut's resized layers are the compressed layers of an RMT-KD model healed after a
+# streamed run.
+_FACTORIZED = (
+    LowRankLinear,
+    LowRankConv1d,
+    LowRankConv2d,
+    LowRankSparseLinear,
+    ResizedLinear,
+    ResizedConv2d,
+)
 #: The trainable sets of healing, each a superset of the one before.
 HEAL_PARAMS = ("factors", "factors+norms", "factors+norms+lora")
 #: The learning-rate schedules: ``cosine`` (linear warm-up, then a half cosine down to
@@ -48,7 +59,7 @@ HEAL_TOP_K = 64
 
 
 def factor_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters of every factorized layer (their factors and biases)."""
+    """The parameters of every factorized or resized layer (their factors and biases)."""
     return [p for m in model.modules() if isinstance(m, _FACTORIZED) for p in m.parameters()]
 
 

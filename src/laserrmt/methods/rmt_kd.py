@@ -42,7 +42,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -61,11 +61,16 @@ from laserrmt.evaluate import count_parameters
 from laserrmt.models.widths import WidthSite, find_width_sites, shared_channel_sites
 from laserrmt.outputs import write_text_atomic
 from laserrmt.plan import WidthDecision, WidthPlan
-from laserrmt.stats.activations import collect_site_statistics, site_rank
+from laserrmt.stats.activations import SiteRank, collect_site_statistics, site_rank
 from laserrmt.stats.forward import batches_fingerprint
 from laserrmt.surgery.width import cut_width
 
+if TYPE_CHECKING:
+    from laserrmt.models.streaming import BlockStream
+    from laserrmt.sequential import StreamedRMTKD
+
 __all__ = [
+    "DEFAULT_STEPS_PER_CUT",
     "DEFAULT_TOLERANCE",
     "RMTKDResult",
     "SiteRecord",
@@ -73,10 +78,13 @@ __all__ = [
     "replay_calibration",
     "rmt_kd",
     "run_rmt_kd",
+    "run_rmt_kd_streaming",
     "sequence_classifier_from_encoder",
 ]
 
 STATE_FILE = "rmt_kd_state.json"
+#: Distillation steps after each cut (``--steps-per-cut``'s default in memory).
+DEFAULT_STEPS_PER_CUT = 50
 _STATE_VERSION = 1
 ESTIMATORS = ("mp_fit", "veraart")
 
@@ -290,7 +298,7 @@ def rmt_kd(
     floor: float = 0.05,
     tolerance: float = 0.01,
     target_params: int | None = None,
-    steps_per_cut: int = 50,
+    steps_per_cut: int = DEFAULT_STEPS_PER_CUT,
     lr: float = 1e-4,
     alpha: float = 0.7,
     temperature: float = 1.0,
@@ -433,31 +441,8 @@ def rmt_kd(
         stats = collect_site_statistics(work, calibration, [site], progress=False)[site.name]
         choice = site_rank(work, site, stats, tau=tau, estimator=estimator)
         d, k = stats.width, int(choice.rank)
-        record = SiteRecord(
-            index,
-            site.name,
-            site.kind,
-            d,
-            k,
-            float(choice.sigma),
-            float(choice.edge),
-            params_now,
-            params_now,
-            current_metric,
-            current_metric,
-            "",
-            0.0,
-            site_seed,
-            k_rmt=k,
-            rank_status=choice.status,
-        )
-        if choice.status != "ok":
-            record.status = "unjudged"
-        elif k >= d:
-            record.status = "full"
-        elif k < 1 or k / d < floor:
-            record.status = "skipped-floor"
-        else:
+        record = judged(index, site, choice, params_now, current_metric, floor, site_seed)
+        if record.status == "cut":
             teacher = work
             work = copy.deepcopy(teacher)
             cut = cut_width(work, site, stats, k)
@@ -486,7 +471,7 @@ def rmt_kd(
                 record.status = "kept"
                 record.parameters_after = _parameters(work)
                 current_metric = metric
-                decisions.append(_decision(site, cut.width_after, cut.kept, record))
+                decisions.append(width_decision(site, cut.width_after, cut.kept, record))
             del teacher
         record.wall_s = time.perf_counter() - t0
         records.append(record)
@@ -530,6 +515,47 @@ def rmt_kd(
     )
 
 
+def judged(
+    index: int,
+    site: WidthSite,
+    choice: SiteRank,
+    params: int,
+    metric: float,
+    floor: float,
+    seed: int,
+) -> SiteRecord:
+    """The record of a measured site, by the stop rules on its rank ``choice``: ``"unjudged"``,
+    ``"full"``, ``"skipped-floor"``, or ``"cut"`` (to be cut to ``choice.rank``; the caller
+    settles the final status)."""
+    d, k = choice.width, int(choice.rank)
+    if choice.status != "ok":
+        status = "unjudged"
+    elif k >= d:
+        status = "full"
+    elif k < 1 or k / d < floor:
+        status = "skipped-floor"
+    else:
+        status = "cut"
+    return SiteRecord(
+        index,
+        site.name,
+        site.kind,
+        d,
+        k,
+        float(choice.sigma),
+        float(choice.edge),
+        params,
+        params,
+        metric,
+        metric,
+        status,
+        0.0,
+        seed,
+        k_rmt=k,
+        rank_status=choice.status,
+    )
+
+
 def _skipped(
     index: int,
     site: WidthSite,
@@ -560,7 +586,9 @@ def _skipped(
     )
 
 
-def _decision(site: WidthSite, width: int, kept: list[int], record: SiteRecord) -> WidthDecision:
+def width_decision(
+    site: WidthSite, width: int, kept: list[int], record: SiteRecord
+) -> WidthDecision:
     return WidthDecision(
         site=site.name,
         kind=site.kind,
@@ -717,6 +745,30 @@ def _task_batches(recipe: dict[str, Any], tokenizer: Any) -> tuple[list[Any], li
     return data.train[: max(len(data.train) // 10, 1)], data.train, data
 
 
+def _recipe(
+    task: Task,
+    dataset: str,
+    seed: int,
+    sizes: dict[str, int],
+    data: TextSource | None,
+    images: ImageFolderData | None,
+) -> dict[str, Any]:
+    """How the run's batches are made (``sizes``: windows for a causal LM, tokens and batch size
+    for a classifier), as its width plan records it for a replay."""
+    if task == "causal-lm" and not 0 < sizes["validation_windows"] < sizes["n_windows"]:
+        raise InvalidOptionError(
+            f"validation_windows={sizes['validation_windows']} of n_windows="
+            f"{sizes['n_windows']}; keep some windows for calibration and training"
+        )
+    recipe: dict[str, Any] = {"task": task, "dataset": dataset, "seed": seed, **sizes}
+    if data is not None:
+        # The recipe names the user's text by content digest: a replay refuses a changed file.
+        recipe.update(dataset="user data", data=data.to_dict())
+    if images is not None:
+        recipe.update(dataset="image folder", images=images.to_dict())
+    return recipe
+
+
 def replay_calibration(plan: WidthPlan, tokenizer: Any) -> list[Any]:
     """The calibration batches of the :func:`run_rmt_kd` run that made ``plan``, rebuilt from
     the recipe it records, as :func:`laserrmt.surgery.apply.apply_plan` takes them.
@@ -749,7 +801,7 @@ def run_rmt_kd(
     floor: float = 0.05,
     tolerance: float | None = None,
     target_params: int | None = None,
-    steps_per_cut: int = 50,
+    steps_per_cut: int = DEFAULT_STEPS_PER_CUT,
     lr: float = 1e-4,
     alpha: float = 0.7,
     temperature: float = 1.0,
@@ -825,21 +877,12 @@ def run_rmt_kd(
             "classification data needs labels: open it with label_column= (--label-column)"
         )
     tolerance = DEFAULT_TOLERANCE[task] if tolerance is None else tolerance
-    if task == "causal-lm" and not 0 < validation_windows < n_windows:
-        raise InvalidOptionError(
-            f"validation_windows={validation_windows} of n_windows={n_windows}; keep some "
-            "windows for calibration and training"
-        )
-    recipe: dict[str, Any] = {"task": task, "dataset": dataset, "seed": seed}
-    if task == "causal-lm":
-        recipe.update(n_windows=n_windows, window=window, validation_windows=validation_windows)
-    else:
-        recipe.update(max_length=max_length, batch_size=batch_size)
-    if data is not None:
-        # The recipe names the user's text by content digest: a replay refuses a changed file.
-        recipe.update(dataset="user data", data=data.to_dict())
-    if images is not None:
-        recipe.update(dataset="image folder", images=images.to_dict())
+    sizes = (
+        {"n_windows": n_windows, "window": window, "validation_windows": validation_windows}
+        if task == "causal-lm"
+        else {"max_length": max_length, "batch_size": batch_size}
+    )
+    recipe = _recipe(task, dataset, seed, sizes, data, images)
     calibration, train, held_out = _task_batches(recipe, tokenizer)
     extra: dict[str, Any] = {k: v for k, v in recipe.items() if k not in ("task", "seed")}
     if task == "causal-lm":
@@ -910,3 +953,65 @@ def run_rmt_kd(
             overwrite=overwrite,
         )
     return result
+
+
+def run_rmt_kd_streaming(
+    stream: BlockStream,
+    tokenizer: Any,
+    out_dir: str | Path,
+    *,
+    data: TextSource | None = None,
+    sites: Sequence[str] | None = None,
+    tau: float = 0.5,
+    estimator: str = "mp_fit",
+    floor: float = 0.05,
+    n_windows: int = 32,
+    window: int = 256,
+    validation_windows: int = 8,
+    evaluation: Any = None,
+    max_shard_size: int = 1_000_000_000,
+    seed: int = 0,
+    progress: bool = True,
+) -> StreamedRMTKD:
+    """:func:`run_rmt_kd` on a causal LM through the streaming pipeline
+    (:func:`laserrmt.sequential.streamed_rmt_kd`): the same windows from the same recipe, the
+    validation windows measuring the model before and after all cuts (the result's
+    ``baseline_metric`` and ``final_metric``), the weights written to ``out_dir`` (an existing
+    folder) block by block.
+
+    No distillation after each cut and no revert, which need the whole model: the cuts are
+    those of ``run_rmt_kd(..., steps_per_cut=0)`` whose tolerance no cut exceeds (and its width
+    plan replays them in memory); heal the written model at the end instead
+    (:func:`laserrmt.pipeline.heal_saved`). ``evaluation`` windows give the perplexity before
+    and after; :func:`laserrmt.surgery.io.write_compressed` with ``weights_written=True`` adds
+    the configuration and metadata.
+    """
+    import torch
+
+    from laserrmt.sequential import streamed_rmt_kd
+
+    if tokenizer is None:
+        raise InvalidOptionError("RMT-KD tokenizes its data; pass the model's tokenizer")
+    sizes = {"n_windows": n_windows, "window": window, "validation_windows": validation_windows}
+    recipe = _recipe("causal-lm", DATASETS["causal-lm"][0], seed, sizes, data, None)
+    calibration, _, held_out = _task_batches(recipe, tokenizer)
+    outcome = streamed_rmt_kd(
+        stream,
+        torch.cat(calibration),
+        out_dir,
+        sites=sites,
+        tau=tau,
+        estimator=estimator,
+        floor=floor,
+        validation=held_out,
+        evaluation=evaluation,
+        max_shard_size=max_shard_size,
+        seed=seed,
+        progress=progress,
+    )
+    result = outcome.result
+    extra = {k: v for k, v in recipe.items() if k not in ("task", "seed")}
+    result.settings = {"task": "causal-lm", **result.settings, **extra, "metric": "-nll"}
+    result.plan.settings = result.settings
+    result.plan.calibration.update(recipe=recipe)
+    return outcome

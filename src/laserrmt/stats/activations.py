@@ -37,6 +37,7 @@ __all__ = [
     "MAX_LAG",
     "SiteRank",
     "SiteStatistics",
+    "SiteWatch",
     "attention_head_ranks",
     "collect_site_statistics",
     "site_rank",
@@ -209,6 +210,56 @@ def _site_hooks(model: nn.Module, site: WidthSite, moments: dict[str, _Moments])
     return hooks + [(block, "output", block_output) for block in layout.blocks]
 
 
+class SiteWatch:
+    """The hooks that stream the statistics of ``sites`` over every forward call made while they
+    are attached (:func:`~laserrmt.stats.forward.run_forward`, or
+    :func:`~laserrmt.stats.forward.attached` around calls of one streamed block), and the
+    statistics they gathered (:meth:`statistics`)."""
+
+    def __init__(self, model: nn.Module, sites: Sequence[WidthSite]) -> None:
+        self.sites = list(sites)
+        self._moments: dict[str, _Moments] = {}
+        self.hooks = [
+            hook for site in self.sites for hook in _site_hooks(model, site, self._moments)
+        ]
+
+    def statistics(self) -> dict[str, SiteStatistics]:
+        """Each site's statistics over the calls seen so far.
+
+        Raises:
+            TargetSelectionError: a site whose modules never ran.
+            NumericalError: NaN or Inf in a site's statistics.
+        """
+        moments = self._moments
+        missing = [key for key, acc in moments.items() if acc.count == 0]
+        if missing:
+            raise TargetSelectionError(
+                f"sites {missing} were never reached in the forward pass; name sites whose "
+                "consumer runs"
+            )
+        out: dict[str, SiteStatistics] = {}
+        for site in self.sites:
+            if site.kind == "attn_qk":
+                q_moment, q_mean, q_eff = moments[f"{site.name}:query"].statistics(site.name)
+                k_moment, k_mean, k_eff = moments[f"{site.name}:key"].statistics(site.name)
+                out[site.name] = SiteStatistics(
+                    site.name,
+                    q_moment,
+                    moments[f"{site.name}:query"].count,
+                    key_moment=k_moment,
+                    mean=q_mean,
+                    key_mean=k_mean,
+                    n_effective=min(q_eff, k_eff),
+                )
+                continue
+            acc = moments[f"{site.name}:value" if site.kind == "attn_vo" else site.name]
+            moment, mean, n_eff = acc.statistics(site.name)
+            out[site.name] = SiteStatistics(
+                site.name, moment, acc.count, mean=mean, n_effective=n_eff
+            )
+        return out
+
+
 def collect_site_statistics(
     model: nn.Module,
     batches: Iterable[torch.Tensor | Mapping[str, Any]],
@@ -231,34 +282,9 @@ def collect_site_statistics(
     listed = list(batches)
     if not listed:
         raise InvalidOptionError("no calibration batches; pass at least one batch")
-    moments: dict[str, _Moments] = {}
-    hooks = [hook for site in sites for hook in _site_hooks(model, site, moments)]
-    run_forward(model, listed, hooks, desc="width statistics", progress=progress)
-    missing = [key for key, acc in moments.items() if acc.count == 0]
-    if missing:
-        raise TargetSelectionError(
-            f"sites {missing} were never reached in the forward pass; name sites whose "
-            "consumer runs"
-        )
-    out: dict[str, SiteStatistics] = {}
-    for site in sites:
-        if site.kind == "attn_qk":
-            q_moment, q_mean, q_eff = moments[f"{site.name}:query"].statistics(site.name)
-            k_moment, k_mean, k_eff = moments[f"{site.name}:key"].statistics(site.name)
-            out[site.name] = SiteStatistics(
-                site.name,
-                q_moment,
-                moments[f"{site.name}:query"].count,
-                key_moment=k_moment,
-                mean=q_mean,
-                key_mean=k_mean,
-                n_effective=min(q_eff, k_eff),
-            )
-            continue
-        acc = moments[f"{site.name}:value" if site.kind == "attn_vo" else site.name]
-        moment, mean, n_eff = acc.statistics(site.name)
-        out[site.name] = SiteStatistics(site.name, moment, acc.count, mean=mean, n_effective=n_eff)
-    return out
+    watch = SiteWatch(model, sites)
+    run_forward(model, listed, watch.hooks, desc="width statistics", progress=progress)
+    return watch.statistics()
 
 
 # ---------------------------------------------------------------------------------------------

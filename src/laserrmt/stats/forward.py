@@ -29,7 +29,15 @@ Hook = tuple[nn.Module, Literal["input", "output"], Callable[..., Any]]
 """``(module, "input", fn(module, args, kwargs))`` runs before the module's forward;
 ``(module, "output", fn(module, args, output))`` after it."""
 
-__all__ = ["Batch", "Hook", "batches_fingerprint", "call_model", "eval_mode", "run_forward"]
+__all__ = [
+    "Batch",
+    "Hook",
+    "attached",
+    "batches_fingerprint",
+    "call_model",
+    "eval_mode",
+    "run_forward",
+]
 
 
 def _accepts_use_cache(model: nn.Module) -> bool:
@@ -85,24 +93,31 @@ def run_forward(
     ``output_attentions=True``). The hooks are removed and the training flags restored even when
     a hook or the model raises.
     """
-    handles = []
     count = 0
+    with attached(hooks), eval_mode(model), torch.no_grad():
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+            output = call_model(model, batch, **dict(extra or {}))
+            if after_each is not None:
+                after_each(batch, output)
+            count += 1
+    return count
+
+
+@contextlib.contextmanager
+def attached(hooks: Sequence[Hook]) -> Iterator[None]:
+    """``hooks`` attached for the duration (for calls :func:`run_forward` does not make, such
+    as one streamed block's), removed on the way out, also on error."""
+    handles = []
     try:
         for module, where, fn in hooks:
             if where == "input":
                 handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
             else:
                 handles.append(module.register_forward_hook(fn))
-        with eval_mode(model), torch.no_grad():
-            for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-                output = call_model(model, batch, **dict(extra or {}))
-                if after_each is not None:
-                    after_each(batch, output)
-                count += 1
+        yield
     finally:
         for handle in handles:
             handle.remove()
-    return count
 
 
 def batches_fingerprint(batches: Iterable[Batch]) -> str:
