@@ -13,8 +13,6 @@ a checkpoint saved from the base model lacks the ``base_model_prefix`` the task 
 
 from __future__ import annotations
 
-import ctypes
-import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -23,31 +21,9 @@ import torch
 from torch import nn
 
 from laserrmt.errors import ModelLoadError
+from laserrmt.memory import map_large_allocations, return_freed_memory
 from laserrmt.models.architectures import block_index
 from laserrmt.models.checkpoint import Checkpoint, empty_model
-
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-_MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's initial value
-
-
-def keep_large_frees_returning_memory() -> None:
-    """Make glibc return every freed block above 128 KiB to the kernel at once.
-
-    glibc serves large blocks with their own memory map, but raises that threshold to the size
-    of each such block freed, so from then on blocks of that size come from the heap and stay
-    resident after ``free``. A stream frees one matrix or block per step: without this, its
-    resident set grows step by step (the default model's weight-only analysis peaked at 696 MiB
-    without it, 536 MiB with it). Setting the threshold explicitly stops the adjustment;
-    process-wide, and only on Linux with glibc (elsewhere nothing changes).
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return
-    mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
 
 
 def checkpoint_names(model: nn.Module, checkpoint: Checkpoint) -> tuple[dict[str, str], list[str]]:
@@ -113,7 +89,7 @@ class BlockStream:
         dtype: torch.dtype | None = None,
         trust_remote_code: bool = False,
     ) -> None:
-        keep_large_frees_returning_memory()
+        map_large_allocations()
         self.checkpoint = checkpoint
         self.device = torch.device(device)
         self.dtype = dtype
@@ -173,6 +149,7 @@ class BlockStream:
 
         for name in names:
             set_module_tensor_to_device(self.model, name, "meta")
+        return_freed_memory()  # what the freed part's work left in the heap
 
     @contextmanager
     def materialized(self, prefixes: Sequence[str]) -> Iterator[None]:
