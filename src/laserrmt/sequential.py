@@ -1057,6 +1057,7 @@ def streamed_rmt_kd(
             for key, tensor in block.state_dict().items():
                 writer.add(f"{prefix}.{key}", tensor)
             block.to("meta")
+            return_freed_memory()
             _tick(bar)
     writer.close()
     before = {key: _perplexity(r, dense[key]) for key, r in held.items()}
