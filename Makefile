@@ -35,7 +35,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 # Benchmarks need the machine to themselves: run them alone.
-BENCHMARKS ?= laser lowrank rmt_kd monitor scale sequential frontier deploy
+BENCHMARKS ?= laser lowrank rmt_kd monitor scale scale_7b sequential frontier deploy
 bench: install
 	for b in $(BENCHMARKS); do $(PY) -m benchmarks.$$b || exit 1; done
 

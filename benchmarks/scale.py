@@ -8,7 +8,8 @@ with :func:`laserrmt.evaluate.track_peak_memory` (the kernel's ``VmHWM``, reset 
 peak of the whole process, imported libraries included) and writes its records; the parent
 checks that both variants' records agree.
 
-    python -m benchmarks.scale                  # all but RMT-KD
+    python -m benchmarks.scale                  # all three (about 20 minutes)
+    python -m benchmarks.scale --budget-only    # the budget method alone
     python -m benchmarks.scale --rmt-kd-only    # RMT-KD's cuts alone
 """
 
@@ -281,36 +282,29 @@ def main() -> None:
     if args.variant:
         run_variant(args.variant, args.out)
         return
-    if args.rmt_kd_only:
-        if not args.model:
-            from laserrmt.models.loading import default_model_folder
-
-            default_model_folder()  # converted once, outside the measured runs
-        with tempfile.TemporaryDirectory() as tmp:
-            path = write_result(
-                "scale_rmt_kd",
-                "RMT-KD: streamed against in memory",
-                [
-                    (
-                        "RMT-KD's cuts on the default model",
-                        rmt_kd_section(Path(tmp), args.model, args.calibration_data),
-                    )
-                ],
-            )
-        print(f"wrote {path}")
-        return
-
     from laserrmt.models.loading import default_model_folder
 
-    default_model_folder()  # convert the GGUF once, outside the measured runs
-    with tempfile.TemporaryDirectory() as tmp:
+    if not args.model:
+        default_model_folder()  # convert the GGUF once, outside the measured runs
+    if not args.rmt_kd_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            section = budget_section(Path(tmp))
         path = write_result(
             "scale_budget",
             "Budget method: streamed against in memory",
-            [("Budget method at 20 % on the default model", budget_section(Path(tmp)))],
+            [("Budget method at 20 % on the default model", section)],
         )
         print(f"wrote {path}")
-    if args.budget_only:
+    if not args.budget_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            section = rmt_kd_section(Path(tmp), args.model, args.calibration_data)
+        path = write_result(
+            "scale_rmt_kd",
+            "RMT-KD: streamed against in memory",
+            [("RMT-KD's cuts on the default model", section)],
+        )
+        print(f"wrote {path}")
+    if args.budget_only or args.rmt_kd_only:
         return
     runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
