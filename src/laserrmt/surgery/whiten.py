@@ -284,7 +284,8 @@ def _eigh_overwriting(g: torch.Tensor, module: str | None) -> tuple[torch.Tensor
     """
     try:
         if g.device.type != "cpu":
-            return tuple(torch.linalg.eigh(g))  # type: ignore[return-value]
+            values, vectors = torch.linalg.eigh(g)
+            return values, vectors
         import scipy.linalg
 
         # The transpose is the same symmetric matrix, laid out as LAPACK reads it: no copy.
