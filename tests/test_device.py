@@ -151,6 +151,7 @@ DOCUMENTED_HOST_COPIES = {
     ("methods/budget.py", "spill_weighted_factors"): "weighted singular values: MP rank, curves",
     ("surgery/spill.py", "FactorSpill.write"): "factors spilled to disk (safetensors writes host)",
     ("surgery/whiten.py", "weighted_spectrum"): "weighted singular values for choose_rank",
+    ("surgery/whiten.py", "_eigh_overwriting"): "none: the CPU branch's .cpu() is the tensor",
     ("stats/activations.py", "_Moments.n_effective"): "autocorrelation per lag (≤ 32 numbers)",
     ("stats/activations.py", "_Moments.statistics"): "a site's d × d moment, for numpy and scipy",
     ("stats/forward.py", "batches_fingerprint"): "calibration token ids hashed for a width plan",

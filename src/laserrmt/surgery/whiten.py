@@ -288,15 +288,16 @@ def _eigh_overwriting(g: torch.Tensor, module: str | None) -> tuple[torch.Tensor
             return values, vectors
         import scipy.linalg
 
-        # The transpose is the same symmetric matrix, laid out as LAPACK reads it: no copy.
+        # The transpose is the same symmetric matrix, laid out as LAPACK reads it: no copy
+        # (``.cpu()`` of a host tensor is the tensor itself).
         values, vectors = scipy.linalg.eigh(
-            g.numpy().T, overwrite_a=True, check_finite=False, driver="evr"
+            g.cpu().numpy().T, overwrite_a=True, check_finite=False, driver="evr"
         )
     except (RuntimeError, np.linalg.LinAlgError, ValueError) as exc:
         raise NumericalError(
             f"eigendecomposition of the input Gram of {_label(module)} failed: {exc}"
         ) from None
-    return torch.from_numpy(values), torch.from_numpy(vectors)
+    return torch.as_tensor(values, device=g.device), torch.as_tensor(vectors, device=g.device)
 
 
 class SharedWhitening:
