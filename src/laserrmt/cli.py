@@ -1109,24 +1109,9 @@ def run_compress_streaming(
         )
         before = after = None
         if windows is not None:
-            assert outcome.perplexity_before is not None and outcome.perplexity_after is not None
-            common = {"eval_windows": int(windows.shape[0]), "protocol": protocol}
-            before = {
-                "perplexity": outcome.perplexity_before.perplexity,
-                "nll": outcome.perplexity_before.nll,
-                "eval_tokens": outcome.perplexity_before.tokens,
-                "params_total": outcome.params_before,
-                **common,
-            }
-            after = {
-                "perplexity": outcome.perplexity_after.perplexity,
-                "nll": outcome.perplexity_after.nll,
-                "eval_tokens": outcome.perplexity_after.tokens,
-                "params_total": outcome.params_after,
-                "size_bytes": outcome.weight_bytes,
-                "peak_memory_bytes": peak,
-                **common,
-            }
+            before, after = _streamed_evaluation(
+                outcome, windows, protocol, (outcome.params_before, outcome.params_after), peak
+            )
             (tmp / "evaluation.json").write_text(
                 json.dumps({"before": before, "after": after}, indent=2) + "\n"
             )
@@ -1158,6 +1143,30 @@ def run_compress_streaming(
         print(comparison_markdown(before, after))
     print(f"saved: {args.out}  (load it with laserrmt.load); report: {args.out}/report.html")
     return 0
+
+
+def _streamed_evaluation(
+    outcome: Any, windows: Any, protocol: Any, params: tuple[int, int], peak: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The before and after records of evaluation.json for a streamed run's perplexities."""
+    assert outcome.perplexity_before is not None and outcome.perplexity_after is not None
+    common = {"eval_windows": int(windows.shape[0]), "protocol": protocol}
+    records = []
+    for ppl, total in (
+        (outcome.perplexity_before, params[0]),
+        (outcome.perplexity_after, params[1]),
+    ):
+        records.append(
+            {
+                "perplexity": ppl.perplexity,
+                "nll": ppl.nll,
+                "eval_tokens": ppl.tokens,
+                "params_total": total,
+                **common,
+            }
+        )
+    records[1].update(size_bytes=outcome.weight_bytes, peak_memory_bytes=peak)
+    return records[0], records[1]
 
 
 def run_rmt_kd_command(args: argparse.Namespace) -> int:
@@ -1402,24 +1411,13 @@ def run_rmt_kd_streaming_command(
         )
         before = after = None
         if windows is not None:
-            assert outcome.perplexity_before is not None and outcome.perplexity_after is not None
-            common = {"eval_windows": int(windows.shape[0]), "protocol": protocol}
-            before = {
-                "perplexity": outcome.perplexity_before.perplexity,
-                "nll": outcome.perplexity_before.nll,
-                "eval_tokens": outcome.perplexity_before.tokens,
-                "params_total": result.parameters_before,
-                **common,
-            }
-            after = {
-                "perplexity": outcome.perplexity_after.perplexity,
-                "nll": outcome.perplexity_after.nll,
-                "eval_tokens": outcome.perplexity_after.tokens,
-                "params_total": result.parameters_after,
-                "size_bytes": outcome.weight_bytes,
-                "peak_memory_bytes": peak,
-                **common,
-            }
+            before, after = _streamed_evaluation(
+                outcome,
+                windows,
+                protocol,
+                (result.parameters_before, result.parameters_after),
+                peak,
+            )
         note = (
             f"Streamed block by block: peak resident memory of the whole process "
             f"{peak / 2**30:.2f} GiB; no distillation after each cut"
