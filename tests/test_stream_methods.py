@@ -215,6 +215,12 @@ def test_laser_streams_from_the_command_line(tmp_path, capsys):
         assert results["stream"][when]["perplexity"] == pytest.approx(
             results["memory"][when]["perplexity"], rel=1e-6
         )
+    # The whole model's count, embeddings and head included, as the in-memory run reports it
+    # (after the cut the stream counts stored numbers: int8 scales too).
+    assert (
+        results["stream"]["before"]["params_total"] == results["memory"]["before"]["params_total"]
+    )
+    assert results["stream"]["after"]["params_total"] < results["stream"]["before"]["params_total"]
     plans = [
         json.loads((tmp_path / name / "laserrmt.json").read_text())["plan"]["modules"]
         for name in ("memory", "stream")

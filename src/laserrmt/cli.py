@@ -1126,7 +1126,7 @@ def run_compress_streaming(
         )
         report.notes.append(
             f"Streamed block by block: peak resident memory of the whole process "
-            f"{peak / 2**30:.2f} GiB (block parameters {outcome.params_before:,} → "
+            f"{peak / 2**30:.2f} GiB (parameters {outcome.params_before:,} → "
             f"{outcome.params_after:,})"
             + ("; healed with the compressed model in memory." if result.healing else ".")
         )

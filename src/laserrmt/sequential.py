@@ -800,7 +800,8 @@ def _cut(
     (a plan of plain factors, no ``runner`` of calibration windows) each planned matrix is
     decomposed in the cut, by the in-memory surgery."""
     writer = ShardWriter(out_dir, max_shard_size)
-    params_before = params_after = 0
+    # The parts outside the blocks are written as they are: counted once, on both sides.
+    params_before = params_after = _outer_numbers(stream)
     _write_outer(stream, writer)
     dense_in = list(runner.hidden) if runner is not None else []
     ours = list(dense_in)
@@ -896,6 +897,12 @@ def _cut(
         perplexity_after=after,
         refinement=refinement,
     )
+
+
+def _outer_numbers(stream: BlockStream) -> int:
+    """Numbers stored outside the blocks, a tensor shared by several names (a tied head) once."""
+    sources = {stream.names[name] for name in stream.outer_tensors()}
+    return sum(math.prod(stream.checkpoint.shape(source)) for source in sources)
 
 
 def _stored_numbers(block: nn.Module) -> int:
