@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import write_result
+from benchmarks.common import RESULTS, write_result
 from laserrmt.report.html import markdown_table
 
 GIB = 2**30
@@ -44,6 +44,8 @@ SHAPE = {
     "tie_word_embeddings": False,
 }
 WINDOWS, LENGTH = 4, 128
+TASKS = ("budget", "analyze")
+RAW = RESULTS / "scale_7b.json"  # the measurements behind the table, kept between runs
 
 
 def generate(folder: Path, blocks: int, seed: int = 0) -> None:
@@ -104,7 +106,7 @@ def measure(task: str, folder: Path, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, nargs=2, default=[2, 4])
-    parser.add_argument("--tasks", nargs="+", default=["budget", "analyze"])
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--task", help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -112,7 +114,7 @@ def main() -> None:
     if args.task:
         measure(args.task, args.folder, args.out)
         return
-    results: dict[tuple[str, int], dict[str, float]] = {}
+    results = load_earlier(args.blocks)
     with tempfile.TemporaryDirectory(dir=os.environ.get("LASERRMT_BENCH_DIR")) as tmp:
         folders = {}
         for blocks in args.blocks:
@@ -137,13 +139,23 @@ def main() -> None:
                 )
                 results[task, blocks] = json.loads(out.read_text())
                 print(task, blocks, results[task, blocks], flush=True)
+                RAW.write_text(json.dumps({f"{t}/{b}": r for (t, b), r in results.items()}))
             write(results, args)
+
+
+def load_earlier(blocks: list[int]) -> dict[tuple[str, int], dict[str, float]]:
+    """Earlier runs' measurements with the same block counts, so a run of one task keeps the
+    other task's row."""
+    if not RAW.exists():
+        return {}
+    earlier = {tuple(key.split("/")): value for key, value in json.loads(RAW.read_text()).items()}
+    return {(t, int(b)): r for (t, b), r in earlier.items() if int(b) in blocks}
 
 
 def write(results: dict[tuple[str, int], dict[str, float]], args: argparse.Namespace) -> None:
     small, large = args.blocks
     rows = []
-    for task in args.tasks:
+    for task in TASKS:
         if (task, large) not in results:
             continue
         a, b = results[task, small], results[task, large]
