@@ -254,6 +254,18 @@ def _max_relative_difference(a: list[dict[str, Any]], b: list[dict[str, Any]]) -
     return worst
 
 
+SIBLINGS = (
+    "- [scale_budget.md](scale_budget.md): the budget method, in memory against streamed "
+    "(`--budget-only`).\n"
+    "- [scale_rmt_kd.md](scale_rmt_kd.md): RMT-KD's cuts, in memory against streamed "
+    "(`--rmt-kd-only`).\n"
+    "- [scale_7b.md](scale_7b.md): a Llama-2-7B-shaped model with 2 and 4 blocks, `analyze` and "
+    "the budget method (`python -m benchmarks.scale_7b`).\n"
+    "- GPU: each of these runs on the CPU; on a machine with CUDA the `gpu` tests run the "
+    "pipeline there (none was at hand for these files)."
+)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=(*VARIANTS, *CLI_VARIANTS), help=argparse.SUPPRESS)
@@ -347,7 +359,11 @@ def main() -> None:
     path = write_result(
         "scale",
         "Memory at scale: streaming against in-memory",
-        [("Protocol", protocol), ("Weight-only analysis of the default model", results)],
+        [
+            ("Protocol", protocol),
+            ("Weight-only analysis of the default model", results),
+            ("The other scale measurements", SIBLINGS),
+        ],
     )
     print(f"wrote {path}")
 
