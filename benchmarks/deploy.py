@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import merge_result, write_result
+from benchmarks.common import merge_result
 from laserrmt.export.onnx import GRAPH_FILE, export_onnx, onnx_runtime
 from laserrmt.models.architectures import block_index
 from laserrmt.report.html import markdown_table
@@ -53,6 +53,13 @@ CACHE = Path("runs/deploy")
 LONG_PROMPT = 2048
 BATCH = 8
 TITLE = "Deployment: torch and ONNX Runtime, float32 and int8"
+SECTIONS = (  # the language-model rows' sections, in this order; any others follow
+    "Setup",
+    "Batch 1",
+    "Goal: ONNX Runtime decode speed-up ≥ 0.9 × bytes ratio",
+    "Long text and peak memory",
+    "Export checks",
+)
 CLASSIFIER_HEADING = "RMT-KD MiniLM classifier: batch-1 latency in ONNX Runtime"
 
 Timer = Callable[[np.ndarray, int], tuple[float, float]]
@@ -583,7 +590,9 @@ def main(argv: list[str] | None = None) -> None:
         "Load average (1/5/15 min) at the start of the batch-1 runs, after them and after each "
         "long-text round: " + "; ".join(" / ".join(f"{x:.2f}" for x in load) for load in loads)
     )
-    write_result(
+    # Merged, so that the classifier section (``--classifier``) and the notes written by hand
+    # beside the tables survive a rerun of the language-model rows.
+    merge_result(
         args.name,
         TITLE,
         [
@@ -623,6 +632,7 @@ def main(argv: list[str] | None = None) -> None:
             ),
             ("Export checks", "\n".join(f"- {note}" for note in notes)),
         ],
+        order=SECTIONS,
     )
 
 

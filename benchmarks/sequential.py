@@ -211,6 +211,7 @@ def load_dense(folder: Path) -> Any:
 
 
 def write(rows: list[list[Any]], dense: dict[str, float], args: argparse.Namespace) -> None:
+    rows.sort(key=lambda row: float(row[0].rstrip("%")))  # appended rows join their budget
     RAW.write_text(json.dumps({"rows": rows, "dense": dense}, indent=1) + "\n")
     table = markdown_table(
         (
