@@ -22,7 +22,6 @@ from laserrmt.models.targets import find_targets
 from laserrmt.pipeline import _cut
 from laserrmt.sequential import (
     compress_streaming,
-    refine_block,
     streamed_fisher_rows,
     streamed_perplexity,
 )
@@ -185,12 +184,12 @@ def test_compensation_without_a_shift_is_svdllm():
 
 def test_sequential_fit_and_refinement_bring_the_compressed_model_closer(tmp_path):
     model = tiny_llama()
-    calibration = windows(16, 5, length=48)  # enough for a held-out window to gain
+    calibration = windows(8, 5)
     errors = {}
     for variant, options in {
         "plain": {},
         "sequential": {"compensate": True},
-        "refined": {"compensate": True, "refine_steps": 60, "refine_lr": 3e-4},
+        "refined": {"compensate": True, "refine_steps": 30, "refine_lr": 1e-3},
     }.items():
         stream = stream_of(model, tmp_path / f"m-{variant}")
         out = tmp_path / variant
@@ -397,31 +396,3 @@ def test_a_refinement_that_does_not_help_is_reverted(tmp_path):
             assert all(r["error_after"] == r["error_before"] for r in result.refinement)
     # The reverted parameters are the closed-form fit's, not merely reported as such.
     assert torch.equal(outputs["fit"], outputs["diverged"])
-
-
-@pytest.mark.parametrize("held_out_agrees", [True, False])
-def test_refinement_is_judged_on_a_held_out_window(tmp_path, held_out_agrees):
-    # Planted targets: the dense outputs' block update doubled, reachable through the norm
-    # scales. When the held-out (last) window asks for the block as it is, steps that fit the
-    # other windows can only move it away there and must be undone; when it asks for the same
-    # doubling, they are kept and its error drops.
-    stream = stream_of(tiny_llama(), tmp_path / "m")
-    runner = BlockRunner(stream, windows(5, 3))
-    prefix = stream.blocks[0]
-    stream.load(stream.tensors_under([prefix]))
-    block = stream.model.get_submodule(prefix)
-    inputs = list(runner.hidden)
-    with torch.no_grad():
-        outputs = [runner.call(0, block, w, x) for w, x in enumerate(inputs)]
-    targets = [x + 2 * (y - x) for x, y in zip(inputs, outputs, strict=True)]
-    if not held_out_agrees:
-        targets[-1] = outputs[-1]
-    start = {k: v.clone() for k, v in block.state_dict().items()}
-    record = refine_block(runner, 0, block, inputs, targets, steps=20, lr=1e-2)
-    unchanged = all(torch.equal(v, start[k]) for k, v in block.state_dict().items())
-    if held_out_agrees:
-        assert record["error_after"] < 0.9 * record["error_before"]
-        assert not unchanged
-    else:
-        assert record["error_before"] == 0.0 == record["error_after"]
-        assert unchanged

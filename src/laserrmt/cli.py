@@ -436,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="with --stream: Adam steps per block on its factors and norm scales towards the "
-        "dense block's outputs, kept if a held-out calibration window's error drops (default 0)",
+        "dense block's outputs (default 0)",
     )
     _add_healing_arguments(compress)
     compress.add_argument(

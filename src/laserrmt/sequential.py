@@ -454,30 +454,19 @@ def refine_block(
     lr: float = 1e-4,
 ) -> dict[str, float]:
     """``steps`` Adam steps (one window each, in turn) on the block's factors and norm scales,
-    minimising ``‖block(x̃) − y‖² / ‖y‖²`` with ``y`` the dense block's outputs.
-
-    With two or more windows the last one is held out and judges: the refined parameters are
-    kept only if its relative error drops, since a block's factors can fit the windows they
-    train on while moving away from what they should compute (on the default model, 128 steps
-    cut the training windows' error by a third and a held-out window's by under a tenth).
-    Returns the judged error before and after (after = before when reverted)."""
+    minimising ``‖block(x̃) − y‖² / ‖y‖²`` with ``y`` the dense block's outputs; returns the
+    relative error over all windows before and after (the better parameters are kept)."""
     params = _trainable(block)
     if not params or steps <= 0:
         return {}
-    train = list(range(len(inputs) - 1)) if len(inputs) > 1 else [0]
-    judge = [len(inputs) - 1]
 
     def error() -> float:
         with torch.no_grad():
             num = sum(
-                float(
-                    (runner.call(index, block, w, inputs[w]).float() - targets[w].float())
-                    .square()
-                    .sum()
-                )
-                for w in judge
+                float((runner.call(index, block, w, x).float() - targets[w].float()).square().sum())
+                for w, x in enumerate(inputs)
             )
-            den = sum(float(targets[w].float().square().sum()) for w in judge)
+            den = sum(float(t.float().square().sum()) for t in targets)
         return num / den
 
     before = error()
@@ -489,7 +478,7 @@ def refine_block(
             p.requires_grad_(True)
         with torch.enable_grad():
             for step in range(steps):
-                w = train[step % len(train)]
+                w = step % len(inputs)
                 out = runner.call(index, block, w, inputs[w])
                 loss = (out.float() - targets[w].float()).square().mean() / (
                     targets[w].float().square().mean()
