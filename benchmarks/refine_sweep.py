@@ -68,8 +68,16 @@ def main() -> None:
         base = [error(runner, index, block, inputs, targets, ws) for ws in (train, held)]
         for setting in SETTINGS:
             began = time.perf_counter()
-            refine(runner, index, block, inputs[: len(train)], targets[: len(train)],
-                   steps=setting[0], lr=setting[1])  # fmt: skip
+            steps_, lr_ = setting
+            refine(
+                runner,
+                index,
+                block,
+                inputs[: len(train)],
+                targets[: len(train)],
+                steps=steps_,
+                lr=lr_,
+            )
             seconds = time.perf_counter() - began
             now = [error(runner, index, block, inputs, targets, ws) for ws in (train, held)]
             scores[setting].append((now[0] / base[0], now[1] / base[1], seconds))
