@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--train-windows", type=int, default=16)
     parser.add_argument("--held-out-windows", type=int, default=2)
     args = parser.parse_args()
+    if min(args.train_windows, args.held_out_windows, args.blocks) < 1:
+        parser.error("--train-windows, --held-out-windows and --blocks must be at least 1")
 
     folder = default_model_folder()
     windows = calibration_windows(
