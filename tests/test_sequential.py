@@ -396,3 +396,18 @@ def test_a_refinement_that_does_not_help_is_reverted(tmp_path):
             assert all(r["error_after"] == r["error_before"] for r in result.refinement)
     # The reverted parameters are the closed-form fit's, not merely reported as such.
     assert torch.equal(outputs["fit"], outputs["diverged"])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_stream_counts_the_parts_outside_the_blocks_once(tmp_path, tied):
+    from laserrmt.sequential import _outer_numbers
+
+    model = tiny_llama(tie_word_embeddings=tied)
+    stream = stream_of(model, tmp_path / "m")
+    # Counted from the model itself: every distinct parameter outside the two blocks.
+    outside = {
+        p.data_ptr(): p.numel()
+        for name, p in model.named_parameters(remove_duplicate=False)
+        if not name.startswith("model.layers.")
+    }
+    assert _outer_numbers(stream) == sum(outside.values())
