@@ -1,7 +1,7 @@
 """Perplexity against bytes: quantization alone, our low rank, and low-bit + RMT correction.
 
-On the default model under the pinned protocol: int8 (per channel), int4/int3/int2 (group 128)
-alone; ``Q(W) + UV`` at 4, 3 and 2 bits with the correction's rank at the MP edge of the
+On the default model under the pinned protocol: int8 (per channel), int6 to int2 (group 128)
+alone; ``Q(W) + UV`` at 6 to 2 bits with the correction's rank at the MP edge of the
 activation-weighted residual (at most half a bit per weight); the budget method at 10/20/30 % removed
 through ``laserrmt.compress``, with and without int8. Then a second check on all-MiniLM-L6-v2
 (original float32 weights): cosine similarity of sentence embeddings to the dense model's on
@@ -437,6 +437,10 @@ def main() -> None:
         ("budget 20 %", budget(0.2)),
         ("budget 10 %", budget(0.1)),
         ("budget 30 %", budget(0.3)),
+        ("int5 g128", quant_only(5)),
+        ("int5 g128 + UV", corrected(5)),
+        ("int6 g128", quant_only(6)),
+        ("int6 g128 + UV", corrected(6)),
     ]
     done = {r["label"] for r in rows}
     if args.rows is not None:

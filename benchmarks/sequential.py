@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import RESULTS, write_result
+from benchmarks.common import RESULTS, merge_result
 from laserrmt.data.text import (
     PROTOCOL,
     calibration_windows,
@@ -249,10 +249,11 @@ def write(rows: list[list[Any]], dense: dict[str, float], args: argparse.Namespa
         f"Dense: {dense.get('pinned', float('nan')):.2f} pinned, "
         f"{dense.get('shakespeare', float('nan')):.2f} Shakespeare."
     )
-    write_result(
+    merge_result(  # keeps the notes written by hand under their own heading
         "sequential",
         "Sequential compensation, block refinement and low rank + sparse",
         [("Protocol", protocol), ("Results", table)],
+        ("Protocol", "Results"),
     )
 
 

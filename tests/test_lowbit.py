@@ -78,16 +78,16 @@ def test_constant_groups_and_bad_input():
     with pytest.raises(NumericalError, match="float16"):
         quantize_weight_lowbit(torch.tensor([[-1e5, 1e5]]), 4)
     with pytest.raises(InvalidOptionError, match="bits"):
-        quantize_weight_lowbit(torch.ones(2, 2), 5)
+        quantize_weight_lowbit(torch.ones(2, 2), 7)
     with pytest.raises(InvalidOptionError, match="group size"):
         quantize_weight_lowbit(torch.ones(2, 2), 4, 0)
 
 
-@pytest.mark.parametrize(("bits", "rank"), [(2, 0), (3, 5), (4, 0), (8, 2)])
+@pytest.mark.parametrize(("bits", "rank"), [(2, 0), (3, 5), (4, 0), (5, 3), (6, 0), (8, 2)])
 def test_stored_bytes_equal_the_formula_and_the_state_dict(bits, rank):
     m, n, group = 10, 77, 32
     # codes: ceil(n / codes per unit) units of lcm(bits, 8) / 8 bytes; two float16 per group.
-    per_row = {2: 20, 3: 30, 4: 39, 8: 77}[bits] + 4 * 3
+    per_row = {2: 20, 3: 30, 4: 39, 5: 50, 6: 60, 8: 77}[bits] + 4 * 3
     assert lowbit_matrix_bytes(m, n, bits, group) == m * per_row
     linear = nn.Linear(n, m, bias=False)
     if rank:

@@ -442,13 +442,14 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument(
         "--quantize",
         default=None,
-        help="int8: per-channel symmetric int8 weights for every linear layer; int4, int3, "
-        "int2: group-wise (128 inputs) weights, with a low-rank correction (--correct-rank)",
+        help="int8: per-channel symmetric int8 weights for every linear layer; int6, int5, "
+        "int4, int3, int2: group-wise (128 inputs) weights, with a low-rank correction "
+        "(--correct-rank)",
     )
     compress.add_argument(
         "--correct-rank",
         default="rmt",
-        help="int4/int3/int2: rmt (correct each weight's quantization error by the directions of "
+        help="int6 to int2: rmt (correct each weight's quantization error by the directions of "
         "its activation-weighted residual above the noise edge, at most half a bit per weight) or "
         "none (default rmt)",
     )

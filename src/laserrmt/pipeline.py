@@ -65,9 +65,9 @@ CALIBRATION_SOURCE = f"{PROTOCOL_NAME} calibration split"
 #: How plans name calibration windows drawn from a user's text (``--calibration-data``); the
 #: record's ``data`` is the :class:`~laserrmt.data.sources.TextSource`, content digest included.
 USER_CALIBRATION_SOURCE = "user data"
-QUANTIZATIONS = ("int8", "int4", "int3", "int2")
+QUANTIZATIONS = ("int8", "int6", "int5", "int4", "int3", "int2")
 #: Low-bit quantizations (group-wise, :mod:`laserrmt.surgery.lowbit`) and their bits.
-LOWBIT = {"int4": 4, "int3": 3, "int2": 2}
+LOWBIT = {"int6": 6, "int5": 5, "int4": 4, "int3": 3, "int2": 2}
 #: ``rmt``: a low-rank correction of each low-bit weight's error where its activation-weighted
 #: residual has directions above the noise edge; ``none``: quantization alone.
 CORRECT_RANKS = ("rmt", "none")

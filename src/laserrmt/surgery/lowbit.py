@@ -1,4 +1,4 @@
-"""Group-wise 2-, 3-, 4- and 8-bit weights, and a low-rank correction of their error chosen by RMT.
+"""Group-wise 2- to 6- and 8-bit weights, and a low-rank correction of their error chosen by RMT.
 
 **Quantization.** Each row of an ``m × n`` (out × in) weight is cut into groups of
 ``group_size`` consecutive input channels (128 by default; the last group of a row is shorter
@@ -11,7 +11,8 @@ covers every value of the group and ``|W − Q(W)| ≤ scale / 2`` holds for wha
 
 Codes are packed along the row, ``lcm(bits, 8) / bits`` codes into ``lcm(bits, 8) / 8`` bytes,
 lowest bits first: four 2-bit codes per byte, eight 3-bit codes per 3 bytes, two 4-bit codes per
-byte, one 8-bit code per byte (a row's last unit is padded with zero codes). The bytes of one
+byte, eight 5-bit codes per 5 bytes, four 6-bit codes per 3 bytes, one 8-bit code per byte (a
+row's last unit is padded with zero codes). The bytes of one
 matrix are therefore :func:`lowbit_matrix_bytes`, scales included, and they are the state
 dict's real bytes. The forward pass dequantizes the whole weight and calls ``F.linear``: right
 and simple, not fast (a fused low-bit kernel would read the packed bytes directly).
@@ -78,7 +79,7 @@ __all__ = [
     "unpack_codes",
 ]
 
-BITS = (2, 3, 4, 8)
+BITS = (2, 3, 4, 5, 6, 8)
 DEFAULT_GROUP_SIZE = 128
 #: Default cap on a correction's int8 factors, in bits per weight of the layer: half the step to
 #: the next bit width, so that ``Q_b(W) + UV`` stays smaller than ``Q_{b+1}(W)`` alone (one more
@@ -153,11 +154,10 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
         codes = (packed[..., None] >> shifts) & mask
     else:
-        byte_shifts = torch.arange(nbytes, dtype=torch.int32, device=packed.device) * 8
-        words = (packed.to(torch.int32).view(m, -1, nbytes) << byte_shifts).sum(
-            -1, dtype=torch.int32
-        )
-        shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * bits
+        word = torch.int32 if nbytes < 4 else torch.int64  # a 5-bit unit spans 40 bits
+        byte_shifts = torch.arange(nbytes, dtype=word, device=packed.device) * 8
+        words = (packed.to(word).view(m, -1, nbytes) << byte_shifts).sum(-1, dtype=word)
+        shifts = torch.arange(per, dtype=word, device=packed.device) * bits
         codes = ((words[..., None] >> shifts) & mask).to(torch.uint8)
     return codes.reshape(m, -1)[:, :n]
 
