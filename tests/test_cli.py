@@ -268,9 +268,9 @@ def test_low_bit_with_correction_from_the_command_line(capsys, tiny_folder, tmp_
     model, _ = laserrmt.load(out)
     assert any(type(m).__name__.startswith("LowBit") for m in model.modules())
     code, _, err = run(
-        capsys, "compress", tiny_folder, "--quantize", "int5", "--out", tmp_path / "x"
+        capsys, "compress", tiny_folder, "--quantize", "int7", "--out", tmp_path / "x"
     )
-    assert_one_line_error(code, err, "int5")
+    assert_one_line_error(code, err, "int7")
 
 
 def test_budget_heal_int8_from_the_command_line(capsys, tiny_folder, tmp_path):

@@ -343,6 +343,8 @@ def _remote_layers():
         ),
         (lambda: LowBitLinear.from_linear(nn.Linear(37, 10), 3, 16), (2, 5, 37)),
         (lambda: LowBitLinear.from_linear(nn.Linear(32, 10, bias=False), 2), (3, 32)),
+        (lambda: LowBitLinear.from_linear(nn.Linear(37, 10), 5, 16), (2, 5, 37)),
+        (lambda: LowBitLinear.from_linear(nn.Linear(37, 10), 6, 16), (2, 5, 37)),
         (lambda: _corrected_layer(nn.Linear(40, 12)), (4, 40)),
         (lambda: LowRankConv1d.from_conv(nn.Conv1d(4, 6, 3, padding=1), 2), (2, 4, 9)),
         (
@@ -363,6 +365,8 @@ def _remote_layers():
         "int8-lowrank",
         "lowbit3",
         "lowbit2-nobias",
+        "lowbit5",
+        "lowbit6",
         "lowbit4-corrected",
         "lowrank-conv1d",
         "lowrank-conv2d",
