@@ -284,7 +284,7 @@ def main() -> None:
     )
     skipped: list[str] = []
     statistics: dict[str, Any] = {}
-    whitenings: dict[str, Any] = {}  # each Gram factored once for the three bit widths
+    whitenings: dict[str, Any] = {}  # each Gram factored once for every bit width
     minilm: list[str] = []
 
     def time_left() -> bool:
