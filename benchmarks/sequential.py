@@ -44,6 +44,7 @@ from laserrmt.sequential import compress_streaming
 from laserrmt.surgery.io import load, write_compressed
 
 RAW = RESULTS / "sequential.json"
+CALIBRATION_WINDOWS = 16
 
 
 def main() -> None:
@@ -53,6 +54,12 @@ def main() -> None:
     parser.add_argument("--refine-lr", type=float, default=1e-4)
     parser.add_argument("--sparse-share", type=float, default=0.2)
     parser.add_argument("--shakespeare-windows", type=int, default=16)
+    parser.add_argument(
+        "--calibration-windows",
+        type=int,
+        default=CALIBRATION_WINDOWS,
+        help="windows of 512 tokens for the plan, the fits and refinement (rows say so if not 16)",
+    )
     parser.add_argument("--heal-steps", type=int, default=0)
     parser.add_argument(
         "--heal-variants",
@@ -70,18 +77,20 @@ def main() -> None:
 
     folder = default_model_folder()
     tokenizer = checkpoint_tokenizer(folder)
-    calibration = calibration_windows(tokenizer, n_windows=16)
+    calibration = calibration_windows(tokenizer, n_windows=args.calibration_windows)
+    more = args.calibration_windows != CALIBRATION_WINDOWS
+    data = f", {args.calibration_windows} calibration windows" if more else ""
     evaluation = evaluation_windows(tokenizer, n_windows=PROTOCOL["n_windows"])
     shakespeare = shakespeare_windows(tokenizer, n_windows=args.shakespeare_windows)
     variants: list[tuple[str, dict[str, Any]]] = [
-        ("budget (plain, = in-memory)", {}),
-        ("+ sequential compensation", {"compensate": True}),
+        (f"budget (plain, = in-memory{data})", {}),
+        (f"+ sequential compensation{data}", {"compensate": True}),
         (
-            f"+ block refinement ({args.refine_steps} steps)",
+            f"+ block refinement ({args.refine_steps} steps{data})",
             {"compensate": True, "refine_steps": args.refine_steps, "refine_lr": args.refine_lr},
         ),
         (
-            f"+ sparse share {args.sparse_share:g}",
+            f"+ sparse share {args.sparse_share:g}{data}",
             {
                 "compensate": True,
                 "refine_steps": args.refine_steps,
@@ -228,7 +237,8 @@ def write(rows: list[list[Any]], dense: dict[str, float], args: argparse.Namespa
     )
     protocol = (
         "Default model (SmolLM2-135M, float32 safetensors cache), streamed one block at a time "
-        "on the CPU; 16 calibration windows of 512 tokens (pinned calibration split, seed 0), "
+        f"on the CPU; {CALIBRATION_WINDOWS} calibration windows of 512 tokens (pinned calibration "
+        "split, seed 0; rows that say otherwise used more), "
         "Fisher importance on 4, SVD-LLM whitening, global allocation of the share of block "
         "parameters removed. The plain row decides the ranks; the other rows replay its plan "
         "(same ranks) with: sequential compensation (each block's factors refitted on the "
