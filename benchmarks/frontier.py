@@ -74,7 +74,7 @@ def frontier_check(rows: list[dict[str, Any]]) -> tuple[str, int, int, int]:
     wins of each reading.
     """
     quant = sorted((r for r in rows if r["family"] == QUANT_ONLY), key=lambda r: r["bytes"])
-    lines = []
+    lines: list[tuple[str, ...]] = []
     wins = [0, 0, 0]
 
     def show(row: dict[str, Any]) -> str:
@@ -487,15 +487,17 @@ def main() -> None:
     if args.rows is not None:
         known = dict(plan)
         plan = [(label, known[label]) for label in args.rows]
+    corrections_left = sum("+ UV" in label for label, _ in plan)
     for label, run in plan:
+        corrections_left -= "+ UV" in label
         if label in done:
             continue
         if not time_left():
             skipped.append(label)
             continue
         run()
-        if label == "int2 g128":
-            statistics.clear()  # the Grams and their factors (2-3 GB) are not needed further
+        if not corrections_left:  # the Grams and their factors (2-3 GB) are not needed further
+            statistics.clear()
             whitenings.clear()
     write()
     print(RESULTS / "frontier.md")
